@@ -1,0 +1,365 @@
+"""``mbcompile.batch``: n copies of one architecture as one nn.Module whose forward is the captured,
+batched graph. Parameters are stacked to [n, *shape] under the original names."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
+
+from .capture import _PER_MODEL_SCALARS, Captured, capture
+from .passes import batch_pass
+
+RANDOMNESS = ("sequential", "different", "same")
+
+
+def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", strict=False,
+          compile=False):
+    """Batch ``n`` copies of ``models`` (one module, or a list of same-architecture modules) into one
+    module whose outputs carry a leading model dim. See CONTRACT.md for every argument."""
+    if isinstance(models, nn.Module):
+        if n is None:
+            raise ValueError("mbcompile.batch(model, n=...) needs n, the number of copies (or pass a list of models)")
+        models = [models] * int(n)
+    else:
+        models = list(models)
+        if not models or not all(isinstance(m, nn.Module) for m in models):
+            raise ValueError("mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules")
+        if n is not None and n != len(models):
+            raise ValueError(f"n={n} but {len(models)} models were given")
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"randomness must be one of {RANDOMNESS}, got {randomness!r}")
+    if in_dims not in (None, 0) and not (isinstance(in_dims, tuple) and all(d in (None, 0) for d in in_dims)):
+        raise ValueError(f"in_dims must be None, 0 or a tuple of 0/None per positional input (the model dim "
+                         f"leads each per-model input), got {in_dims!r}")
+    consts = check_same_architecture(models)
+    return BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
+                         compile=compile, consts=consts)
+
+
+def check_same_architecture(models):
+    """Refuse models that differ in structure; return {module path: {attr: [per-model values]}} for the
+    scalar attributes that may differ per model (Dropout.p, LeakyReLU.negative_slope)."""
+    ref = models[0]
+    ref_mods = dict(ref.named_modules(remove_duplicate=False))
+    consts = {}
+    for i, m in enumerate(models[1:], 1):
+        if m is ref:
+            continue
+        mods = dict(m.named_modules(remove_duplicate=False))
+        if mods.keys() != ref_mods.keys():
+            extra = sorted(set(mods) ^ set(ref_mods))
+            raise ValueError(f"model {i} has a different module tree than model 0: first difference at "
+                             f"{extra[0]!r}")
+        for path, a in ref_mods.items():
+            b = mods[path]
+            where = path or "<root>"
+            if type(a) is not type(b):
+                raise ValueError(f"model {i} differs from model 0 at {where!r}: {type(b).__name__} vs "
+                                 f"{type(a).__name__}")
+            for kind in ("_parameters", "_buffers"):
+                ta, tb = getattr(a, kind), getattr(b, kind)
+                if ta.keys() != tb.keys() or any((ta[k] is None) != (tb[k] is None) for k in ta):
+                    raise ValueError(f"model {i} differs from model 0 at {where!r}: {kind[1:]} "
+                                     f"{sorted(k for k in tb if tb[k] is not None)} vs "
+                                     f"{sorted(k for k in ta if ta[k] is not None)}")
+                for k in ta:
+                    if ta[k] is not None and (ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype):
+                        raise ValueError(f"model {i} differs from model 0 at '{path}.{k}': shape/dtype "
+                                         f"{tuple(tb[k].shape)} {tb[k].dtype} vs {tuple(ta[k].shape)} {ta[k].dtype}")
+                    if kind == "_parameters" and ta[k] is not None and ta[k].requires_grad != tb[k].requires_grad:
+                        raise ValueError(f"model {i} differs from model 0 at '{path}.{k}': requires_grad")
+            for attr, va in vars(a).items():
+                if attr.startswith("_") or attr == "training":
+                    continue
+                vb = vars(b).get(attr)
+                if isinstance(va, (int, float, bool, str, tuple, type(None))) and va != vb:
+                    if (type(a).__name__, attr) in _PER_MODEL_SCALARS:
+                        consts.setdefault(path, {}).setdefault(attr, [getattr(mm.get_submodule(path), attr)
+                                                                      for mm in models])
+                    else:
+                        raise ValueError(
+                            f"model {i} differs from model 0 in '{where}.{attr}' ({type(a).__name__}): "
+                            f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p and "
+                            f"LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
+    return consts
+
+
+@dataclass
+class Program:
+    """One captured-and-batched forward, for one input signature and train/eval mode."""
+    captured: Captured
+    gm: torch.fx.GraphModule
+    call: object
+    in_dims: list
+    user_names: list
+    records: list = field(default_factory=list)
+    times: dict = field(default_factory=dict)
+
+
+class _RNG:
+    def __init__(self, mode, states=None):
+        self.mode, self.states, self.fused_cuda = mode, states, False
+
+
+class BatchedModule(nn.Module):
+    """n models as one module. ``named_parameters()`` use the original names, stacked to [n, *shape]."""
+
+    def __init__(self, models, *, in_dims=None, seeds=None, randomness="sequential", strict=False,
+                 compile=False, consts=None):
+        super().__init__()
+        base = models[0]
+        n = len(models)
+        object.__setattr__(self, "_template", copy.deepcopy(base))
+        object.__setattr__(self, "_programs", {})
+        self._n, self._in_dims, self._randomness = n, in_dims, randomness
+        self._strict, self._compile, self._consts = strict, compile, consts or {}
+        if seeds is None:
+            seeds = torch.randint(0, 2**62, (n,)).tolist()
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"seeds has {len(seeds)} entries, expected n={n}")
+        self._seeds = seeds
+        object.__setattr__(self, "_rng_states", {})
+        self._build_tree(models)
+        self.train(base.training)
+
+    # ---- structure -------------------------------------------------------------------------------
+    def _build_tree(self, models):
+        base = models[0]
+        shells = {"": self}
+        by_id = {id(base): self}
+        for path, mod in base.named_modules(remove_duplicate=False):
+            if path == "":
+                continue
+            parent, _, leaf = path.rpartition(".")
+            shell = by_id.get(id(mod))
+            if shell is None:
+                shell = nn.Module()
+                shell.training = mod.training
+                by_id[id(mod)] = shell
+            shells[parent].add_module(leaf, shell)
+            shells[path] = shell
+        stacked = {}
+        for name, p in base.named_parameters(remove_duplicate=False):
+            parent, _, leaf = name.rpartition(".")
+            if id(p) not in stacked:
+                with torch.no_grad():
+                    data = torch.stack([m.get_parameter(name).detach() for m in models]).clone()
+                stacked[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+            shells[parent].register_parameter(leaf, stacked[id(p)])
+        for name, b in base.named_buffers(remove_duplicate=False):
+            parent, _, leaf = name.rpartition(".")
+            owner = base.get_submodule(parent)
+            persistent = leaf not in owner._non_persistent_buffers_set
+            if id(b) not in stacked:
+                stacked[id(b)] = torch.stack([m.get_buffer(name).detach() for m in models]).clone()
+            shells[parent].register_buffer(leaf, stacked[id(b)], persistent=persistent)
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    @property
+    def seeds(self) -> list:
+        return list(self._seeds)
+
+    def extra_repr(self):
+        return f"n={self._n}, model={type(self._template).__name__}, randomness={self._randomness!r}"
+
+    def unbatch(self, i: int) -> nn.Module:
+        """Model i as a plain module of the original class, with its own copy of weights and buffers."""
+        if not -self._n <= i < self._n:
+            raise IndexError(f"model index {i} out of range for n={self._n}")
+        m = copy.deepcopy(self._template)
+        with torch.no_grad():
+            for name, p in self.named_parameters(remove_duplicate=False):
+                tgt = m.get_parameter(name)
+                tgt.data = p[i].detach().clone()
+            for name, b in self.named_buffers(remove_duplicate=False):
+                parent, _, leaf = name.rpartition(".")
+                m.get_submodule(parent)._buffers[leaf] = b[i].detach().clone()
+        _retie(m, self._template)
+        return m.train(self.training)
+
+    # ---- randomness ------------------------------------------------------------------------------
+    def _states(self, device):
+        key = str(device)
+        if key not in self._rng_states:
+            dev = torch.device(device)
+            self._rng_states[key] = torch.stack(
+                [torch.Generator(device=dev).manual_seed(s).get_state() for s in self._seeds])
+        return self._rng_states[key]
+
+    def get_rng_state(self) -> dict:
+        """Every model's random stream (for checkpoints): {"seeds": [...], "states": {device: uint8 [n, S]}}."""
+        return {"seeds": list(self._seeds), "states": {k: v.clone() for k, v in self._rng_states.items()}}
+
+    def set_rng_state(self, state: dict):
+        self._seeds = [int(s) for s in state["seeds"]]
+        self._rng_states.clear()
+        self._rng_states.update({k: v.clone() for k, v in state["states"].items()})
+
+    # ---- shrinking -------------------------------------------------------------------------------
+    def _shrink_(self, keep):
+        """Keep only models ``keep`` (indices): parameters keep their identity, so optimizers stay valid."""
+        keep = [int(k) for k in keep]
+        if not keep or any(not 0 <= k < self._n for k in keep) or len(set(keep)) != len(keep):
+            raise ValueError(f"keep must list distinct model indices in [0, {self._n}), got {keep}")
+        idx = torch.tensor(keep)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data[idx.to(p.device)].clone()
+                if p.grad is not None:
+                    p.grad = p.grad[idx.to(p.device)].clone()
+            for mod in self.modules():
+                for k, b in list(mod._buffers.items()):
+                    if b is not None:
+                        mod._buffers[k] = b[idx.to(b.device)].clone()
+        for k, v in self._rng_states.items():
+            self._rng_states[k] = v[idx].clone()
+        self._seeds = [self._seeds[k] for k in keep]
+        self._n = len(keep)
+        self._programs.clear()
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _leaf_dims(self, args, kwargs):
+        in_dims = self._in_dims
+        if in_dims is None:
+            per_arg, kw = [None] * len(args), None
+        elif in_dims == 0:
+            per_arg, kw = [0] * len(args), 0
+        else:
+            if len(in_dims) != len(args):
+                raise ValueError(f"in_dims has {len(in_dims)} entries but forward got {len(args)} positional inputs")
+            per_arg, kw = list(in_dims), None
+        dims = []
+        for a, d in zip(args, per_arg):
+            dims += [d] * len(pytree.tree_leaves(a))
+        for v in kwargs.values():
+            dims += [kw] * len(pytree.tree_leaves(v))
+        return dims
+
+    def forward(self, *args, **kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        dims = self._leaf_dims(args, kwargs)
+        dims = [d if isinstance(x, torch.Tensor) else None for x, d in zip(leaves, dims)]
+        for k, (x, d) in enumerate(zip(leaves, dims)):
+            if d is not None and (x.dim() == 0 or x.shape[0] != self._n):
+                got = "a 0-dim tensor" if x.dim() == 0 else f"leading size {x.shape[0]} (shape {tuple(x.shape)})"
+                raise ValueError(f"input {k} is per-model (in_dims), so its leading dim must be n={self._n}; "
+                                 f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        key = (spec, tuple((tuple(x.shape), x.dtype, x.device, d) if isinstance(x, torch.Tensor) else ("c", repr(x))
+                           for x, d in zip(leaves, dims)), self.training, self._randomness, self._n)
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._build(args, kwargs, leaves, dims, spec)
+            self._programs[key] = prog
+            object.__setattr__(self, "_last_program", prog)
+        vals = self._inputs(prog, leaves)
+        outs = prog.call(*vals, self._states(device) if self._randomness == "sequential" else torch.empty(0))
+        return self._outputs(prog, outs, leaves)
+
+    def _inputs(self, prog, leaves):
+        users = iter([x for x in leaves if isinstance(x, torch.Tensor)])
+        vals = []
+        for kind, target in prog.captured.inputs:
+            if kind == "param":
+                vals.append(self.get_parameter(target))
+            elif kind == "buffer":
+                vals.append(self.get_buffer(target))
+            elif kind == "const":
+                vals.append(prog.captured.constants[target])
+            else:
+                vals.append(next(users))
+        return vals
+
+    def _outputs(self, prog, outs, leaves):
+        user = []
+        for (kind, target), v in zip(prog.captured.outputs, outs):
+            if kind == "buffer":  # a new tensor, not copy_: autograd may have saved the old one
+                parent, _, leaf = target.rpartition(".")
+                self.get_submodule(parent)._buffers[leaf] = v.detach()
+            elif kind == "user_mutation":
+                with torch.no_grad():
+                    src = [x for x in leaves if isinstance(x, torch.Tensor)][prog.user_names.index(target)]
+                    src.copy_(v if v.shape == src.shape else v[0])
+            else:
+                user.append(v)
+        return pytree.tree_unflatten(user, prog.captured.out_spec)
+
+    def _sync_template(self):
+        """Give the template model 0's current tensors (same dtype/device) for export."""
+        t = self._template
+        with torch.no_grad():
+            for name, p in self.named_parameters(remove_duplicate=False):
+                t.get_parameter(name).data = p[0].detach()
+            for name, b in self.named_buffers(remove_duplicate=False):
+                parent, _, leaf = name.rpartition(".")
+                t.get_submodule(parent)._buffers[leaf] = b[0].detach().clone()
+        _retie(t, t)
+        t.train(self.training)
+        for (path, mod), (_, shell) in zip(t.named_modules(), self.named_modules()):
+            mod.training = shell.training
+
+    def _build(self, args, kwargs, leaves, dims, spec):
+        self._sync_template()
+        ul = [x.select(0, 0) if d is not None else x for x, d in zip(leaves, dims)]
+        uargs, ukwargs = pytree.tree_unflatten(ul, spec)
+        t0 = time.perf_counter()
+        cap = capture(self._template, uargs, ukwargs, self._consts)
+        t1 = time.perf_counter()
+        tdims = iter([d for x, d in zip(leaves, dims) if isinstance(x, torch.Tensor)])
+        in_dims, user_names = [], []
+        for kind, target in cap.inputs:
+            if kind in ("param", "buffer"):
+                in_dims.append(0)
+            elif kind == "const":
+                in_dims.append(None)
+            else:
+                in_dims.append(next(tdims))
+                user_names.append(target)
+        records = []
+        n, strict, mode = self._n, self._strict, self._randomness
+        consts = self._consts
+
+        def batched_forward(*vals):
+            *vals, states = vals
+            rng = _RNG(mode, states)
+            records.clear()
+            return batch_pass.run(cap.gm, n, list(vals), in_dims, strict=strict, consts=consts, rng=rng,
+                                  records=records)
+
+        prog = Program(cap, None, None, in_dims, user_names, records)
+        vals = self._inputs(prog, leaves)
+        device = next(iter(self.parameters()), torch.empty(0)).device
+        states = self._states(device) if mode == "sequential" else torch.empty(0)
+        with torch.no_grad():
+            example = [v.detach() for v in vals] + [states]
+            gm = make_fx(batched_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        t2 = time.perf_counter()
+        prog.gm = gm
+        prog.call = gm
+        if self._compile:
+            from .backend import compile_program
+            prog.call = compile_program(gm)
+        prog.times = {"capture_s": t1 - t0, "batch_s": t2 - t1, "export_s": cap.seconds}
+        return prog
+
+
+def _retie(m, like):
+    """Make parameters that are one tensor in ``like`` one tensor in ``m`` again."""
+    first = {}
+    for name, p in like.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            parent, _, leaf = name.rpartition(".")
+            src = m.get_parameter(first[id(p)])
+            setattr(m.get_submodule(parent), leaf, src)
+        else:
+            first[id(p)] = name

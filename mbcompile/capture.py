@@ -1,0 +1,170 @@
+"""Capture: torch.export (training IR, params lifted), a pre-pass that turns random ops and per-model
+constants into mbcompile ops, then run_decompositions that keeps every op with a rule."""
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.export.graph_signature import InputKind, OutputKind
+
+from .errors import CaptureError
+from .passes import RULES
+
+aten = torch.ops.aten
+mb = torch.ops.mbcompile
+
+_DROPOUTS = {aten.dropout.default: "plain", aten.feature_dropout.default: "feature",
+             aten.alpha_dropout.default: "alpha", aten.feature_alpha_dropout.default: "feature_alpha",
+             aten.dropout_.default: "plain", aten.feature_dropout_.default: "feature",
+             aten.alpha_dropout_.default: "alpha", aten.feature_alpha_dropout_.default: "feature_alpha"}
+# random op -> (kind, index of `a`, index of `b`, default a, default b, index of `like` or None, in-place)
+_DRAWS = {
+    aten.rand_like.default: ("uniform", None, None, 0.0, 1.0, None, False),
+    aten.rand.default: ("uniform", None, None, 0.0, 1.0, None, False),
+    aten.randn_like.default: ("normal", None, None, 0.0, 1.0, None, False),
+    aten.randn.default: ("normal", None, None, 0.0, 1.0, None, False),
+    aten.bernoulli.default: ("bernoulli_t", None, None, 0.0, 0.0, 0, False),
+    aten.bernoulli.p: ("bernoulli", 1, None, 0.5, 0.0, None, False),
+    aten.bernoulli_.float: ("bernoulli", 1, None, 0.5, 0.0, None, True),
+    aten.bernoulli_.Tensor: ("bernoulli_t", None, None, 0.0, 0.0, 1, True),
+    aten.normal_.default: ("normal", 1, 2, 0.0, 1.0, None, True),
+    aten.uniform_.default: ("uniform", 1, 2, 0.0, 1.0, None, True),
+}
+_PER_MODEL_SCALARS = {  # module attribute that may differ per model -> the aten op and arg it feeds
+    ("Dropout", "p"), ("Dropout1d", "p"), ("Dropout2d", "p"), ("Dropout3d", "p"), ("AlphaDropout", "p"),
+    ("FeatureAlphaDropout", "p"), ("LeakyReLU", "negative_slope"),
+}
+
+
+@dataclass
+class Captured:
+    gm: fx.GraphModule                       # unbatched, functional, decomposed
+    inputs: list                             # (kind, target) per placeholder: param/buffer/const/user
+    outputs: list                            # (kind, target) per output: buffer/user/user_mutation
+    out_spec: object
+    constants: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _data_dependent(e):
+    text = f"{type(e).__name__}: {e}"
+    return any(s in text for s in ("data-dependent", "data dependent", "GuardOnDataDependent",
+                                   "Could not guard", "Could not extract specialized integer"))
+
+
+def _user_frame(e, model):
+    import inspect
+    try:
+        src = inspect.getsourcefile(type(model))
+    except TypeError:
+        src = None
+    frames = traceback.extract_tb(e.__traceback__)
+    for fr in reversed(frames):
+        if src and fr.filename == src:
+            return f"{fr.filename}:{fr.lineno}: {fr.line}"
+    m = re.search(r'File "([^"]+)", line (\d+)[^\n]*\n\s*(.+)', str(e))
+    return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
+
+
+def capture(template, args, kwargs, consts) -> Captured:
+    """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
+    import time
+    t0 = time.perf_counter()
+    try:
+        ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+    except Exception as e:  # noqa: BLE001
+        if _data_dependent(e):
+            raise CaptureError(
+                f"{type(template).__name__}.forward has data-dependent Python control flow, which one "
+                f"captured graph cannot express (at {_user_frame(e, template)}).\nRewrite the branch with "
+                f"torch.cond (or torch.where for elementwise choices) so that every model takes its own "
+                f"branch inside the graph.\nExport said: {str(e).splitlines()[0][:300]}") from e
+        raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
+                           f"{type(e).__name__}: {str(e)[:2000]}") from e
+    _prepass(ep.graph_module, consts)
+    table = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
+    ep = ep.run_decompositions(table)
+    sig = ep.graph_signature
+    inputs = []
+    for spec in sig.input_specs:
+        kind = {InputKind.PARAMETER: "param", InputKind.BUFFER: "buffer",
+                InputKind.CONSTANT_TENSOR: "const", InputKind.USER_INPUT: "user"}.get(spec.kind)
+        if kind is None:
+            raise CaptureError(f"unsupported graph input {spec}")
+        inputs.append((kind, spec.target if kind != "user" else spec.arg.name))
+    outputs = []
+    for spec in sig.output_specs:
+        kind = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_OUTPUT: "user",
+                OutputKind.USER_INPUT_MUTATION: "user_mutation"}.get(spec.kind)
+        if kind is None:
+            raise CaptureError(f"unsupported graph output {spec}")
+        outputs.append((kind, spec.target))
+    gm = ep.graph_module
+    return Captured(gm, inputs, outputs, ep.call_spec.out_spec, dict(ep.constants),
+                    time.perf_counter() - t0)
+
+
+def _per_model(node, consts, attr):
+    if consts is None:
+        return None
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return consts.get(path, {}).get(attr)
+
+
+def _prepass(gm, consts):
+    """dropout(x, p, train) -> mbcompile.dropout(x, [p..], mode); rand/bernoulli/normal_/... ->
+    mbcompile.draw(like, kind, a, b, shape, stride, dtype, device); leaky_relu with a per-model slope
+    -> mbcompile.leaky_relu(x, [slopes])."""
+    g = gm.graph
+    order = {nd: i for i, nd in enumerate(g.nodes)}
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        t = node.target
+        if t in _DROPOUTS:
+            x, p = node.args[0], node.args[1]
+            train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+            ps = _per_model(node, consts, "p") or [p]
+            if not train or all(v == 0 for v in ps):
+                _replace(g, node, x, order, inplace=t.name().endswith("_"))
+                continue
+            with g.inserting_before(node):
+                new = g.call_function(mb.dropout.default, (x, list(ps), _DROPOUTS[t]))
+            _replace(g, node, new, order, inplace=t.name().endswith("_"))
+        elif t is aten.leaky_relu.default and _per_model(node, consts, "negative_slope"):
+            with g.inserting_before(node):
+                new = g.call_function(mb.leaky_relu.default,
+                                      (node.args[0], list(_per_model(node, consts, "negative_slope"))))
+            _replace(g, node, new, order)
+        elif t in _DRAWS:
+            kind, ia, ib, da, db, il, inplace = _DRAWS[t]
+            val = node.meta["val"]
+            a = node.args[ia] if ia is not None and len(node.args) > ia else da
+            b = node.args[ib] if ib is not None and len(node.args) > ib else db
+            if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+                continue  # tensor-valued parameters: left to the fallback
+            like = node.args[il] if il is not None else None
+            with g.inserting_before(node):
+                new = g.call_function(mb.draw.default, (like, kind, float(a), float(b), list(val.shape),
+                                                        list(val.stride()), val.dtype, val.device))
+            _replace(g, node, new, order, inplace=inplace)
+    gm.recompile()
+
+
+def _replace(g, node, new, order, inplace=False):
+    """Replace node by new; for an in-place op also every later use of the tensor it mutated."""
+    if isinstance(new, fx.Node):
+        new.meta = dict(node.meta)
+    if inplace and isinstance(node.args[0], fx.Node):
+        target = node.args[0]
+        for user in list(target.users):
+            if user is not node and order.get(user, -1) > order[node]:
+                user.replace_input_with(target, new)
+    node.replace_all_uses_with(new)
+    g.erase_node(node)

@@ -1,0 +1,46 @@
+"""explain(): how each op of the captured graph was lowered."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Explanation:
+    def __init__(self, records, times, gm=None, n=None):
+        self.records, self.times, self.gm, self.n = records, times, gm, n
+
+    @property
+    def fallbacks(self):
+        return [r for r in self.records if r.how.startswith("FALLBACK")]
+
+    @property
+    def copies(self):
+        """Data movements in the batched graph: clone/copy and views that may materialise."""
+        if self.gm is None:
+            return 0
+        names = {"clone", "_to_copy", "copy", "contiguous"}
+        return sum(1 for nd in self.gm.graph.nodes if nd.op == "call_function"
+                   and getattr(getattr(nd.target, "overloadpacket", None), "__name__", "") in names)
+
+    def __str__(self):
+        lines = [f"mbcompile: n={self.n}, {len(self.records)} batched ops, {len(self.fallbacks)} fallbacks, "
+                 f"{self.copies} copies in the batched graph"]
+        if self.times:
+            lines.append("times: " + ", ".join(f"{k}={v * 1e3:.0f} ms" for k, v in self.times.items()))
+        w = max([len(r.op) for r in self.records] + [4])
+        for r in self.records:
+            extra = ("; " + "; ".join(r.notes)) if r.notes else ""
+            mod = f"  [{r.module}]" if r.module else ""
+            lines.append(f"  {r.node:<24} {r.op:<{w}}  {r.how}{extra}{mod}")
+        counts = Counter(r.how for r in self.records)
+        lines.append("summary: " + ", ".join(f"{k} x{v}" for k, v in counts.most_common()))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def explain(batched):
+    """Show, op by op, how the last captured forward of ``batched`` was lowered."""
+    prog = getattr(batched, "_last_program", None)
+    if prog is None:
+        return Explanation([], {}, None, getattr(batched, "n", None))
+    return Explanation(list(prog.records), dict(prog.times), prog.gm, batched.n)

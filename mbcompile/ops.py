@@ -1,0 +1,108 @@
+"""mbcompile's own ops. The capture pre-pass rewrites random ops (and ops that carry a per-model
+constant) into these, so that run_decompositions keeps them whole and the batching rules can give
+each model its own random stream. Unbatched, each behaves exactly like the aten op it replaced."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+_DROPOUT = {"plain": torch.dropout, "feature": torch.feature_dropout,
+            "alpha": torch.alpha_dropout, "feature_alpha": torch.feature_alpha_dropout}
+
+
+@torch.library.custom_op("mbcompile::dropout", mutates_args=())
+def dropout(x: Tensor, p: List[float], mode: str) -> Tensor:
+    """Model 0's view of a dropout whose rate may differ per model (``p`` has one entry or n)."""
+    return _DROPOUT[mode](x, p[0], True).clone()
+
+
+@dropout.register_fake
+def _(x, p, mode):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mbcompile::leaky_relu", mutates_args=())
+def leaky_relu(x: Tensor, slope: List[float]) -> Tensor:
+    return torch.nn.functional.leaky_relu(x, slope[0])
+
+
+@leaky_relu.register_fake
+def _(x, slope):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mbcompile::draw", mutates_args=())
+def draw(like: Optional[Tensor], kind: str, a: float, b: float, shape: List[int], stride: List[int],
+         dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fresh random tensor as eager torch draws it: empty_strided(shape, stride).<kind>_(a, b);
+    ``bernoulli_t`` draws with the per-element probabilities in ``like``."""
+    return draw_one(like, kind, a, b, shape, stride, dtype, device, None)
+
+
+@draw.register_fake
+def _(like, kind, a, b, shape, stride, dtype, device):
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+
+
+def draw_one(like, kind, a, b, shape, stride, dtype, device, gen):
+    t = torch.empty_strided(shape, stride, dtype=dtype, device=device)
+    if kind == "bernoulli":
+        return t.bernoulli_(a, generator=gen)
+    if kind == "bernoulli_t":
+        return t.bernoulli_(like, generator=gen)
+    if kind == "uniform":
+        return t.uniform_(a, b, generator=gen)
+    if kind == "normal":
+        return t.normal_(a, b, generator=gen)
+    raise ValueError(f"unknown random kind {kind!r}")
+
+
+def _gen(device, state):
+    g = torch.Generator(device=device)
+    g.set_state(state.clone())  # a view with a storage offset crashes set_state (torch 2.13)
+    return g
+
+
+@torch.library.custom_op("mbcompile::draw_per_model", mutates_args=("states",))
+def draw_per_model(like: Optional[Tensor], like_dim: int, kind: str, a: List[float], b: float,
+                   shape: List[int], stride: List[int], dtype: torch.dtype, device: torch.device,
+                   states: Tensor) -> Tensor:
+    """n,*shape: model i's slice is drawn from generator state ``states[i]`` (advanced in place),
+    exactly as model i alone would draw it from torch's generator. a[i] == 0 with kind
+    ``bernoulli_keep`` is p == 1 (all dropped, nothing drawn); a[i] == 1 draws nothing either."""
+    n = states.shape[0]
+    out = torch.empty((n, *shape), dtype=dtype, device=device)
+    for i in range(n):
+        ai = a[i] if len(a) > 1 else a[0]
+        if kind == "bernoulli_keep" and ai in (0.0, 1.0):      # eager dropout draws nothing here
+            out[i].fill_(ai)
+            continue
+        if kind == "cuda_dropout_mask":                          # fused CUDA dropout has no generator arg
+            out[i].copy_(_cuda_dropout_mask(shape, dtype, device, 1.0 - ai, states[i]))
+            continue
+        g = _gen(device, states[i])
+        li = None if like is None else like.select(like_dim, i)
+        k = "bernoulli" if kind == "bernoulli_keep" else kind
+        out[i].copy_(draw_one(li, k, ai, b, shape, stride, dtype, device, g))
+        states[i].copy_(g.get_state())
+    return out
+
+
+@draw_per_model.register_fake
+def _(like, like_dim, kind, a, b, shape, stride, dtype, device, states):
+    return torch.empty((states.shape[0], *shape), dtype=dtype, device=device)
+
+
+def _cuda_dropout_mask(shape, dtype, device, p, state):
+    """The mask eager CUDA dropout (fused native_dropout) would draw from generator state ``state``."""
+    idx = torch.device(device).index
+    saved = torch.cuda.get_rng_state(idx)
+    try:
+        torch.cuda.set_rng_state(state, idx)
+        mask = torch.native_dropout(torch.ones(shape, dtype=dtype, device=device), p, True)[1]
+        state.copy_(torch.cuda.get_rng_state(idx))
+    finally:
+        torch.cuda.set_rng_state(saved, idx)
+    return mask.to(dtype)

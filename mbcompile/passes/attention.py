@@ -1,0 +1,70 @@
+"""scaled_dot_product_attention: models fold into the batch dim.
+q,k,v: n,B,H,L,E -> (n*B),H,L,E ; a mask broadcast to n,B,.. and folded the same way.
+With dropout_p > 0 (training), CPU eager runs the math path with at::dropout on the attention
+weights; the rule does the same with the per-model dropout rule, so masks match model by model."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .axes import front, front_padded
+from .registry import aten, rule
+from . import random as _random
+
+mb = torch.ops.mbcompile
+
+
+def _fold(t, d, n, rank, lead):
+    """n,.. -> (n*B),.. where lead = the unbatched leading batch shape of q."""
+    t = front_padded(t, d, rank, n) if d is not None else t.reshape((1,) * (rank - t.dim()) + t.shape).unsqueeze(0)
+    t = t.expand(n, *lead, *t.shape[1 + len(lead):]) if lead else t.expand(n, *t.shape[1:])
+    return t.flatten(0, 1) if lead else t
+
+
+@rule(aten.scaled_dot_product_attention.default, random=False)
+def sdpa(ctx, args, dims, kwargs):
+    q, k, v = args[:3]
+    dq, dk, dv = dims[:3]
+    mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+    dm = dims[3] if len(dims) > 3 else None
+    dropout_p = args[4] if len(args) > 4 else kwargs.get("dropout_p", 0.0)
+    is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+    scale = args[6] if len(args) > 6 else kwargs.get("scale")
+    gqa = kwargs.get("enable_gqa", False)
+    n = ctx.n
+    rank = q.dim() - (dq is not None)
+    qf = front(q, dq, n)
+    lead = tuple(qf.shape[1:-2])[:1] if rank >= 3 else ()
+    fold = lambda t, d: _fold(t, d, n, rank, lead)  # noqa: E731
+    qf, kf, vf = fold(q, dq), fold(k, dk), fold(v, dv)
+    mf = None if mask is None else fold(mask, dm)
+    if dropout_p > 0:
+        out = _math_with_dropout(ctx, qf, kf, vf, mf, dropout_p, is_causal, scale, lead)
+        ctx.note("math path with per-model dropout")
+    else:
+        out = aten.scaled_dot_product_attention(qf, kf, vf, mf, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+    return (out.unflatten(0, (n, -1)) if lead else out), 0
+
+
+def _math_with_dropout(ctx, q, k, v, mask, p, is_causal, scale, lead):
+    n = ctx.n
+    s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
+    attn = (q @ k.transpose(-2, -1)) * s
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        attn = attn.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
+    attn = torch.softmax(attn, -1)
+    # dropout on n,(B..),H,L,S with each model's own stream
+    a = attn.unflatten(0, (n, -1)) if lead else attn
+    fake_node = ctx.node
+    ctx.node = None
+    try:
+        dropped, _ = _random.dropout(ctx, (a, [p], "plain"), (0, None, None), {})
+    finally:
+        ctx.node = fake_node
+    dropped = dropped.flatten(0, 1) if lead else dropped
+    return dropped @ v

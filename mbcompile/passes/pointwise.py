@@ -1,0 +1,50 @@
+"""Pointwise ops: one rule for the whole family (every aten op tagged ``pointwise``), plus a few
+untagged ones that behave the same way (clone, to_copy, masked_fill, where, ...)."""
+from __future__ import annotations
+
+import torch
+
+from .axes import front_padded
+from .registry import RULES, aten, rule
+
+
+def elementwise(ctx, args, dims, kwargs):
+    """n-ary broadcasting. Keeps the model dim in place when every mapped input agrees on it and no
+    shared input reaches over it; otherwise maps inputs to n,... padded to the output rank."""
+    tensors = [(a, d) for a, d in zip(args, dims) if isinstance(a, torch.Tensor)]
+    mapped = [(a, d) for a, d in tensors if d is not None]
+    rank = max(a.dim() - (d is not None) for a, d in tensors)
+    d0 = mapped[0][1]
+    if all(d == d0 and a.dim() - 1 == rank for a, d in mapped) and all(
+            a.dim() <= rank - d0 for a, d in tensors if d is None):
+        return ctx.op(*args, **kwargs), d0                     # ..n..  op  shared(..)  -> ..n..
+    args = [front_padded(a, d, rank, ctx.n) if isinstance(a, torch.Tensor) else a
+            for a, d in zip(args, dims)]
+    return ctx.op(*args, **kwargs), 0                          # n,1..,x  op  y  -> n,...
+
+
+def defelementwise(*ops):
+    """Register the broadcasting rule for each op (one line per family, as JAX's defbroadcasting)."""
+    rule(*ops)(elementwise)
+
+
+def _tagged_pointwise():
+    for name in dir(aten):
+        packet = getattr(aten, name, None)
+        if not isinstance(packet, torch._ops.OpOverloadPacket):
+            continue
+        for ov_name in packet.overloads():
+            ov = getattr(packet, ov_name)
+            if torch.Tag.pointwise in ov.tags and not ov._schema.is_mutable and "out" not in ov_name:
+                yield ov
+
+
+defelementwise(*_tagged_pointwise())
+defelementwise(aten.clone, aten.contiguous, aten._to_copy, aten.alias, aten.detach, aten.lift_fresh_copy,
+               aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarSelf,
+               aten.where.ScalarOther, aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like,
+               aten.fill.Scalar, aten.fill.Tensor, aten.threshold_backward, aten.gelu, aten.hardtanh,
+               aten.leaky_relu, aten.elu, aten.softplus, aten.hardswish, aten.hardsigmoid, aten.silu,
+               aten.mish, aten.relu, aten.logit, aten.clamp, aten.clamp_min, aten.clamp_max,
+               aten._conj, aten.positive, aten.to.dtype, aten.type_as, aten.native_dropout_backward)
+ELEMENTWISE = {op for op, fn in RULES.items() if fn is elementwise}
