@@ -95,7 +95,7 @@ def draw(ctx, args, dims, kwargs):
     dl = dims[0]
     n, mode = ctx.n, ctx.rng.mode
     if mode == "sequential":                      # n,*shape, model i from states[i]
-        lk = None if like is None else front(like, dl, n)
+        lk = None if like is None else front(like, dl, n).detach()   # torch: no gradient into p
         return mb.draw_per_model(lk, 0, kind, [a], b, shape, stride, dtype, device, ctx.rng.states), 0
     if mode == "same" and dl is None:
         return mb.draw(like, kind, a, b, shape, stride, dtype, device), None
