@@ -79,9 +79,10 @@ def capture(template, args, kwargs, consts) -> Captured:
         if _data_dependent(e):
             raise CaptureError(
                 f"{type(template).__name__}.forward has data-dependent Python control flow, which one "
-                f"captured graph cannot express (at {_user_frame(e, template)}).\nRewrite the branch with "
-                f"torch.cond (or torch.where for elementwise choices) so that every model takes its own "
-                f"branch inside the graph.\nExport said: {str(e).splitlines()[0][:300]}") from e
+                f"captured graph cannot express. Rewrite the branch with torch.cond (or torch.where for "
+                f"elementwise choices) so that every model takes its own branch inside the graph.\n"
+                f"  branch at {_user_frame(e, template)}\n"
+                f"  export said: {str(e).splitlines()[0][:300]}") from e
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
     _prepass(ep.graph_module, consts)

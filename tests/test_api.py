@@ -1,0 +1,200 @@
+"""The BatchedModule contract: names, ties, buffers, in_dims, pytrees, errors, explain."""
+import copy
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from _models import MLP, EmbBag
+
+
+def test_tied_weights_stay_tied_and_state_dict_lists_every_name():
+    m = EmbBag().double()
+    b = mbcompile.batch(m, n=3)
+    assert b.proj.weight is b.emb.weight
+    assert set(b.state_dict()) == set(m.state_dict())
+    names = [n for n, _ in b.named_parameters()]
+    assert names == [n for n, _ in m.named_parameters()]
+    u = b.unbatch(1)
+    assert u.proj.weight is u.emb.weight
+
+
+def test_requires_grad_false_and_buffers_carry_over():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.fc.bias.requires_grad_(False)
+            self.register_buffer("scale", torch.tensor(2.0))
+            self.register_buffer("tmp", torch.ones(3), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) * self.scale + self.tmp
+
+    m = M().double()
+    b = mbcompile.batch(m, n=2)
+    assert not b.fc.bias.requires_grad and b.fc.weight.requires_grad
+    assert "tmp" not in b.state_dict() and "scale" in b.state_dict()
+    assert b.tmp.shape == (2, 3) and b.scale.shape == (2,)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    b(x).sum().backward()
+    assert b.fc.bias.grad is None and b.fc.weight.grad is not None
+    u = b.unbatch(0)
+    assert not u.fc.bias.requires_grad and "tmp" in dict(u.named_buffers())
+    torch.testing.assert_close(u(x), m(x))
+
+
+def test_state_dict_round_trip():
+    a = mbcompile.batch([MLP().double() for _ in range(3)])
+    b = mbcompile.batch([MLP().double() for _ in range(3)])
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 10, dtype=torch.float64)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_in_dims_tuple_and_keyword_inputs_are_shared():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x, y, *, scale):
+            return self.fc(x) + y * scale
+
+    models = [Two().double() for _ in range(3)]
+    b = mbcompile.batch(models, in_dims=(0, None))
+    xs = torch.randn(3, 5, 4, dtype=torch.float64)
+    y = torch.randn(5, 2, dtype=torch.float64)
+    s = torch.tensor(3.0, dtype=torch.float64)
+    out = b(xs, y, scale=s)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(xs[i], y, scale=s), rtol=1e-12, atol=1e-12)
+
+
+def test_pytree_outputs_get_the_model_dim():
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        extra: dict
+
+    torch.utils._pytree.register_dataclass(Out)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return Out(h, {"pair": (h.sum(-1), x)})
+
+    models = [M().double() for _ in range(2)]
+    b = mbcompile.batch(models)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out = b(x)
+    assert isinstance(out, Out)
+    assert out.logits.shape == (2, 4, 2) and out.extra["pair"][0].shape == (2, 4)
+    assert out.extra["pair"][1].shape == (2, 4, 3)       # a shared output is given the model dim too
+    torch.testing.assert_close(out.logits[1], models[1](x).logits)
+
+
+def test_a_smaller_last_batch_recaptures():
+    b = mbcompile.batch([MLP().double() for _ in range(2)])
+    assert b(torch.randn(8, 10, dtype=torch.float64)).shape == (2, 8, 3)
+    assert b(torch.randn(3, 10, dtype=torch.float64)).shape == (2, 3, 3)
+    assert len(b._programs) == 2
+
+
+def test_training_the_batch_leaves_the_original_model_alone():
+    m = MLP().double()
+    before = copy.deepcopy(m.state_dict())
+    b = mbcompile.batch(m, n=2)
+    b(torch.randn(2, 10, dtype=torch.float64)).sum().backward()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.sub_(p.grad)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_mismatched_architectures_name_the_difference():
+    a, c = MLP(), MLP(h=16)
+    with pytest.raises(ValueError, match="fc1"):
+        mbcompile.batch([a, c])
+    with pytest.raises(ValueError, match="n"):
+        mbcompile.batch(MLP())
+
+
+def test_wrong_leading_size_names_n_and_the_size():
+    b = mbcompile.batch(MLP(), n=4, in_dims=0)
+    with pytest.raises(ValueError, match=r"n=4.*leading size 2"):
+        b(torch.randn(2, 3, 10))
+
+
+@torch.library.custom_op("mbtest::cube", mutates_args=())
+def cube(x: torch.Tensor) -> torch.Tensor:
+    """An op mbcompile has no rule for (and vmap has no batching rule for either)."""
+    return x * x * x
+
+
+@cube.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class Weird(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return cube(self.fc(x))
+
+
+def test_strict_mode_names_the_op_and_the_source_line():
+    b = mbcompile.batch(Weird().double(), n=2, strict=True)
+    with pytest.raises(mbcompile.UnsupportedOpError, match=r"(?s)mbtest.cube.*test_api\.py.*adding_a_rule"):
+        b(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_fallback_warns_once_and_is_correct_and_explained():
+    models = [Weird().double() for _ in range(2)]
+    b = mbcompile.batch(models)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out = b(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x))
+    report = str(mbcompile.explain(b))
+    assert "FALLBACK" in report and "mbtest.cube" in report
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if self.fc(x).mean() > 0:  # the line the error must point at
+            return x
+        return -x
+
+
+def test_capture_error_points_at_the_users_line():
+    b = mbcompile.batch(Branchy(), n=2)
+    with pytest.raises(mbcompile.CaptureError, match=r"(?s)torch\.cond.*test_api\.py.*the line the error"):
+        b(torch.randn(2, 4))
+
+
+def test_explain_shows_rules_and_lowerings():
+    b = mbcompile.batch([MLP().double() for _ in range(2)])
+    b(torch.randn(2, 10, dtype=torch.float64))
+    e = mbcompile.explain(b)
+    text = str(e)
+    assert "linalg.linear" in text and "concatenated weights" in text
+    assert not e.fallbacks
