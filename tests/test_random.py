@@ -160,3 +160,19 @@ def test_sequential_masks_move_on_between_calls():
     a, b = batched(x), batched(x)
     assert torch.equal(a[0], a[1])           # same seed, same stream
     assert not torch.equal(a[0], b[0])       # a new mask every call
+
+
+def test_transformer_attention_and_residual_dropout_match_each_model():
+    """SDPA with dropout_p > 0 runs the math path with per-model masks, as CPU eager does."""
+    models = [nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).double() for _ in SEEDS]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models, seeds=SEEDS, strict=True).train()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    out = batched(x)
+    out.sum().backward()
+    for i, r in enumerate(refs):
+        torch.manual_seed(SEEDS[i])
+        ref = r.train()(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(batched.linear1.weight.grad[i], r.linear1.weight.grad, rtol=1e-9, atol=1e-9)
