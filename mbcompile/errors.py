@@ -14,11 +14,32 @@ class UnsupportedOpError(MBCompileError):
 
 
 def source_line(node) -> str:
-    """The user's own source line that produced an FX node, as best the node's metadata knows it."""
-    trace = (getattr(node, "meta", None) or {}).get("stack_trace") or ""
-    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
-    for i in range(len(lines) - 2, -1, -1):  # innermost frame outside torch itself
-        if lines[i].startswith("File ") and "/torch/" not in lines[i]:
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            return f"{lines[i]}: {code}".rstrip(": ")
-    return lines[-2] + ": " + lines[-1] if len(lines) >= 2 else "(source unknown)"
+    """The source line that produced an FX node: the innermost frame of the user's own code, else the
+    innermost torch.nn frame (a library layer), never mbcompile's or torch's machinery."""
+    meta = getattr(node, "meta", None) or {}
+    trace = meta.get("stack_trace") or ""
+    frames, lines = [], [ln.rstrip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s.startswith("File "):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].strip().startswith("File ") else ""
+            frames.append((s, code))
+
+    def where(kind):
+        for s, code in reversed(frames):
+            path = s.split('"')[1] if '"' in s else s
+            if "/mbcompile/" in path and "/tests/" not in path:
+                continue
+            is_torch = "/torch/" in path
+            if kind == "user" and not is_torch:
+                return f"{s}: {code}"
+            if kind == "nn" and "/torch/nn/" in path:
+                return f"{s}: {code}"
+        return None
+
+    found = where("user") if frames and "/torch/nn/" not in frames[-1][0] else None
+    found = found or where("nn") or where("user")
+    stack = meta.get("nn_module_stack") or {}
+    mod = list(stack.values())[-1] if stack else None
+    prefix = f"module {mod[0]!r} ({getattr(mod[1], '__name__', mod[1])}), " if mod else ""
+    return prefix + (found or "source unknown")

@@ -82,3 +82,20 @@ def addmm(ctx, args, dims, kwargs):
     if beta != 1:
         c = c * beta
     return (p + c) if beta != 0 else p, 0
+
+
+@rule(aten.bilinear.default)
+def bilinear(ctx, args, dims, kwargs):
+    """n,B,I x n,O,I,J x n,B,J -> n,B,O  (one einsum; shared inputs are expanded views)."""
+    x1, x2, w = args[:3]
+    b = args[3] if len(args) > 3 else None
+    n = ctx.n
+    rank = max(x1.dim() - (dims[0] is not None), x2.dim() - (dims[1] is not None))
+    a1, a2 = front_padded(x1, dims[0], rank, n), front_padded(x2, dims[1], rank, n)
+    a1 = a1 if dims[0] is not None else a1.unsqueeze(0)
+    a2 = a2 if dims[1] is not None else a2.unsqueeze(0)
+    out = torch.einsum("n...i,noij,n...j->n...o", a1.expand(n, *a1.shape[1:]), front(w, dims[2], n),
+                       a2.expand(n, *a2.shape[1:]))
+    if b is not None:
+        out = out + front_padded(b, dims[3], rank, n)
+    return out, 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .axes import front_padded
+from .axes import front, front_padded
 from .registry import RULES, aten, rule
 
 
@@ -48,3 +48,12 @@ defelementwise(aten.clone, aten.contiguous, aten._to_copy, aten.alias, aten.deta
                aten.mish, aten.relu, aten.logit, aten.clamp, aten.clamp_min, aten.clamp_max,
                aten._conj, aten.positive, aten.to.dtype, aten.type_as, aten.native_dropout_backward)
 ELEMENTWISE = {op for op, fn in RULES.items() if fn is elementwise}
+
+
+@rule(aten.copy.default)
+def copy(ctx, args, dims, kwargs):
+    """copy(self, src): self's shape and dtype, src's values (broadcast).  n,... <- n,1..,s"""
+    x, src = args[0], args[1]
+    rank = x.dim() - (dims[0] is not None)
+    out = aten.copy(front(x, dims[0], ctx.n), front_padded(src, dims[1], rank, ctx.n), *args[2:], **kwargs)
+    return out, 0

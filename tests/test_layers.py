@@ -1,0 +1,119 @@
+"""torch.nn layers one by one: forward and parameter gradients of each model equal the model alone,
+for a shared input and for per-model inputs, with the fallback off (strict=True)."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+import mbcompile
+
+
+class MHA(nn.Module):
+    def __init__(self, need_weights):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        pad = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool)
+        pad[:, -1] = True
+        out, w = self.attn(x, x, x, key_padding_mask=pad, need_weights=self.need_weights)
+        return out if w is None else out + w.sum(-1, keepdim=True)
+
+
+class Act(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return (F.gelu(h) + F.silu(h) + F.elu(h) + F.softplus(h) + F.hardswish(h) + F.mish(h)
+                + F.leaky_relu(h, 0.1) + torch.clamp(h, -0.5, 0.5) + F.softmax(h, -1) + F.log_softmax(h, 0))
+
+
+class Reduce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.stack([h.sum(), h.mean(), h.amax(), h.var(), h.std(0).sum(), h.logsumexp(-1).sum(),
+                            h.cumsum(1).sum(), h.norm(), h.max(1).values.sum(), h.argmax(1).double().sum()])
+
+
+class Shapes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.fc(x)                                  # B,6
+        a, b = h.chunk(2, -1)
+        c = torch.cat([b, a, h[:, :1]], 1).unsqueeze(1).expand(-1, 2, -1)
+        d = c.transpose(0, 1).reshape(2, -1).flip(1)
+        e = torch.einsum("ij,kj->ik", d, d).sum() + (h.t() @ h[:, :2].repeat(1, 2)).sum()
+        return e + torch.where(h > 0, h, h * 2).gather(1, torch.zeros(h.shape[0], 1, dtype=torch.long)).sum() \
+            + h[torch.tensor([0, 2])].sum() + F.pad(h, (1, 2)).sum() + h.masked_fill(h < 0, 0.5).sum()
+
+
+LAYERS = {
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (5, 3, 7)),
+    "conv2d_grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, stride=2), (2, 4, 7, 7)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, 2), (2, 2, 4, 4, 4)),
+    "conv_transpose2d": (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, output_padding=1), (2, 3, 4, 4)),
+    "conv_transpose1d_grouped": (lambda: nn.ConvTranspose1d(4, 6, 3, groups=2), (2, 4, 5)),
+    "batchnorm1d": (lambda: nn.BatchNorm1d(5), (6, 5)),
+    "batchnorm3d": (lambda: nn.BatchNorm3d(2), (3, 2, 2, 2, 2)),
+    "groupnorm": (lambda: nn.GroupNorm(2, 4), (3, 4, 5)),
+    "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (2, 3, 4, 4)),
+    "layernorm_2d": (lambda: nn.LayerNorm([4, 5]), (3, 4, 5)),
+    "embedding_pad": (lambda: nn.Embedding(10, 4, padding_idx=2), None),
+    "maxpool_avgpool": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.AvgPool2d(2, ceil_mode=True),
+                                              nn.AdaptiveMaxPool2d(1)), (2, 2, 9, 9)),
+    "upsample": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2, mode="bilinear")), (1, 2, 3, 3)),
+    "mha_weights": (lambda: MHA(True), (2, 4, 8)),
+    "mha_sdpa": (lambda: MHA(False), (2, 4, 8)),
+    "activations": (Act, (4, 6)),
+    "reductions": (Reduce, (4, 6)),
+    "shapes": (Shapes, (4, 6)),
+    "bilinear": (lambda: nn.Bilinear(3, 3, 2), None),
+    "prelu": (lambda: nn.Sequential(nn.Linear(3, 4), nn.PReLU(4)), (5, 3)),
+}
+
+
+def _input(name, shape, g):
+    if name == "embedding_pad":
+        return (torch.randint(0, 10, (3, 4), generator=g),)
+    if name == "bilinear":
+        return (torch.randn(4, 3, dtype=torch.float64, generator=g), torch.randn(4, 3, dtype=torch.float64, generator=g))
+    return (torch.randn(*shape, dtype=torch.float64, generator=g),)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_model"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_matches_each_model(name, mode):
+    make, shape = LAYERS[name]
+    n = 3
+    models = [make().double().train() for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models, in_dims=0 if mode == "per_model" else None, strict=True)
+    g = torch.Generator().manual_seed(1)
+    xs = [_input(name, shape, g) for _ in range(n)] if mode == "per_model" else [_input(name, shape, g)] * n
+    x = tuple(torch.stack(t) for t in zip(*xs)) if mode == "per_model" else xs[0]
+    out = batched(*x)
+    out.square().sum().backward()
+    params = dict(batched.named_parameters())
+    for i, r in enumerate(refs):
+        ref = r(*xs[i])
+        torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
+        ref.square().sum().backward()
+        for pname, p in r.named_parameters():
+            torch.testing.assert_close(params[pname].grad[i], p.grad, rtol=1e-8, atol=1e-9,
+                                       msg=lambda m: f"model {i} {pname}: {m}")
+        for (bname, b), (_, c) in zip(r.named_buffers(), batched.unbatch(i).named_buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9)
