@@ -86,8 +86,7 @@ def capture(template, args, kwargs, consts) -> Captured:
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
     _prepass(ep.graph_module, consts)
-    table = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
-    ep = ep.run_decompositions(table)
+    ep = ep.run_decompositions(decomposition_table())
     sig = ep.graph_signature
     inputs = []
     for spec in sig.input_specs:
@@ -106,6 +105,18 @@ def capture(template, args, kwargs, consts) -> Captured:
     gm = ep.graph_module
     return Captured(gm, inputs, outputs, ep.call_spec.out_spec, dict(ep.constants),
                     time.perf_counter() - t0)
+
+
+_TABLE: dict = {}
+
+
+def decomposition_table():
+    """torch's default decompositions minus every op that has a batching rule (cached per RULES size)."""
+    key = len(RULES)
+    if key not in _TABLE:
+        _TABLE.clear()
+        _TABLE[key] = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
+    return _TABLE[key]
 
 
 def _per_model(node, consts, attr):
