@@ -4,7 +4,16 @@ from .errors import CaptureError, MBCompileError, UnsupportedOpError
 from .batching import BatchedModule, batch
 from .loss import loss
 from .explain import explain
+from .optim import optimizer, shrink_
+from .amp import GradScaler
+from .clip import clip_grad_norm_, clip_grad_value_
+from . import callbacks, data  # noqa: F401
+from .fit import fit
+from .history import History
+from .callbacks import Callback, Checkpoint, EarlyStopping, LRLogger, NaNGuard
+from .checkpoint import CheckpointError, export_model
 
-__all__ = ["batch", "BatchedModule", "loss", "explain", "MBCompileError", "CaptureError",
-           "UnsupportedOpError"]
+__all__ = ["batch", "BatchedModule", "loss", "explain", "optimizer", "shrink_", "GradScaler",
+           "clip_grad_norm_", "clip_grad_value_", "fit", "History", "Callback", "Checkpoint", "EarlyStopping",
+           "LRLogger", "NaNGuard", "CheckpointError", "export_model", "MBCompileError", "CaptureError", "UnsupportedOpError"]
 __version__ = "0.1.0"

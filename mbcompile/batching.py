@@ -2,7 +2,9 @@
 batched graph. Parameters are stacked to [n, *shape] under the original names."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -84,8 +86,8 @@ def check_same_architecture(models):
                     else:
                         raise ValueError(
                             f"model {i} differs from model 0 in '{where}.{attr}' ({type(a).__name__}): "
-                            f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p and "
-                            f"LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
+                            f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p, "
+                            f"LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
     return consts
 
 
@@ -246,6 +248,29 @@ class BatchedModule(nn.Module):
         return dims
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():            # torch.compile(batched): dynamo traces only the
+            prog, vals, leaves = _prepare(self, args, kwargs)    # call of the batched graph
+            return _finish(self, prog, prog.gm(*vals), leaves)
+        prog, vals, leaves = self._prepare(args, kwargs)
+        return self._outputs(prog, prog.call(*vals), leaves)
+
+    def _prepare(self, args, kwargs):
+        """The Program for this input signature (captured and batched on first use) and its inputs:
+        stacked params/buffers, constants, user tensors, then the per-model RNG states."""
+        fast = not kwargs and all(type(a) is torch.Tensor for a in args)
+        if fast:                                     # positional tensors only: one dict lookup per call
+            fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self.training, self._randomness,
+                    self._n, self._in_dims)
+            cache = self.__dict__.setdefault("_fast_programs", {})
+            hit = cache.get(fkey)
+            if hit is not None and self._programs.get(hit[3]) is hit[0]:
+                prog, getters, skey = hit[:3]
+                vals = [d[k] if d is not None else args[k] for d, k in getters]
+                states = self._rng_states.get(skey) if skey is not None else _NO_STATES
+                if states is None:
+                    states = self._states(vals[0].device if vals else args[0].device)
+                vals.append(states)
+                return prog, vals, list(args)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         dims = self._leaf_dims(args, kwargs)
         dims = [d if isinstance(x, torch.Tensor) else None for x, d in zip(leaves, dims)]
@@ -259,12 +284,33 @@ class BatchedModule(nn.Module):
                            for x, d in zip(leaves, dims)), self.training, self._randomness, self._n)
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._build(args, kwargs, leaves, dims, spec)
+            cuda = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), _gc_paused():   # lowering measurements draw random
+                prog = self._build(args, kwargs, leaves, dims, spec)  # inputs: capture never moves the user's RNG
             self._programs[key] = prog
             object.__setattr__(self, "_last_program", prog)
         vals = self._inputs(prog, leaves)
-        outs = prog.call(*vals, self._states(device) if self._randomness == "sequential" else torch.empty(0))
-        return self._outputs(prog, outs, leaves)
+        vals.append(self._states(device) if self._randomness == "sequential" else _NO_STATES)
+        if fast:
+            cache[fkey] = (prog, self._getters(prog), str(device) if self._randomness == "sequential" else None,
+                           key)
+        return prog, vals, leaves
+
+    def _getters(self, prog):
+        """(dict, key) per graph input, so that a call looks inputs up without walking the module tree
+        (a replaced parameter or buffer is still found: the owner's dict is looked up at each call)."""
+        out, user = [], 0
+        for kind, target in prog.captured.inputs:
+            if kind in ("param", "buffer"):
+                parent, _, leaf = target.rpartition(".")
+                owner = self.get_submodule(parent)
+                out.append((owner._parameters if kind == "param" else owner._buffers, leaf))
+            elif kind == "const":
+                out.append((prog.captured.constants, target))
+            else:
+                out.append((None, user))
+                user += 1
+        return out
 
     def _inputs(self, prog, leaves):
         users = iter([x for x in leaves if isinstance(x, torch.Tensor)])
@@ -312,6 +358,8 @@ class BatchedModule(nn.Module):
         self._sync_template()
         ul = [x.select(0, 0) if d is not None else x for x, d in zip(leaves, dims)]
         uargs, ukwargs = pytree.tree_unflatten(ul, spec)
+        from . import lowering
+        m0 = lowering.SPENT["measure_s"]
         t0 = time.perf_counter()
         cap = capture(self._template, uargs, ukwargs, self._consts)
         t1 = time.perf_counter()
@@ -346,11 +394,38 @@ class BatchedModule(nn.Module):
         t2 = time.perf_counter()
         prog.gm = gm
         prog.call = gm
-        if self._compile:
+        prog.times = {"capture_s": t1 - t0, "batch_s": t2 - t1, "export_s": cap.seconds,
+                      "measure_s": lowering.SPENT["measure_s"] - m0}     # lowering timing, part of batch_s
+        if self._compile:                                # compiled at first call; adds times["compile_s"]
             from .backend import compile_program
-            prog.call = compile_program(gm)
-        prog.times = {"capture_s": t1 - t0, "batch_s": t2 - t1, "export_s": cap.seconds}
+            prog.call = compile_program(gm, prog.times)
         return prog
+
+
+_NO_STATES = torch.empty(0, dtype=torch.uint8)     # the RNG-states input when randomness != "sequential"
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """No cyclic GC while capturing and batching: tracing makes many short-lived objects and the
+    collector's passes cost ~15% of a ResNet-18 capture."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@torch.compiler.disable
+def _prepare(module, args, kwargs):
+    return module._prepare(args, kwargs)
+
+
+@torch.compiler.disable
+def _finish(module, prog, outs, leaves):
+    return module._outputs(prog, outs, leaves)
 
 
 def _retie(m, like):

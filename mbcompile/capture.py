@@ -36,6 +36,7 @@ _DRAWS = {
 _PER_MODEL_SCALARS = {  # module attribute that may differ per model -> the aten op and arg it feeds
     ("Dropout", "p"), ("Dropout1d", "p"), ("Dropout2d", "p"), ("Dropout3d", "p"), ("AlphaDropout", "p"),
     ("FeatureAlphaDropout", "p"), ("LeakyReLU", "negative_slope"),
+    ("LSTM", "dropout"), ("GRU", "dropout"), ("RNN", "dropout"),  # inter-layer dropout (passes/rnn.py)
 }
 
 
@@ -76,6 +77,9 @@ def capture(template, args, kwargs, consts) -> Captured:
     try:
         ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001
+        from .passes import rnn
+        if rnn.packed_sequence_in(e):
+            raise CaptureError(f"{rnn.PACKED_SEQUENCE_MESSAGE}\nExport said: {str(e).splitlines()[0][:300]}") from e
         if _data_dependent(e):
             raise CaptureError(
                 f"{type(template).__name__}.forward has data-dependent Python control flow, which one "

@@ -1,78 +1,189 @@
-"""Choice between lowerings of heavy ops, per device, dtype, shape and n.
+"""Choosing between lowerings of heavy ops, per (family, device, dtype, shapes, n).
 
-Conv: one grouped conv (groups = n*g) or a loop of n per-model convs. On CPU, oneDNN's grouped conv is
-often several times slower than the same work as separate convs, so the choice is measured once per
-signature on the real device and cached (``MBCOMPILE_LOWERING=grouped|loop`` forces one).
+A rule with several ways to compute the same op hands them to ``choose`` as candidates, each a
+function of the op's tensors. The choice::
+
+    MBCOMPILE_LOWERING unset or "measure"   time forward+backward of every candidate once, on real
+                                            tensors of the op's shapes and strides, on the op's device;
+                                            the fastest wins; cached per signature for the process
+    MBCOMPILE_LOWERING="default"            a fixed choice per family (DEFAULTS), no timing: deterministic
+    MBCOMPILE_LOWERING="loop"               force a candidate name wherever a family has it
+    MBCOMPILE_LOWERING="conv=loop,linear=baddbmm"    force per family
+
+``force(**family_choice)`` does the same from Python (a context manager, for tests). Every choice says
+why (``Choice.why``), and the rule passes that to ``explain()`` via ``ctx.note``.
+
+Families and candidates (shapes: n models, B batch):
+    conv                per-model input and weights: grouped (B,(n*C),H,W, groups=n*g) | loop (n convs)
+                        | unfold (im2col + one batched matmul; 2-d, groups=1)
+    conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) | loop
+    linear              per-model input and weights: baddbmm | loop (n F.linear)
+    linear_shared_input shared input: concat (one matmul on (n*O),I weights) | bmm (input expanded) | loop
+A loop candidate is the sequential computation itself, so the measured choice is never slower than
+sequential op by op (up to timing noise).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+DEFAULTS = {"conv": "grouped", "conv_shared_input": "concat", "linear": "baddbmm",
+            "linear_shared_input": "concat"}
 _CACHE: dict = {}
+_FORCED: dict = {}
+SPENT = {"measure_s": 0.0}    # seconds spent timing candidates in this process
+BUDGET_S = 0.15        # timing budget per candidate (after one warm-up run)
+MAX_REPS = 5
 
 
-def _time(fn, reps=3):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+@dataclass
+class Choice:
+    name: str
+    why: str
+    timings: dict = field(default_factory=dict)     # candidate -> seconds (fwd+bwd), when measured
+
+    def note(self, family):
+        return f"{family} lowering: {self.name} ({self.why})"
+
+
+def _setting(family):
+    if family in _FORCED:
+        return _FORCED[family]
+    if "*" in _FORCED:
+        return _FORCED["*"]
+    env = os.environ.get("MBCOMPILE_LOWERING", "").strip()
+    if not env:
+        return "measure"
+    if "=" not in env:
+        return env
+    for part in env.split(","):
+        fam, _, name = part.partition("=")
+        if fam.strip() == family:
+            return name.strip()
+    return "measure"
+
+
+@contextlib.contextmanager
+def force(mode=None, **per_family):
+    """``with force("default")``, ``force("loop")`` or ``force(conv="unfold")``: override the choice
+    (and MBCOMPILE_LOWERING) inside the block. Programs captured inside keep their choice."""
+    saved = dict(_FORCED)
+    if mode is not None:
+        _FORCED["*"] = mode
+    _FORCED.update(per_family)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def _sig(t):
+    if isinstance(t, torch.Tensor):
+        return (tuple(t.shape), tuple(t.stride()))
+    return t
+
+
+def choose(family, candidates, tensors, n, extra=(), grad=None):
+    """Pick one of ``candidates`` ({name: fn(*tensors) -> Tensor}, in order of preference for ties).
+    ``tensors`` may be fake (inside make_fx): timing runs on fresh real tensors of the same shapes;
+    ``grad`` says which of them need a gradient (default: all; a user's input does not)."""
+    names = list(candidates)
+    setting = _setting(family)
+    if setting == "default":
+        name = DEFAULTS.get(family, names[0])
+        name = name if name in candidates else names[0]
+        return Choice(name, "MBCOMPILE_LOWERING=default: fixed choice, not measured")
+    if setting in candidates:                        # a forced name this family does not offer: measure
+        return Choice(setting, "forced by MBCOMPILE_LOWERING / lowering.force")
+    if len(names) == 1:
+        return Choice(names[0], "only candidate")
+    ref = next(t for t in tensors if isinstance(t, torch.Tensor))
+    grad = tuple(grad) if grad is not None else (True,) * len(tensors)
+    key = (family, ref.device.type, ref.dtype, n, tuple(_sig(t) for t in tensors), extra, tuple(names), grad)
+    hit = _CACHE.get(key)
+    if hit is None:
         t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        timings = _measure(candidates, tensors, grad)
+        SPENT["measure_s"] += time.perf_counter() - t0
+        best = min(names, key=lambda k: timings[k])
+        ranked = ", ".join(f"{k} {timings[k] * 1e3:.3g} ms" for k in sorted(names, key=timings.get))
+        hit = _CACHE[key] = Choice(best, f"measured fwd+bwd on {ref.device.type}: {ranked}", timings)
+    return hit
+
+
+def _real(t, grad, gens):
+    """A real tensor like ``t`` (fake or not): same shape, dtype, device and, when dense, strides.
+    Drawn from a private generator: measuring never moves the user's random streams."""
+    dev = t.device if t.device.type != "meta" else torch.device("cpu")
+    dense = torch._prims_common.is_non_overlapping_and_dense_or_false(t)
+    r = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=dev) if dense else \
+        torch.empty(t.shape, dtype=t.dtype, device=dev)
+    if t.is_floating_point() or t.is_complex():
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev).manual_seed(0)
+        r.normal_(generator=gens[dev])
+        return r.requires_grad_(grad)
+    return r.zero_()
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _measure(candidates, tensors, grad):
+    """Seconds per forward+backward of each candidate (best of a few interleaved runs)."""
+    with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
+        gens = {}
+        real = [_real(t, g, gens) if isinstance(t, torch.Tensor) else t for t, g in zip(tensors, grad)]
+        dev = next(t for t in real if isinstance(t, torch.Tensor)).device
+        grads = {}
+
+        def run(name):
+            out = candidates[name](*real)
+            if out.requires_grad:
+                g = grads.get(name)
+                if g is None:
+                    g = grads[name] = torch.ones_like(out)
+                out.backward(g)
+            for t in real:
+                if isinstance(t, torch.Tensor):
+                    t.grad = None
+
+        best = {}
+        for name in candidates:                      # warm-up (oneDNN primitive creation, allocator)
+            _sync(dev)
+            t0 = time.perf_counter()
+            run(name)
+            _sync(dev)
+            best[name] = time.perf_counter() - t0
+        if min(best.values()) > BUDGET_S:             # slow ops: the warm-up run is the measurement
+            return best
+        reps = max(1, min(MAX_REPS, int(BUDGET_S / max(max(best.values()), 1e-6))))
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(reps):
+            for name in candidates:
+                _sync(dev)
+                t0 = time.perf_counter()
+                run(name)
+                _sync(dev)
+                best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def choose_conv(ctx, x, dx, w, stride, padding, dilation, transposed, groups):
-    forced = os.environ.get("MBCOMPILE_LOWERING")
-    if forced in ("grouped", "loop"):
-        return forced
-    n = ctx.n
-    if n == 1:
-        return "grouped"
-    key = ("conv", x.device.type, x.dtype, tuple(x.shape), dx, tuple(w.shape), tuple(stride),
-           tuple(padding), tuple(dilation), transposed, groups)
-    if key in _CACHE:
-        return _CACHE[key]
-    if isinstance(x, torch._subclasses.FakeTensor) or _is_fake(x):
-        choice = _measure(key, x, dx, w, stride, padding, dilation, transposed, groups, n)
-    else:
-        choice = _measure(key, x, dx, w, stride, padding, dilation, transposed, groups, n)
-    _CACHE[key] = choice
-    return choice
+def clear_cache():
+    _CACHE.clear()
 
 
-def _is_fake(t):
-    return isinstance(t, torch._subclasses.FakeTensor) or type(t).__name__ in ("FunctionalTensor",)
-
-
-def _measure(key, x, dx, w, stride, padding, dilation, transposed, groups, n):
-    """Time forward+backward of both lowerings on real random tensors of the same shapes."""
-    dev = x.device if x.device.type != "meta" else torch.device("cpu")
-    with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
-        xs = torch.randn(x.shape, dtype=x.dtype, device=dev)
-        ws = torch.randn(w.shape, dtype=w.dtype, device=dev, requires_grad=True)
-        if dx is not None:
-            xs = xs.movedim(dx, 0)
-        else:
-            xs = xs.unsqueeze(0).expand(n, *xs.shape)
-        xs = xs.contiguous().requires_grad_(True)
-
-        def grouped():
-            xf = xs.movedim(0, 1).flatten(1, 2)
-            out = torch.ops.aten.convolution(xf, ws.flatten(0, 1), None, stride, padding, dilation,
-                                             transposed, [0] * len(stride), n * groups)
-            out.sum().backward()
-
-        def loop():
-            outs = [torch.ops.aten.convolution(xs[i], ws[i], None, stride, padding, dilation, transposed,
-                                               [0] * len(stride), groups) for i in range(n)]
-            torch.stack(outs, 1).sum().backward()
-
-        tg, tl = _time(grouped), _time(loop)
-    return "grouped" if tg <= tl else "loop"
+def input_needs_grad(ctx, i=0):
+    """Whether argument ``i`` of the node being batched is computed in the graph (so it gets a
+    gradient in training) rather than a graph input such as the user's data."""
+    node = ctx.node
+    if node is None or len(node.args) <= i or not hasattr(node.args[i], "op"):
+        return True
+    return node.args[i].op != "placeholder"

@@ -196,5 +196,5 @@ def test_explain_shows_rules_and_lowerings():
     b(torch.randn(2, 10, dtype=torch.float64))
     e = mbcompile.explain(b)
     text = str(e)
-    assert "linalg.linear" in text and "concatenated weights" in text
+    assert "linalg.linear" in text and "concat" in text
     assert not e.fallbacks

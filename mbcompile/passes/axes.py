@@ -25,6 +25,8 @@ def front_padded(x, d, rank, n=None):
 
 def fold(x, d, into, n):
     """Merge the model dim into logical axis ``into`` (model-major):  n,B,C,H,W -> B,(n*C),H,W."""
+    if d == into:                                       # B,n,C,H,W already: a view
+        return x.flatten(into, into + 1)
     x = front(x, d, n)
     x = x.movedim(0, into)  # B,..,n,C,.. with n just before logical axis `into`
     return x.flatten(into, into + 1)

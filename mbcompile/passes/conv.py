@@ -1,9 +1,13 @@
 """Convolutions (1-3d, transposed, grouped).
 
-shared input:    B,C,H,W  *  n,O,C,k,k      -> conv with weights (n*O),C,k,k        -> B,(n*O),H,W
-per-model input: B,(n*C),H,W * (n*O),C/g,k,k -> grouped conv, groups = n*g          -> B,(n*O),H,W
-The output keeps the model dim folded into channels' neighbourhood: B,n,O,H,W (a free view).
-Lowering choice (grouped conv vs a loop of per-model convs) lives in lowering.py.
+shared weights:  n,B,C,H,W * O,C,k,k       -> models folded into the batch: (n*B),C,H,W      -> n,B,O,H,W
+per-model weights, lowerings chosen by measurement (lowering.py), all -> B,n,O,H,W (model dim 1):
+  grouped: B,(n*C),H,W * (n*O),C/g,k,k  -> one conv, groups = n*g         -> B,(n*O),H,W (a view of B,n,O,H,W)
+  concat:  B,C,H,W (shared) * (n*O),C,k,k -> one conv on concatenated weights -> B,(n*O),H,W
+  loop:    n convs B,C,H,W * O,C,k,k     -> stack(1)
+  unfold:  im2col (n*B),(C*k*k),L ; n,O,(C*k*k) @ n,(C*k*k),(B*L) -> n,O,B,L   (2-d, groups=1)
+Keeping the model dim next to the channels (B,n,C,H,W = B,(n*C),H,W) lets bn, relu and pooling run on
+the folded layout without copies (see norms.py, pooling.py).
 """
 from __future__ import annotations
 
@@ -33,20 +37,58 @@ def convolution(ctx, args, dims, kwargs):
         return out.unflatten(0, (n, -1)), 0
     w = front(w, dw, n)                                  # n,O,C/g,k..  (transposed: n,C,O/g,k..)
     bias = None if b is None else front(b, db, n)
-    choice = lowering.choose_conv(ctx, x, dx, w, stride, padding, dilation, transposed, groups)
-    if choice == "loop":
-        ctx.note("per-model conv loop (measured faster than one grouped conv here)")
-        xs = front(x, dx, n)
-        outs = [aten.convolution(xs[i], w[i], None if bias is None else bias[i], stride, padding, dilation,
-                                 transposed, output_padding, groups) for i in range(n)]
-        return torch.stack(outs, 1), 1
+    conv = (stride, padding, dilation, transposed, output_padding, groups)
+    cands = {}
     if dx is None and groups == 1 and not transposed:
-        ctx.note("shared input: one conv on concatenated weights")
-        out = aten.convolution(x, w.flatten(0, 1), None if bias is None else bias.flatten(),
-                               stride, padding, dilation, False, output_padding, 1)
-        return out.unflatten(1, (n, -1)), 1
-    ctx.note(f"grouped conv, groups={n}*{groups}")
-    xf = fold(x, dx, 1, n)                               # B,(n*C),H,W
+        cands["concat"] = lambda x, w, bias: _concat(x, w, bias, n, *conv)
+    else:
+        cands["grouped"] = lambda x, w, bias: _grouped(x, dx, w, bias, n, *conv)
+    cands["loop"] = lambda x, w, bias: _loop(x, dx, w, bias, n, *conv)
+    if dx is not None and groups == 1 and not transposed and w.dim() == 5:
+        cands["unfold"] = lambda x, w, bias: _unfold(x, dx, w, bias, n, *conv)
+    family = "conv" if dx is not None else "conv_shared_input"
+    choice = lowering.choose(family, cands, (x, w, bias), n, extra=(dx,) + tuple(map(_tup, conv)),
+                             grad=(lowering.input_needs_grad(ctx), True, True))
+    ctx.note(choice.note(family))
+    return cands[choice.name](x, w, bias), 1
+
+
+def _tup(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def _concat(x, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+    """B,C,H,W * (n*O),C,k,k -> B,(n*O),H,W -> B,n,O,H,W."""
+    out = aten.convolution(x, w.flatten(0, 1), None if bias is None else bias.flatten(),
+                           stride, padding, dilation, False, output_padding, 1)
+    return out.unflatten(1, (n, -1))
+
+
+def _grouped(x, dx, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+    """B,(n*C),H,W * (n*O),C/g,k,k, groups=n*g -> B,(n*O),H,W -> B,n,O,H,W."""
+    xf = fold(x, dx, 1, n)
     out = aten.convolution(xf, w.flatten(0, 1), None if bias is None else bias.flatten(),
                            stride, padding, dilation, transposed, output_padding, n * groups)
-    return out.unflatten(1, (n, -1)), 1
+    return out.unflatten(1, (n, -1))
+
+
+def _loop(x, dx, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+    """n convs of B,C,H,W, stacked to B,n,O,H,W."""
+    xs = [x] * n if dx is None else front(x, dx, n).unbind(0)
+    outs = [aten.convolution(xs[i], w[i], None if bias is None else bias[i], stride, padding, dilation,
+                             transposed, output_padding, groups) for i in range(n)]
+    return torch.stack(outs, 1)
+
+
+def _unfold(x, dx, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+    """im2col: (n*B),(C*k*k),L ; n,O,(C*k*k) @ n,(C*k*k),(B*L) -> n,O,B,L -> B,n,O,Ho,Wo."""
+    xs = front(x, dx, n)                                 # n,B,C,H,W
+    nb, (kh, kw) = xs.shape[1], w.shape[-2:]
+    cols = aten.im2col(xs.flatten(0, 1), [kh, kw], list(dilation), list(padding), list(stride))
+    L = cols.shape[-1]
+    cols = cols.unflatten(0, (n, nb)).permute(0, 2, 1, 3).reshape(n, cols.shape[1], nb * L)
+    out = torch.bmm(w.flatten(2), cols)                  # n,O,(B*L)
+    if bias is not None:
+        out = out + bias.unsqueeze(-1)
+    ho = (xs.shape[-2] + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    return out.unflatten(2, (nb, ho, L // ho)).permute(2, 0, 1, 3, 4)

@@ -1,7 +1,10 @@
 """Linear layers and matrix products.
 
-linear, shared input:     B,I  x  n,O,I        -> one matmul on the concatenated weights -> B,n,O
-linear, per-model input:  n,B,I  x  n,O,I      -> baddbmm                                -> n,B,O
+linear, shared input:     B,I  x  n,O,I   -> concat: one matmul on (n*O),I weights -> B,n,O
+                                            | bmm: input expanded to n,B,I         -> n,B,O
+                                            | loop: n linears                      -> n,B,O
+linear, per-model input:  n,B,I  x  n,O,I -> baddbmm | loop                        -> n,B,O
+(chosen per shape by measurement: lowering.py)
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import torch
 
 from .axes import front, front_padded
 from .registry import aten, rule
+from .. import lowering
 
 
 @rule(aten.linear.default)
@@ -25,59 +29,89 @@ def linear(ctx, args, dims, kwargs):
         ctx.note("shared weights")
         return aten.linear(x, w, b), dx
     w = front(w, dw, n)                                # n,O,I
-    o, i = w.shape[1], w.shape[2]
-    if dx is None:                                     # B..,I @ (n*O),I^T -> B..,n,O
-        ctx.note("shared input: one matmul on concatenated weights")
-        bias = None if b is None else front(b, db, n).reshape(n * o)
-        out = aten.linear(x, w.reshape(n * o, i), bias)
-        return out.unflatten(-1, (n, o)), x.dim() - 1
-    ctx.note("per-model input: baddbmm")
+    bias = None if b is None else front(b, db, n)      # n,O
+    if dx is None:                                     # shared input
+        cands = {"concat": _linear_concat, "bmm": lambda x, w, bias: _linear_bmm(x, None, w, bias, n),
+                 "loop": lambda x, w, bias: _linear_loop(x, None, w, bias, n)}
+        family = "linear_shared_input"
+    else:                                              # per-model input
+        cands = {"baddbmm": lambda x, w, bias: _linear_bmm(x, dx, w, bias, n),
+                 "loop": lambda x, w, bias: _linear_loop(x, dx, w, bias, n)}
+        family = "linear"
+    choice = lowering.choose(family, cands, (x, w, bias), n, extra=(dx,),
+                             grad=(lowering.input_needs_grad(ctx), True, True))
+    ctx.note(choice.note(family))
+    out = cands[choice.name](x, w, bias)
+    return out, (x.dim() - 1 if choice.name == "concat" else 0)
+
+
+def _linear_concat(x, w, bias):
+    """B..,I @ (n*O),I^T -> B..,(n*O) -> B..,n,O (model dim at -2)."""
+    n, o, i = w.shape
+    out = aten.linear(x, w.reshape(n * o, i), None if bias is None else bias.reshape(n * o))
+    return out.unflatten(-1, (n, o))
+
+
+def _linear_bmm(x, dx, w, bias, n):
+    """n,B,I @ n,I,O (+ n,1,O) -> n,B,O; a shared input is expanded (a view)."""
     x = front(x, dx, n)                                # n,B..,I
-    lead = x.shape[1:-1]
+    lead, i = x.shape[1:-1], x.shape[-1]
     x3 = x.reshape(n, -1, i)
     wt = w.transpose(1, 2)                             # n,I,O
-    if b is None:
-        out = torch.bmm(x3, wt)
-    else:
-        out = torch.baddbmm(front(b, db, n).unsqueeze(1), x3, wt)
-    return out.reshape(n, *lead, o), 0
+    out = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
+    return out.reshape(n, *lead, w.shape[1])
+
+
+def _linear_loop(x, dx, w, bias, n):
+    """n separate linears, stacked: n,B..,O."""
+    xs = [x] * n if dx is None else front(x, dx, n).unbind(0)
+    return torch.stack([aten.linear(xs[k], w[k], None if bias is None else bias[k]) for k in range(n)])
 
 
 def _mat(ctx, a, da, b, db):
-    """Batched matrix product of two values whose unbatched ranks are the op's own."""
+    """Batched matmul of two values whose unbatched ranks are the op's own. Vectors become matrices
+    first so the model dim is never read as a matrix dim:  n,K @ K,N -> n,1,K @ K,N -> n,N."""
     n = ctx.n
     ra, rb = a.dim() - (da is not None), b.dim() - (db is not None)
-    if db is None:                                      # n,..,M,K @ K,N
-        return torch.matmul(front(a, da, n), b), 0
-    if da is None and ra >= 2:                          # M,K @ n,..,K,N
-        return torch.matmul(a, front(b, db, n)), 0
-    return torch.matmul(front_padded(a, da, max(ra, rb), n), front_padded(b, db, max(ra, rb), n)), 0
+    if ra == 1:
+        a, da = (front(a, da, n) if da is not None else a).unsqueeze(-2), (0 if da is not None else None)
+    if rb == 1:
+        b, db = (front(b, db, n) if db is not None else b).unsqueeze(-1), (0 if db is not None else None)
+    r = max(ra, rb, 2)
+    out = torch.matmul(front_padded(a, da, r, n), front_padded(b, db, r, n))   # n,..,M,N
+    if rb == 1:
+        out = out.squeeze(-1)
+    if ra == 1:
+        out = out.squeeze(-1 if rb == 1 else -2)
+    return out, 0
 
 
-@rule(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default, aten.dot.default)
+@rule(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default, aten.dot.default,
+      aten.vdot.default)
 def mm(ctx, args, dims, kwargs):
-    """n,M,K @ n,K,N -> n,M,N  (bmm: n,B,M,K @ n,B,K,N)."""
+    """n,M,K @ n,K,N -> n,M,N  (bmm: n,B,M,K @ n,B,K,N; shared operands broadcast)."""
     a, b = args[0], args[1]
-    da, db = dims[0], dims[1]
-    if ctx.op in (aten.mv.default, aten.dot.default):
-        out, d = _mat(ctx, a, da, b.unsqueeze(-1) if db is None else front(b, db, ctx.n).unsqueeze(-1), db)
-        return out.squeeze(-1), d
-    return _mat(ctx, a, da, b, db)
+    if ctx.op is aten.vdot.default:
+        a = a.conj()
+    return _mat(ctx, a, dims[0], b, dims[1])
 
 
-@rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
+@rule(aten.addmm.default, aten.baddbmm.default, aten.addmv.default, aten.addbmm.default)
 def addmm(ctx, args, dims, kwargs):
-    """beta*c + alpha*(a@b), with the product batched as in mm."""
+    """beta*c + alpha*(a@b), with the product batched as in mm (addbmm: n,B,M,N summed over B)."""
     c, a, b = args[:3]
     dc, da, db = dims[:3]
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     mmop = {aten.addmm.default: aten.mm.default, aten.baddbmm.default: aten.bmm.default,
-            aten.addmv.default: aten.mv.default}[ctx.op]
+            aten.addmv.default: aten.mv.default, aten.addbmm.default: aten.bmm.default}[ctx.op]
     ctx2 = type(ctx)(n=ctx.n, op=mmop)
     p, _ = mm(ctx2, (a, b), (da, db), {})
+    mapped = da is not None or db is not None          # else p is shared: M,N
+    if ctx.op is aten.addbmm.default:
+        p = p.sum(1 if mapped else 0)
     if alpha != 1:
         p = p * alpha
-    rank = p.dim() - 1
+    rank = p.dim() - mapped
     c = front_padded(c, dc, rank, ctx.n)
     if beta != 1:
         c = c * beta
@@ -99,3 +133,66 @@ def bilinear(ctx, args, dims, kwargs):
     if b is not None:
         out = out + front_padded(b, dims[3], rank, n)
     return out, 0
+
+
+def _same(out, d):
+    return tuple(d for _ in out) if isinstance(out, (tuple, list)) else d
+
+
+def defbatched(*ops, core=None):
+    """Ops that take leading batch dims on every operand (linalg factorisations and solves, cdist):
+    n goes in front.  n,*B,M,M -> n,*B,...  With several operands, ``core`` gives each argument's
+    core (non-batch) rank, or a function of the unbatched shapes that does; batch dims are then
+    broadcast and every operand expanded to n,*batch,*core (a view)."""
+    def batched(ctx, args, dims, kwargs):
+        n = ctx.n
+        pos = [k for k, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        args = list(args)
+        if len(pos) == 1 or core is None:
+            for k in pos:
+                args[k] = front(args[k], dims[k], n)
+        else:
+            shapes = {k: _lshape(args[k], dims[k]) for k in pos}
+            cores = core(shapes) if callable(core) else core
+            batch = torch.broadcast_shapes(*[shapes[k][:len(shapes[k]) - cores[k]] for k in pos])
+            for k in pos:
+                c = shapes[k][len(shapes[k]) - cores[k]:]
+                a = front_padded(args[k], dims[k], len(batch) + cores[k], n)
+                args[k] = a.expand(n, *batch, *c)
+        out = ctx.op(*args, **kwargs)
+        return out, _same(out, 0)
+    rule(*ops)(batched)
+
+
+def _lshape(t, d):
+    return tuple(s for j, s in enumerate(t.shape) if j != d)
+
+
+def _solve_core(shapes):
+    """linalg.solve: B is a (batch of) vector(s) when it has one dim, or one dim less than A and
+    A's batch shape (the rule of torch.linalg.solve)."""
+    a, b = shapes[0], shapes[1]
+    vec = len(b) == 1 or (len(b) == len(a) - 1 and b == a[:-1])
+    return {0: 2, 1: 1 if vec else 2}
+
+
+defbatched(aten._linalg_svd.default, aten._linalg_eigh.default, aten.linalg_qr.default,
+           aten.linalg_lu_factor_ex.default, aten.linalg_eig.default, aten._linalg_eigvals.default,
+           aten._linalg_slogdet.default, aten._linalg_det.default, aten.linalg_matrix_exp.default,
+           aten.linalg_lu.default, aten.linalg_ldl_factor_ex.default, aten.linalg_inv_ex.default,
+           aten.linalg_cholesky_ex.default, aten.geqrf.default, aten.cholesky.default,
+           aten.cholesky_inverse.default)
+defbatched(aten.linalg_lu_solve.default, aten.linalg_ldl_solve.default, aten.ormqr.default,
+           core={0: 2, 1: 1, 2: 2})
+defbatched(aten.lu_unpack.default, aten.linalg_householder_product.default, core={0: 2, 1: 1})
+defbatched(aten.triangular_solve.default, aten.linalg_solve_triangular.default, aten.cholesky_solve.default,
+           aten._cdist_forward.default, core={0: 2, 1: 2})
+defbatched(aten.linalg_pinv.atol_rtol_tensor, core={0: 2, 1: 0, 2: 0})
+defbatched(aten._linalg_solve_ex.default, core=_solve_core)
+
+
+@rule(aten._linalg_check_errors.default)
+def check_errors(ctx, args, dims, kwargs):
+    """Error codes n,..: one check over every model's codes, read as a batch."""
+    aten._linalg_check_errors(front(args[0], dims[0], ctx.n), args[1], is_matrix=False)
+    return None, None

@@ -111,3 +111,31 @@ def group_norm(ctx, args, dims, kwargs):
     if b is not None:
         y = y + front(b, dims[3], n).view(n, 1, -1, *([1] * extra))
     return y, 0
+
+
+@rule(aten._batch_norm_with_update_functional.default)
+def batch_norm_with_update(ctx, args, dims, kwargs):
+    """As _native_batch_norm_legit_functional: models fold into channels.  B,(n*C),.. ; stats n,C."""
+    x, w, b, rm, rv, momentum, eps = args
+    n = ctx.n
+    out, sm, sr, reserve, nrm, nrv = aten._batch_norm_with_update_functional(
+        fold(x, dims[0], 1, n), _flat(w, dims[1], n), _flat(b, dims[2], n), _flat(rm, dims[3], n),
+        _flat(rv, dims[4], n), momentum, eps)
+    o, d = unfold(out, 1, n)
+    return (o, _nc(sm, n), _nc(sr, n), reserve, _nc(nrm, n), _nc(nrv, n)), (d, 0, 0, None, 0, 0)
+
+
+@rule(aten.native_group_norm.default)
+def native_group_norm(ctx, args, dims, kwargs):
+    """n,B,C,.. -> (n*B),C,.. normalised without affine, then per-model affine; mean/rstd n,B,G."""
+    x, w, b, N, C, HxW, groups, eps = args
+    n = ctx.n
+    xf = front(x, dims[0], n)
+    y, mean, rstd = aten.native_group_norm(xf.flatten(0, 1).contiguous(), None, None, n * N, C, HxW, groups, eps)
+    y = y.unflatten(0, (n, N))
+    extra = xf.dim() - 3
+    if w is not None:
+        y = y * front(w, dims[1], n).view(n, 1, -1, *([1] * extra))
+    if b is not None:
+        y = y + front(b, dims[2], n).view(n, 1, -1, *([1] * extra))
+    return (y, mean.unflatten(0, (n, N)), rstd.unflatten(0, (n, N))), (0, 0, 0)

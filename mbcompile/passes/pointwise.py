@@ -11,6 +11,11 @@ from .registry import RULES, aten, rule
 def elementwise(ctx, args, dims, kwargs):
     """n-ary broadcasting. Keeps the model dim in place when every mapped input agrees on it and no
     shared input reaches over it; otherwise maps inputs to n,... padded to the output rank."""
+    fmt = kwargs.get("memory_format")
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        kwargs = {k: v for k, v in kwargs.items() if k != "memory_format"}   # layout only; rank+1 now
+    elif fmt is torch.contiguous_format or ctx.op is aten.contiguous.default:
+        return ctx.op(front(args[0], dims[0], ctx.n), *args[1:], **kwargs), 0   # each model contiguous
     tensors = [(a, d) for a, d in zip(args, dims) if isinstance(a, torch.Tensor)]
     mapped = [(a, d) for a, d in tensors if d is not None]
     rank = max(a.dim() - (d is not None) for a, d in tensors)
@@ -28,9 +33,14 @@ def defelementwise(*ops):
     rule(*ops)(elementwise)
 
 
+def aten_packets():
+    """Every aten op packet (``dir(aten)`` lists only the ones loaded so far)."""
+    names = {n[6:].split(".")[0] for n in torch._C._dispatch_get_all_op_names() if n.startswith("aten::")}
+    return [(name, getattr(aten, name)) for name in sorted(names) if hasattr(aten, name)]
+
+
 def _tagged_pointwise():
-    for name in dir(aten):
-        packet = getattr(aten, name, None)
+    for name, packet in aten_packets():
         if not isinstance(packet, torch._ops.OpOverloadPacket):
             continue
         for ov_name in packet.overloads():
@@ -46,7 +56,23 @@ defelementwise(aten.clone, aten.contiguous, aten._to_copy, aten.alias, aten.deta
                aten.fill.Scalar, aten.fill.Tensor, aten.threshold_backward, aten.gelu, aten.hardtanh,
                aten.leaky_relu, aten.elu, aten.softplus, aten.hardswish, aten.hardsigmoid, aten.silu,
                aten.mish, aten.relu, aten.logit, aten.clamp, aten.clamp_min, aten.clamp_max,
-               aten._conj, aten.positive, aten.to.dtype, aten.type_as, aten.native_dropout_backward)
+               aten._conj, aten.positive, aten.to.dtype, aten.type_as, aten.native_dropout_backward,
+               aten._conj_physical, aten.polar.default, aten.complex.default)
+
+
+@rule(aten.masked_fill.Tensor)
+def masked_fill(ctx, args, dims, kwargs):
+    """A per-model fill value (n, where the op wants a 0-d tensor) goes through where():
+    x: ..  mask: ..  value: n  ->  where(mask, value[n,1..], x) : n,.."""
+    x, mask, value = args
+    if dims[2] is None:
+        return elementwise(ctx, args, dims, kwargs)
+    rank = max(t.dim() - (d is not None) for t, d in zip(args[:2], dims[:2]))
+    value = front_padded(value.to(x.dtype), dims[2], rank, ctx.n)
+    out = aten.where.self(front_padded(mask, dims[1], rank, ctx.n), value, front_padded(x, dims[0], rank, ctx.n))
+    return out.expand(ctx.n, *ctx.val.shape), 0
+
+
 ELEMENTWISE = {op for op, fn in RULES.items() if fn is elementwise}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .axes import front
+from .axes import front, front_padded
 from .registry import aten, rule
 
 
@@ -15,37 +15,30 @@ def _pd(dim, rank):
     return (dim + rank if dim < 0 else dim) + 1
 
 
-def defreduce(*ops, dim_at=1, multi=False, none_is_all=True):
-    """Register the reduction rule; ``multi``: the op takes a list of dims."""
+def defreduce(*ops, dim_at=1, multi=False, none_is="all"):
+    """Register the reduction rule; ``multi``: the op takes a list of dims. ``none_is``: what an absent
+    dim means: "all" (every dim), "flat" (reduce the flattened tensor: argmax) or an int (sort: -1)."""
     def reduce_rule(ctx, args, dims, kwargs):
         x, d = args[0], dims[0]
-        rank = x.dim() - 1
-        x = front(x, d, ctx.n)
-        args = list(args)
+        if any(dd is not None for dd in dims[1:] if not isinstance(dd, (list, tuple))):
+            raise NotImplementedError("a per-model tensor besides the input")
+        n, rank = ctx.n, x.dim() - (d is not None)
+        x = front(x, d, n)
         dim = args[dim_at] if len(args) > dim_at else kwargs.get("dim")
-        if rank == 0:                           # n  -> n,1 : a scalar reduces over a dim of size 1
-            x = x.unsqueeze(1)
-            out = _call(ctx, x, args, kwargs, dim_at, [1] if multi else 1, 1)
-            return _map(out, lambda t: t.reshape(ctx.n)), _same(out, 0)
-        if dim is None or (multi and len(dim) == 0):
-            if not none_is_all:
-                x = x.reshape(ctx.n, -1)        # n,... -> n,(...) for ops that flatten on dim=None
-                out = _call(ctx, x, args, kwargs, dim_at, 0, 1)
-                keep = _keepdim(args, kwargs, dim_at)
-                return _map(out, lambda t: t.reshape((ctx.n,) + (1,) * rank if keep else (ctx.n,))), _same(out, 0)
+        if dim is None or (multi and len(dim) == 0 and none_is == "all"):
+            dim = none_is if isinstance(none_is, int) else None
+        if rank == 0 or (dim is None and none_is == "flat"):   # n -> n,1 / n,... -> n,(...)
+            out = _call(ctx, x.reshape(n, -1), args, kwargs, dim_at, [1] if multi else 1)
+            return _map(out, lambda t, v: t.reshape(n, *v.shape), ctx.val), _same(out, 0)
+        if dim is None:
             dim = list(range(rank))
         pdims = [_pd(k, rank) for k in dim] if isinstance(dim, (list, tuple)) else _pd(dim, rank)
-        out = _call(ctx, x, args, kwargs, dim_at, pdims, None)
+        out = _call(ctx, x, args, kwargs, dim_at, pdims)
         return out, _same(out, 0)
     rule(*ops)(reduce_rule)
 
 
-def _keepdim(args, kwargs, dim_at):
-    return bool(args[dim_at + 1]) if len(args) > dim_at + 1 and isinstance(args[dim_at + 1], bool) \
-        else bool(kwargs.get("keepdim", False))
-
-
-def _call(ctx, x, args, kwargs, dim_at, dim, _):
+def _call(ctx, x, args, kwargs, dim_at, dim):
     args = [x] + list(args[1:])
     if len(args) > dim_at:
         args[dim_at] = dim
@@ -58,8 +51,11 @@ def _same(out, d):
     return tuple(d for _ in out) if isinstance(out, (tuple, list)) else d
 
 
-def _map(out, f):
-    return type(out)(f(t) for t in out) if isinstance(out, (tuple, list)) else f(out)
+def _map(out, f, val):
+    """Apply f(batched, unbatched example) to each output."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(f(t, v) for t, v in zip(out, val))
+    return f(out, val)
 
 
 defreduce(aten.sum.dim_IntList, aten.mean.dim, aten.amax, aten.amin, aten.any.dims, aten.all.dims,
@@ -69,11 +65,21 @@ defreduce(aten.sum.dim_IntList, aten.mean.dim, aten.amax, aten.amin, aten.any.di
 defreduce(aten.linalg_vector_norm.default, dim_at=2, multi=True)
 defreduce(aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.max.dim, aten.min.dim, aten._softmax,
           aten._log_softmax, aten.softmax.int, aten.log_softmax.int, aten.cumsum, aten.cumprod,
-          aten.logcumsumexp, aten.cummax, aten.cummin, aten.sort.default,
-          aten.median.dim, aten.mode, aten.nanmedian.dim,
-          aten._softmax_backward_data, aten._log_softmax_backward_data)
-defreduce(aten.argmax, aten.argmin, none_is_all=False)
-defreduce(aten.topk, aten.kthvalue, dim_at=2)
+          aten.logcumsumexp, aten.cummax, aten.cummin, aten.median.dim, aten.nanmedian.dim)
+defreduce(aten.sort.default, aten.sort.stable, aten.mode, aten.argsort, none_is=-1)
+defreduce(aten.argmax, aten.argmin, none_is="flat")
+defreduce(aten.topk, aten.kthvalue, dim_at=2, none_is=-1)
+
+
+@rule(aten._softmax_backward_data, aten._log_softmax_backward_data)
+def softmax_backward(ctx, args, dims, kwargs):
+    """n,..  (grad, out, dim)  ->  n,.. ; shared operands expanded."""
+    g, out, dim = args[:3]
+    rank = g.dim() - (dims[0] is not None)
+    g, out = front(g, dims[0], ctx.n), front(out, dims[1], ctx.n)
+    if rank == 0:                                     # n -> n,1
+        return ctx.op(g.unsqueeze(1), out.unsqueeze(1), 1, *args[3:], **kwargs).squeeze(1), 0
+    return ctx.op(g, out, _pd(dim, rank), *args[3:], **kwargs), 0
 
 
 @rule(aten.sum.default, aten.mean.default, aten.max.default, aten.min.default,
@@ -91,3 +97,21 @@ def full_reduce(ctx, args, dims, kwargs):
     if packet is aten.count_nonzero:
         return aten.count_nonzero.dim_IntList(x, [1]), 0
     return getattr(aten, packet.__name__).dim(x, 1), 0
+
+
+@rule(aten.dist.default)
+def dist(ctx, args, dims, kwargs):
+    """||a - b||_p per model:  n,.. - .. -> n,(..) -> vector_norm over dim 1 -> n."""
+    a, b = args[:2]
+    p = args[2] if len(args) > 2 else kwargs.get("p", 2)
+    rank = max(a.dim() - (dims[0] is not None), b.dim() - (dims[1] is not None))
+    diff = front_padded(a, dims[0], rank, ctx.n) - front_padded(b, dims[1], rank, ctx.n)
+    return torch.linalg.vector_norm(diff.reshape(ctx.n, -1), p, dim=1), 0
+
+
+@rule(aten._fft_r2c.default, aten._fft_c2c.default, aten._fft_c2r.default)
+def fft(ctx, args, dims, kwargs):
+    """Transforms over the listed dims: n in front, dims shifted by one.  n,B,T fft(dim=[-1]) -> n,B,F."""
+    x, d = args[0], dims[0]
+    rank = x.dim() - (d is not None)
+    return ctx.op(front(x, d, ctx.n), [_pd(k, rank) for k in args[1]], *args[2:], **kwargs), 0

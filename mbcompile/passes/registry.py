@@ -63,7 +63,10 @@ class RuleCtx:
 
     def per_model(self, attr: str):
         """Per-model values of a scalar attribute of the module this node came from, or None."""
-        return self.consts.lookup(self.node, attr) if self.consts is not None else None
+        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
+        if not self.consts or not stack:
+            return None
+        return self.consts.get(list(stack.values())[-1][0], {}).get(attr)
 
 
 def logical_ndim(x, d):

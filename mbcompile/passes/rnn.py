@@ -1,1 +1,422 @@
-"""Recurrent layers (filled in by the RNN rules)."""
+"""Recurrent layers: LSTM, GRU, RNN (tanh/relu) and their cells, lowered to unrolled batched cells.
+
+Per layer and direction (G = 4H for LSTM, 3H for GRU, H for RNN; P = proj_size or H)::
+
+    shared x:     T,B,I  @ (n*G),I^T + b     -> one addmm             -> T,B,n,G
+    per-model x:  n,T,B,I @ n,I,G + b        -> one baddbmm           -> n,T,B,G
+    each step t:  gates = baddbmm(gx[t], h, W_hh^T)   n,B,G + n,B,P @ n,P,G   -> n,B,G
+                  then the gate math exactly as torch (LSTM i,f,g,o; GRU r,z,n; tanh/relu)
+    outputs:      stack over t -> n,T,B,P; directions cat -> n,T,B,D*P; layers chain (dropout between)
+
+The input projection of every timestep is hoisted out of the loop; only ``h @ W_hh^T`` is per step.
+Inter-layer dropout reuses the dropout rule of ``random.py`` on the time-major layer output (T,B,D*P,
+where eager CPU torch draws its mask), so "sequential" masks equal each model's own.
+Results: (output, h_n[, c_n]) with the model dim in front, exactly torch's shapes otherwise.
+
+One exception, measured: a plain float32 LSTM layer on CPU may instead run torch's own fused oneDNN
+kernel model after model (``mbcompile::lstm_fused``, one graph op with its own backward op), which on
+CPUs is often faster than batched GEMMs; the faster lowering is timed once per layer signature.
+PackedSequence inputs are refused with a clear error (capture fails inside the RNN module's forward).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedOpError, source_line
+from .axes import front, pdim
+from .registry import RuleCtx, aten, rule
+
+mb = torch.ops.mbcompile
+
+_MODES = {aten.gru.input: "gru", aten.rnn_tanh.input: "tanh", aten.rnn_relu.input: "relu",
+          aten.gru_cell.default: "gru", aten.rnn_tanh_cell.default: "tanh",
+          aten.rnn_relu_cell.default: "relu", aten.lstm_cell.default: "lstm"}
+
+
+def _full_args(ctx, args, kwargs):
+    """Positional args completed from kwargs and the schema's defaults."""
+    schema = ctx.op._schema.arguments
+    return list(args) + [kwargs.get(a.name, a.default_value) for a in schema[len(args):]]
+
+
+# ---- the two halves of a cell ------------------------------------------------------------------------
+
+def _project(x, dx, w_ih, bias, n, time_axis):
+    """Input projection of all timesteps at once. x: [T,]B,I (shared) or n,[T,]B,I; returns the steps
+    as a list of n,B,G (one entry when time_axis is None). ``time_axis`` is x's logical time axis."""
+    g, i = w_ih.shape[1], w_ih.shape[2]
+    if dx is None:                                     # *,I @ (n*G),I^T -> *,n*G -> *,n,G
+        x2 = x.reshape(-1, i)
+        w2 = w_ih.reshape(n * g, i).t()
+        y = torch.mm(x2, w2) if bias is None else torch.addmm(bias.reshape(n * g), x2, w2)
+        y = y.view(*x.shape[:-1], n, g)
+        steps = [y] if time_axis is None else list(y.unbind(time_axis))
+        return [s.movedim(-2, 0) for s in steps]      # B,n,G -> n,B,G
+    x = front(x, dx, n)                                # n,*,I @ n,I,G -> n,*,G
+    x3 = x.reshape(n, -1, i)
+    wt = w_ih.transpose(1, 2)
+    y = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
+    y = y.view(*x.shape[:-1], g)
+    return [y] if time_axis is None else list(y.unbind(time_axis + 1))
+
+
+def _step(mode, gx, h, c, whh_t, b_hh, whr_t):
+    """One cell step. gx: n,B,G (input projection, biases folded in except GRU's b_hh);
+    h: n,B,P or B,P (shared); c: n,B,H or B,H. Returns (h, c)."""
+    if mode == "lstm":
+        gates = torch.baddbmm(gx, _batched(h, gx), whh_t)   # n,B,4H
+        i, f, g, o = gates.chunk(4, -1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c = f * c + i * g
+        h = o * c.tanh()
+        if whr_t is not None:                               # n,B,H @ n,H,P -> n,B,P
+            h = torch.bmm(h, whr_t)
+        return h, c
+    hb = _batched(h, gx)
+    if mode == "gru":                                       # r,z,n = torch's gate order
+        gh = torch.bmm(hb, whh_t) if b_hh is None else torch.baddbmm(b_hh.unsqueeze(1), hb, whh_t)
+        xr, xz, xn = gx.chunk(3, -1)
+        hr, hz, hn = gh.chunk(3, -1)
+        r = (xr + hr).sigmoid()
+        z = (xz + hz).sigmoid()
+        new = (xn + r * hn).tanh()
+        return (h - new) * z + new, None
+    pre = torch.baddbmm(gx, hb, whh_t)
+    return (pre.tanh() if mode == "tanh" else pre.relu()), None
+
+
+def _batched(h, like):
+    """A shared B,P state as n,B,P (an expanded view) for bmm."""
+    return h if h.dim() == 3 else h.unsqueeze(0).expand(like.shape[0], *h.shape)
+
+
+# ---- full layers ---------------------------------------------------------------------------------
+
+def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_layers, p, train,
+            bidirectional, batch_first):
+    n = ctx.n
+    D = 2 if bidirectional else 1
+    w = [front(t, d, n) for t, d in zip(params, dparams)]      # each n,*shape
+    proj = mode == "lstm" and h0.shape[-1] != c0.shape[-1]
+    per = 2 + 2 * bool(has_biases) + int(proj)
+    if len(w) != per * num_layers * D:
+        raise NotImplementedError(f"{len(w)} weights for {num_layers} layers x {D} directions")
+    h0 = h0 if dh is None else front(h0, dh, n)                  # L*D,B,P or n,L*D,B,P
+    c0 = c0 if dc is None or c0 is None else front(c0, dc, n)
+    ps = _dropout_rates(ctx, p)
+    inp, dinp = x, dx
+    h_n, c_n, how = [], [], set()
+    for layer in range(num_layers):
+        wl = w[layer * D * per:(layer + 1) * D * per]
+        sl = slice(layer * D, (layer + 1) * D)
+        hl = (h0[sl], dh) if dh is None else (h0[:, sl], 0)
+        cl = None if c0 is None else ((c0[sl], dc) if dc is None else (c0[:, sl], 0))
+        choice = _choose(mode, proj, inp, dinp, wl, D, batch_first, train, n, has_biases)
+        how.add(choice)
+        layer_fn = _fused_layer if choice == "fused" else _cells_layer
+        inp, hs, cs = layer_fn(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first)
+        dinp = 0
+        h_n += hs
+        c_n += cs
+        if train and layer < num_layers - 1 and any(v > 0 for v in ps):
+            inp = _inter_layer_dropout(ctx, inp, ps, batch_first)
+    steps = x.shape[pdim(1 if batch_first else 0, 3, dx)]
+    ctx.note(f"{mode}: {num_layers} layer(s) x {D} direction(s), {steps} steps: " + " + ".join(
+        sorted({"cells": "unrolled batched cells (input projection hoisted, per step baddbmm over models)",
+                "fused": "per-model fused kernel (torch's own, oneDNN on CPU; measured faster here)"}[h]
+               for h in how)))
+    out = (inp, torch.stack(h_n, 1)) + ((torch.stack(c_n, 1),) if mode == "lstm" else ())
+    return out, tuple(0 for _ in out)
+
+
+def _cells_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first):
+    """One layer, every direction, as unrolled batched cells. Returns (n,T,B,D*P (batch_first:
+    n,B,T,D*P), [h_n per direction: n,B,P], [c_n per direction])."""
+    tax = 1 if batch_first else 0                               # time axis of the layer input
+    outs, hs, cs = [], [], []
+    for d in range(D):
+        wk = wl[d * per:(d + 1) * per]
+        w_ih, w_hh = wk[0], wk[1]
+        b_ih, b_hh = (wk[2], wk[3]) if has_biases else (None, None)
+        whr = wk[-1] if proj else None
+        bias = None if b_ih is None else (b_ih if mode == "gru" else b_ih + b_hh)
+        steps = _project(inp, dinp, w_ih, bias, n, tax)
+        whh_t = w_hh.transpose(1, 2)                            # n,P,G
+        whr_t = None if whr is None else whr.transpose(1, 2)    # n,H,P
+        h = hl[0][d] if hl[1] is None else hl[0][:, d]          # B,P or n,B,P
+        c = None if cl is None else (cl[0][d] if cl[1] is None else cl[0][:, d])
+        ys = [None] * len(steps)
+        order = range(len(steps) - 1, -1, -1) if d == 1 else range(len(steps))
+        for t in order:
+            h, c = _step(mode, steps[t], h, c, whh_t, b_hh if mode == "gru" else None, whr_t)
+            ys[t] = h
+        outs.append(torch.stack(ys, tax + 1))                   # n,T,B,P (batch_first: n,B,T,P)
+        hs.append(_batched(h, ys[0]))
+        if mode == "lstm":
+            cs.append(_batched(c, ys[0]))
+    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs
+
+
+def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first):
+    """One LSTM layer, every direction, through torch's own fused CPU kernel (oneDNN), model after
+    model inside one op (mbcompile::lstm_fused below). Same returns as _cells_layer."""
+    if dinp is None:                                            # T,B,I (shared)
+        x = inp.transpose(0, 1) if batch_first else inp
+    else:                                                       # n,T,B,I
+        x = front(inp, dinp, n)
+        x = x.transpose(1, 2) if batch_first else x
+    x = x.contiguous()
+    outs, hs, cs = [], [], []
+    for d in range(D):
+        w_ih, w_hh, b_ih, b_hh = (t.contiguous() for t in wl[d * per:d * per + 4])
+        h = hl[0][d] if hl[1] is None else hl[0][:, d]          # B,H or n,B,H
+        c = cl[0][d] if cl[1] is None else cl[0][:, d]
+        out, hy, cy, _ = mb.lstm_fused(x, h.contiguous(), c.contiguous(), w_ih, w_hh, b_ih, b_hh, d == 1, train)
+        outs.append(out)                                        # n,T,B,H
+        hs.append(hy)
+        cs.append(cy)
+    out = outs[0] if D == 1 else torch.cat(outs, -1)
+    return (out.transpose(1, 2) if batch_first else out), hs, cs
+
+
+# mbcompile::lstm_fused: n LSTM layers (one direction) run by torch's fused CPU kernel one model after the
+# other, as ONE graph op with its own backward op, so that it survives make_fx and torch.compile (the bare
+# aten.mkldnn_rnn_layer does not: its fake workspace is empty).
+#   x: T,B,I (shared) or n,T,B,I (time-major); h0, c0: B,H (shared) or n,B,H; weights n,4H,I / n,4H,H / n,4H
+#   -> out n,T,B,H; hy, cy n,B,H; n workspaces (uint8, what the backward needs; not differentiable)
+
+def _sel(t, i, rank):
+    """Model i's slice of a per-model tensor; a shared one (of the unbatched rank) as it is."""
+    return t if t.dim() == rank else t[i]
+
+
+@torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
+def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
+               reverse: bool, train: bool) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+    """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone)."""
+    n, hid = w_ih.shape[0], w_hh.shape[-1]
+    with torch.enable_grad():                                   # without grad mode: no workspace
+        res = [aten.mkldnn_rnn_layer(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                     _sel(c0, i, 2), reverse, [], 2, hid, 1, True, False, False, train)
+               for i in range(n)]
+    out, hy, cy, ws = zip(*res)
+    return torch.stack(out), torch.stack(hy), torch.stack(cy), list(ws)  # workspaces: not copied
+
+
+@lstm_fused.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train):
+    n, hid = w_ih.shape[0], w_hh.shape[-1]
+    t, b = x.shape[-3], x.shape[-2]
+    s = _workspace_size(t, b, x.shape[-1], hid, x.dtype, train)
+    return (x.new_empty(n, t, b, hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid),
+            [x.new_empty(s, dtype=torch.uint8) for _ in range(n)])
+
+
+_WS: dict = {}
+
+
+def _workspace_size(t, b, i, hid, dtype, train):
+    """oneDNN's workspace size for these shapes (its meta kernel says 0): probed once on zeros."""
+    key = (t, b, i, hid, dtype, train)
+    if key not in _WS:
+        with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
+            z = lambda *shape: torch.zeros(shape, dtype=dtype)  # noqa: E731
+            _WS[key] = aten.mkldnn_rnn_layer(z(t, b, i), z(4 * hid, i), z(4 * hid, hid), z(4 * hid), z(4 * hid),
+                                             z(b, hid), z(b, hid), False, [], 2, hid, 1, True, False, False,
+                                             train)[3].numel()
+    return _WS[key]
+
+
+@torch.library.custom_op("mbcompile::lstm_fused_backward", mutates_args=())
+def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
+                        out: Tensor, hy: Tensor, cy: Tensor, workspace: List[Tensor], g_out: Tensor, g_hy: Tensor,
+                        g_cy: Tensor, reverse: bool, train: bool) -> List[Tensor]:
+    """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
+    n, hid = w_ih.shape[0], w_hh.shape[-1]
+    per = [aten.mkldnn_rnn_layer_backward(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                          _sel(c0, i, 2), out[i], hy[i], cy[i], g_out[i].contiguous(),
+                                          g_hy[i].contiguous(), g_cy[i].contiguous(), reverse, 2, hid, 1, True,
+                                          train, False, [], False, workspace[i])
+           for i in range(n)]
+    gx, gw_ih, gw_hh, gb_ih, gb_hh, gh, gc = (torch.stack(list(t)) for t in zip(*per))
+    fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
+    return [fold(gx, x, 3), fold(gh, h0, 2), fold(gc, c0, 2), gw_ih, gw_hh, gb_ih, gb_hh]
+
+
+@lstm_fused_backward.register_fake
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train):
+    return [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+
+
+def _fused_setup(ctx, inputs, output):
+    out, hy, cy, ws = output
+    ctx.mark_non_differentiable(*ws)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*inputs[:7], out, hy, cy, *ws)
+    ctx.reverse, ctx.train = inputs[7], inputs[8]
+
+
+def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, *ws = ctx.saved_tensors
+    g_out = torch.zeros_like(out) if g_out is None else g_out
+    g_hy = torch.zeros_like(hy) if g_hy is None else g_hy
+    g_cy = torch.zeros_like(cy) if g_cy is None else g_cy
+    grads = mb.lstm_fused_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, ws, g_out, g_hy, g_cy,
+                                   ctx.reverse, ctx.train)
+    return (*grads, None, None)
+
+
+lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ---- lowering choice -----------------------------------------------------------------------------
+
+_CHOICE: dict = {}
+
+
+def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
+    """"cells" or "fused". Only a plain LSTM (biases, no proj_size) on CPU in float32 can use torch's fused kernel
+    (oneDNN); there the faster of the two is measured once per signature and cached
+    (``MBCOMPILE_RNN_LOWERING=cells|fused`` forces one)."""
+    if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" or x.dtype != torch.float32 \
+            or not torch.backends.mkldnn.is_available():
+        return "cells"
+    forced = os.environ.get("MBCOMPILE_RNN_LOWERING")
+    if forced in ("cells", "fused"):
+        return forced
+    xl = x.shape if dx is None else front(x, dx, n).shape[1:]
+    key = (x.dtype, tuple(xl), dx is None, tuple(tuple(t.shape) for t in wl), D, batch_first, train, n)
+    if key not in _CHOICE:
+        _CHOICE[key] = _measure(x.dtype, tuple(xl), dx is None, [tuple(t.shape) for t in wl], D, batch_first,
+                                train, n)
+    return _CHOICE[key]
+
+
+def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, reps=3):
+    """Time both lowerings of one layer (forward, and backward when training) on real random tensors;
+    at most 16 timesteps (the per-step cost is what differs)."""
+    with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
+        tax = 1 if batch_first else 0
+        xl = list(xl)
+        xl[tax] = min(xl[tax], 16)
+        x = torch.randn(xl if shared else [n] + xl, dtype=dtype)
+        ws = [(torch.randn(s, dtype=dtype) * 0.1).requires_grad_(train) for s in wshapes]
+        hid = wshapes[1][-1]
+        h0 = torch.zeros(D, xl[1 - tax], hid, dtype=dtype)
+        per = len(wshapes) // D
+        times = {}
+
+        def run(fn):
+            out, _, _ = fn("lstm", n, x, None if shared else 0, ws, per, (h0, None), (h0, None), per == 4, False,
+                           train, D, batch_first)
+            if train:
+                torch.autograd.grad(out, ws, torch.ones_like(out))
+
+        for choice, fn in (("cells", _cells_layer), ("fused", _fused_layer)):
+            run(fn)                                             # warm up
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                run(fn)
+                best = min(best, time.perf_counter() - t0)
+            times[choice] = best
+    return min(times, key=times.get)
+
+
+def _dropout_rates(ctx, p):
+    """Inter-layer dropout rate per model (a list of n when the models' rates differ), else [p]."""
+    from .batch_pass import module_path
+    consts = ctx.consts if isinstance(ctx.consts, dict) else {}
+    per = consts.get(module_path(ctx.node), {}).get("dropout") if ctx.node is not None else None
+    return list(per) if per else [p]
+
+
+def _inter_layer_dropout(ctx, y, ps, batch_first):
+    """Eager CPU torch drops the time-major layer output T,B,D*P (batch_first is undone first)."""
+    from .random import dropout
+    tm = y.transpose(1, 2) if batch_first else y               # n,T,B,F
+    sub = RuleCtx(n=ctx.n, op=ctx.op, node=None, consts=ctx.consts, rng=ctx.rng, notes=ctx.notes)
+    out, _ = dropout(sub, (tm, ps, "plain"), (0, None, None), {})
+    return out.transpose(1, 2) if batch_first else out
+
+
+@rule(aten.lstm.input)
+def lstm(ctx, args, dims, kwargs):
+    """lstm(x, [h0, c0], params, has_biases, layers, dropout, train, bidirectional, batch_first)."""
+    x, hx, params, has_biases, num_layers, p, train, bidir, batch_first = _full_args(ctx, args, kwargs)
+    (h0, c0), (dh, dc) = hx, dims[1]
+    return _layers(ctx, "lstm", x, dims[0], h0, dh, c0, dc, params, dims[2], has_biases, num_layers, p,
+                   train, bidir, batch_first)
+
+
+@rule(aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input)
+def rnn(ctx, args, dims, kwargs):
+    """gru / rnn_tanh / rnn_relu(x, h0, params, has_biases, layers, dropout, train, bidirectional,
+    batch_first)."""
+    x, h0, params, has_biases, num_layers, p, train, bidir, batch_first = _full_args(ctx, args, kwargs)
+    return _layers(ctx, _MODES[ctx.op], x, dims[0], h0, dims[1], None, None, params, dims[2], has_biases,
+                   num_layers, p, train, bidir, batch_first)
+
+
+# ---- cells ---------------------------------------------------------------------------------------
+
+@rule(aten.lstm_cell.default, aten.gru_cell.default, aten.rnn_tanh_cell.default, aten.rnn_relu_cell.default)
+def cell(ctx, args, dims, kwargs):
+    """*_cell(x: B,I, hx, w_ih, w_hh, b_ih, b_hh): one step, x @ W_ih^T as one matmul over models."""
+    x, hx, w_ih, w_hh, b_ih, b_hh = _full_args(ctx, args, kwargs)
+    dims = list(dims) + [None] * (6 - len(dims))
+    n, mode = ctx.n, _MODES[ctx.op]
+    w_ih, w_hh = front(w_ih, dims[2], n), front(w_hh, dims[3], n)
+    b_ih = None if b_ih is None else front(b_ih, dims[4], n)
+    b_hh = None if b_hh is None else front(b_hh, dims[5], n)
+    if mode == "lstm":
+        (h, c), (dh, dc) = hx, dims[1]
+        c = c if dc is None else front(c, dc, n)
+    else:
+        h, dh, c = hx, dims[1], None
+    h = h if dh is None else front(h, dh, n)
+    if mode == "gru":                                   # GRU keeps b_hh inside r * (h W_hn^T + b_hn)
+        bias = b_ih
+    else:
+        bias = b_hh if b_ih is None else (b_ih if b_hh is None else b_ih + b_hh)
+    (gx,) = _project(x, dims[0], w_ih, bias, n, None)
+    h, c = _step(mode, gx, h, c, w_hh.transpose(1, 2), b_hh if mode == "gru" else None, None)
+    ctx.note(f"{mode} cell: input matmul over models, then one baddbmm step")
+    if mode == "lstm":
+        return (h, c), (0, 0)
+    return h, 0
+
+
+# ---- PackedSequence ------------------------------------------------------------------------------
+
+_PACKED_MSG = ("mbcompile does not support PackedSequence inputs to nn.LSTM / nn.GRU / nn.RNN "
+               "(their per-step batch sizes are data, which one captured graph cannot hold). Pass the "
+               "padded batch [T, B, ...] instead and mask the padded steps in the loss (or pick each "
+               "sequence's last valid output with torch.gather).")
+
+
+@rule(aten.lstm.data, aten.gru.data, aten.rnn_tanh.data, aten.rnn_relu.data)
+def packed(ctx, args, dims, kwargs):
+    raise UnsupportedOpError(f"{_PACKED_MSG}\nAt {source_line(ctx.node)}")
+
+
+def packed_sequence_in(exc) -> bool:
+    """True when an exception was raised inside an RNN module's forward that got a PackedSequence
+    (capture uses this to explain a failed export)."""
+    from torch.nn.utils.rnn import PackedSequence
+    tb = exc.__traceback__
+    while tb is not None:
+        f = tb.tb_frame
+        if f.f_code.co_filename.replace("\\", "/").endswith("torch/nn/modules/rnn.py"):
+            if any(isinstance(v, PackedSequence) for v in f.f_locals.values()):
+                return True
+        tb = tb.tb_next
+    return False
+
+
+PACKED_SEQUENCE_MESSAGE = _PACKED_MSG

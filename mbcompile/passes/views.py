@@ -120,7 +120,7 @@ def split(ctx, args, dims, kwargs):
     x, d = args[0], dims[0]
     r = _rank(x, d)
     x = front(x, d, ctx.n)
-    args = list(args)
+    args, kwargs = list(args), dict(kwargs)
     at = 1 if ctx.op.overloadpacket is aten.unbind else 2
     dim = args[at] if len(args) > at else kwargs.pop("dim", 0)
     args = [x] + args[1:]
@@ -175,9 +175,80 @@ def leading_batch(ctx, args, dims, kwargs):
         a = args + [0, -2, -1][len(args) - 1:]
         ro = r + 1
         return aten.diag_embed(x, a[1], pdim(a[2], ro, 0), pdim(a[3], ro, 0)), 0
+    if packet is aten.unfold and r == 0:                 # a scalar unfolds as a 1-element vector
+        return x.unsqueeze(1).unfold(1, *args[2:]).reshape(ctx.n, *ctx.val.shape), 0
     if packet in (aten.unfold, aten.narrow, aten.movedim):
         args[1] = pdim(args[1], r, 0)
         if packet is aten.movedim:
             args[2] = pdim(args[2], r, 0)
         return ctx.op(x, *args[1:], **kwargs), 0
     return ctx.op(x, *args[1:], **kwargs), 0        # tril/triu/constant_pad_nd: trailing dims only
+
+
+@rule(aten._assert_tensor_metadata.default)
+def assert_tensor_metadata(ctx, args, dims, kwargs):
+    """Export's check before a dtype cast (transformers' logits.float()): dtype/device/layout still
+    hold for the batched value, the unbatched size/stride do not, so only those are checked."""
+    dtype = args[3] if len(args) > 3 else kwargs.get("dtype")
+    aten._assert_tensor_metadata(args[0], None, None, dtype, device=kwargs.get("device"),
+                                 layout=kwargs.get("layout"))
+    return None, None
+
+
+def _copy_ops():
+    """x_copy -> x for every view op with a rule (functionalized graphs use the copy variants)."""
+    from .registry import RULES
+    from .pointwise import aten_packets
+    pairs = {}
+    for name, packet in aten_packets():
+        if name.endswith("_copy") and not name.startswith("_"):
+            base = getattr(aten, name[:-5], None)
+            if isinstance(packet, torch._ops.OpOverloadPacket) and base is not None:
+                for ov in packet.overloads():
+                    if "out" not in ov and hasattr(base, ov) and getattr(base, ov) in RULES:
+                        pairs[getattr(packet, ov)] = getattr(base, ov)
+    return pairs
+
+
+_COPIES = _copy_ops()
+
+
+@rule(*_COPIES)
+def view_copy(ctx, args, dims, kwargs):
+    """The view's own rule, then a copy."""
+    from .registry import RULES
+    ctx.op = _COPIES[ctx.op]
+    out, d = RULES[ctx.op](ctx, args, dims, kwargs)
+    return (type(out)(t.clone() for t in out) if isinstance(out, (tuple, list)) else out.clone()), d
+
+
+@rule(aten.view_as_real.default)
+def view_as_real(ctx, args, dims, kwargs):
+    """..n..  -> ..n..,2 : the new dim is last, the model dim stays."""
+    return aten.view_as_real(args[0]), dims[0]
+
+
+@rule(aten.view_as_complex.default)
+def view_as_complex(ctx, args, dims, kwargs):
+    """n,..,2 -> n,.. (copied first when the model dim breaks the layout view_as_complex needs)."""
+    x = front(args[0], dims[0], ctx.n)
+    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()
+    return aten.view_as_complex(x), 0
+
+
+@rule(aten.slice_scatter.default, aten.select_scatter.default, aten.diagonal_scatter.default)
+def scatter_into_view(ctx, args, dims, kwargs):
+    """out = self with src written into one of its views:  self n,A,C  src n,a,C  ->  n,A,C."""
+    x, src = args[0], args[1]
+    r = _rank(x, dims[0])
+    x, src = front(x, dims[0], ctx.n), front(src, dims[1], ctx.n)
+    a = list(args[2:])
+    if ctx.op is aten.diagonal_scatter.default:
+        a = a + [0, 0, 1][len(a):]                      # offset, dim1, dim2
+        a[1], a[2] = pdim(a[1], r, 0), pdim(a[2], r, 0)
+    else:
+        if not a:
+            a = [kwargs.pop("dim", 0)] if "dim" in kwargs else [0]
+        a[0] = pdim(a[0], r, 0)
+    return ctx.op(x.contiguous() if x.stride(0) == 0 else x, src, *a, **kwargs), 0

@@ -1,0 +1,164 @@
+"""The ways of training n models that the suite compares. Each method is built from n models (which it
+copies, never trains in place) and exposes ``step(x, y)`` (forward, backward, optimizer step),
+``params()`` / ``grads()`` as {name: [n, *shape]} for the correctness check, and ``info`` (notes).
+
+- sequential:          n models, n torch.optim.Adam (foreach default), one after another.
+- sequential_compiled: the same, each model torch.compile'd.
+- vmap:                torch.func: functional_call + grad + vmap over stacked parameters, one Adam over
+                       the stacked tensors (Adam is elementwise, so this equals n Adams with the same lr).
+- vmap_compiled:       the same with the vmap(grad(...)) function torch.compile'd.
+- mbcompile:           mbcompile.batch(models) + mbcompile.optimizer(batched, Adam, lr=[...]).
+- mbcompile_compiled:  mbcompile.batch(models, compile=True) + the same optimizer.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+LR = 1e-3
+
+
+class Method:
+    name = ""
+    compiled = False
+
+    def __init__(self, workload, models):
+        self.workload, self.n, self.info = workload, len(models), {}
+        self.names = [k for k, _ in models[0].named_parameters()]
+
+    def step(self, x, y):
+        raise NotImplementedError
+
+    def params(self):
+        raise NotImplementedError
+
+    def grads(self):
+        raise NotImplementedError
+
+
+class Sequential(Method):
+    name = "sequential"
+
+    def __init__(self, workload, models):
+        super().__init__(workload, models)
+        self.models = [copy.deepcopy(m) for m in models]
+        self.opts = [torch.optim.Adam(m.parameters(), lr=LR) for m in self.models]
+        self.fwd = [self.wrap(m) for m in self.models]
+
+    def wrap(self, m):
+        return m
+
+    def step(self, x, y):
+        for f, opt in zip(self.fwd, self.opts):
+            opt.zero_grad()
+            self.workload.loss(f(x), y).backward()
+            opt.step()
+
+    def params(self):
+        return {k: torch.stack([m.get_parameter(k).detach() for m in self.models]) for k in self.names}
+
+    def grads(self):
+        return {k: torch.stack([m.get_parameter(k).grad for m in self.models]) for k in self.names}
+
+
+class SequentialCompiled(Sequential):
+    name, compiled = "sequential_compiled", True
+
+    def wrap(self, m):
+        return torch.compile(m)
+
+
+class Vmap(Method):
+    name = "vmap"
+
+    def __init__(self, workload, models):
+        super().__init__(workload, models)
+        from torch.func import functional_call, grad, stack_module_state, vmap
+        self.params_, self.buffers = stack_module_state(models)  # {name: [n, *shape]}
+        base = copy.deepcopy(models[0])
+        loss = workload.loss
+
+        def loss_one(p, b, x, y):
+            return loss(functional_call(base, (p, b), (x,)), y)
+
+        self.fn = self.wrap(vmap(grad(loss_one), in_dims=(0, 0, None, None)))
+        self.opt = torch.optim.Adam(list(self.params_.values()), lr=LR)
+
+    def wrap(self, fn):
+        return fn
+
+    def step(self, x, y):
+        grads = self.fn(self.params_, self.buffers, x, y)
+        for k, p in self.params_.items():
+            p.grad = grads[k]
+        self.opt.step()
+
+    def params(self):
+        return {k: self.params_[k].detach() for k in self.names}
+
+    def grads(self):
+        return {k: self.params_[k].grad for k in self.names}
+
+
+class VmapCompiled(Vmap):
+    name, compiled = "vmap_compiled", True
+
+    def wrap(self, fn):
+        return torch.compile(fn)
+
+
+class MBCompile(Method):
+    name = "mbcompile"
+
+    def __init__(self, workload, models):
+        super().__init__(workload, models)
+        import mbcompile
+        self.mb = mbcompile
+        self.batched = mbcompile.batch(models, compile=self.compiled)
+        make = getattr(mbcompile, "optimizer", None)
+        if make is None:
+            try:  # written, not yet exported from mbcompile/__init__.py
+                from mbcompile.optim import optimizer as make
+            except ImportError:
+                make = None
+        if make is None:
+            self.opt = torch.optim.Adam(self.batched.parameters(), lr=LR)
+            self.info["optimizer"] = ("torch.optim.Adam over the stacked parameters (fallback: "
+                                      "mbcompile.optimizer not available)")
+            return
+        lrs = [LR] * self.n  # a list: per-model learning rates (all equal, to compare with vmap)
+        self.info["optimizer"] = "mbcompile.optimizer(Adam, lr=[per model])"
+        if self.compiled:
+            try:
+                self.opt = make(self.batched, torch.optim.Adam, lr=lrs, compile=True)
+                self.info["optimizer"] += ", compile=True"
+                return
+            except TypeError as e:
+                self.info["optimizer"] += f" (compile=True refused: {e})"
+        self.opt = make(self.batched, torch.optim.Adam, lr=lrs)
+
+    def step(self, x, y):
+        self.opt.zero_grad()
+        self.mb.loss(self.workload.loss, self.batched(x), y, target_in_dim=None).sum().backward()
+        self.opt.step()
+
+    def params(self):
+        named = dict(self.batched.named_parameters())
+        return {k: named[k].detach() for k in self.names}
+
+    def grads(self):
+        named = dict(self.batched.named_parameters())
+        return {k: named[k].grad for k in self.names}
+
+    def times(self):
+        """mbcompile's own capture / batching (/ compile) times of the last built program."""
+        prog = getattr(self.batched, "_last_program", None)
+        return dict(getattr(prog, "times", {}) or {})
+
+
+class MBCompileCompiled(MBCompile):
+    name, compiled = "mbcompile_compiled", True
+
+
+METHODS = {m.name: m for m in [Sequential, SequentialCompiled, Vmap, VmapCompiled, MBCompile, MBCompileCompiled]}

@@ -1,0 +1,304 @@
+"""The ``"mbcompile"`` torch.compile backend: mbcompile's graph passes, then TorchInductor.
+
+    torch.compile(batched, backend="mbcompile")     # dynamo traces the call of the batched graph
+    mbcompile.batch(model, n, compile=True)         # the batched graph goes through the same backend
+
+Dynamo hands the backend a torch-level FX graph (parameters are placeholders); ``compile_fx`` runs
+AOTAutograd, so the forward and the backward graphs are both compiled by Inductor. ``STATS`` counts
+what happened (backend calls, forward and backward graphs Inductor compiled, seconds spent), so tests
+and ``explain()`` can prove that compilation really took place.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
+GRAPH_PASSES: list = []           # fn(gm) -> bool (changed); run in order before Inductor
+
+
+def graph_pass(fn):
+    """Register a pass over the dynamo graph: ``fn(gm) -> changed``."""
+    GRAPH_PASSES.append(fn)
+    return fn
+
+
+@graph_pass
+def drop_dead_code(gm: fx.GraphModule) -> bool:
+    """Nodes without users and side effects (views and clones left by the batching rules)."""
+    changed = gm.graph.eliminate_dead_code()
+    if changed:
+        gm.recompile()
+    return changed
+
+
+def _counting_inner(inner):
+    def compile_inner(gm, example_inputs, **kwargs):
+        STATS["bw_graphs" if kwargs.get("is_backward") else "fw_graphs"] += 1
+        t0 = time.perf_counter()
+        try:
+            return inner(gm, example_inputs, **kwargs)
+        finally:
+            STATS["compile_s"] += time.perf_counter() - t0
+    return compile_inner
+
+
+_DECOMPS: dict = {}
+
+
+def _decompositions(cpu: bool):
+    """Inductor's table; on CPU without the threshold_backward (relu backward) decomposition, so that
+    the forward saves the float activation, not a bool mask: Inductor's vectorised bool stores run ~25x
+    slower than float stores on the AVX-512 CPUs measured here (docs/performance.md)."""
+    if cpu not in _DECOMPS:
+        from torch._inductor.decomposition import select_decomp_table
+        table = dict(select_decomp_table())
+        if cpu:
+            table.pop(torch.ops.aten.threshold_backward.default, None)
+        _DECOMPS[cpu] = table
+    return _DECOMPS[cpu]
+
+
+def mbcompile_backend(gm: fx.GraphModule, example_inputs, **kwargs):
+    """torch.compile backend: mbcompile's graph passes, then Inductor (forward and backward)."""
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    STATS["backend_calls"] += 1
+    for p in GRAPH_PASSES:
+        p(gm)
+    cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)
+    kwargs.setdefault("decompositions", _decompositions(cpu))
+    # AOTAutograd's cache keys on the dynamo graph, not on the decomposition table: bypass it (Inductor's
+    # FX graph cache, keyed on the decomposed graph, still serves repeated compiles)
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=_counting_inner(compile_fx_inner), **kwargs)
+
+
+class CompiledProgram:
+    """The batched graph ``gm`` (already an aten-level, functional graph: make_fx traced it) compiled by
+    AOTAutograd + Inductor directly, without dynamo: a Program is built per input signature already,
+    so the only guards needed are grad mode, which inputs require grad, and strides; each combination
+    compiles once. Compiles at its first call, timed into ``times["compile_s"]``. If the direct path
+    fails, falls back to ``torch.compile(gm, backend=mbcompile_backend, fullgraph=True)``."""
+
+    def __init__(self, gm, times=None):
+        self.gm, self.times = gm, times if times is not None else {}
+        self.compiled = {}
+        self.calls = 0
+        self.dynamo = None
+
+    def _key(self, args):
+        return (torch.is_grad_enabled(), tuple((a.requires_grad, a.stride()) for a in args))
+
+    def _compile(self, args):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        STATS["backend_calls"] += 1
+        cpu = all(a.device.type == "cpu" for a in args)
+        gm = copy.deepcopy(self.gm)
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compile_fx(gm, list(args), inner_compile=_counting_inner(compile_fx_inner),
+                              decompositions=_decompositions(cpu))
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.dynamo is not None:
+            return self.dynamo(*args)
+        key = self._key(args)
+        fn = self.compiled.get(key)
+        if fn is None:
+            t0 = time.perf_counter()
+            try:
+                fn = self.compiled[key] = self._compile(args)
+            except Exception:  # noqa: BLE001 - dynamo's path handles what the direct one cannot
+                self.dynamo = torch.compile(self.gm, backend=mbcompile_backend, fullgraph=True, dynamic=False)
+                out = self.dynamo(*args)
+                self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
+                return out
+            out = fn(*args)
+            self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
+            return out
+        return fn(*args)
+
+
+def compile_program(gm: fx.GraphModule, times=None):
+    """The batched forward ``gm(*inputs, rng_states)`` as one compiled callable."""
+    return CompiledProgram(gm, times)
+
+
+def _register():
+    """Register the backend by name on import. If torch already discovered the ``torch_dynamo_backends``
+    entry point (so ``lookup_backend`` may be importing us right now and will register it itself), or
+    it is registered already, do nothing: registering twice is an error in torch."""
+    from torch._dynamo.backends import registry
+    if "mbcompile" in registry._COMPILER_FNS or registry._BACKENDS.get("mbcompile") is not None:
+        return
+    registry.register_backend(mbcompile_backend, name="mbcompile")
+
+
+_register()
+
+
+# ---- one compiled training step --------------------------------------------------------------------
+
+class TrainStep:
+    """``losses = step(*inputs, target)``: forward, per-model loss, backward and the optimizer update of
+    a batched module as ONE Inductor-compiled program (make_fx traces forward and ``autograd.grad``
+    into a single graph, then the update is appended). For models small enough that per-op overhead
+    dominates, this is the fast path: one call per step instead of a forward, a backward and an
+    optimizer step, each with its own Python and autograd overhead.
+
+    ``optimizer`` is a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` with one param group holding the
+    batched module's stacked parameters (every model shares its hyperparameters; ``lr`` and the other
+    scalars are read at every call, so LR schedulers work without recompiling). Its state lives in
+    ``optimizer.state`` under torch's own keys, so ``optimizer.step()`` and ``state_dict()`` keep
+    working. Results equal the separate steps up to float rounding (Inductor fuses the update), not
+    bit for bit; ``p.grad`` is not filled. Batch-norm buffers and "sequential" RNG streams advance as
+    in eager. Returns the per-model losses, shape [n] (detached)."""
+
+    def __init__(self, batched, loss_fn, optimizer, **loss_kwargs):
+        self.batched, self.loss_fn, self.opt, self.loss_kwargs = batched, loss_fn, optimizer, loss_kwargs
+        kind = type(optimizer).__name__
+        if kind not in ("SGD", "Adam", "AdamW") or len(optimizer.param_groups) != 1:
+            raise ValueError(f"mbcompile.train_step supports torch.optim.SGD/Adam/AdamW with one param group "
+                             f"over the batched parameters, got {kind} with {len(optimizer.param_groups)} groups")
+        g = optimizer.param_groups[0]
+        if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
+            raise ValueError("mbcompile.train_step does not support amsgrad, maximize or differentiable")
+        self.kind = kind
+        self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
+
+    def _hp(self):
+        g = self.opt.param_groups[0]
+        if self.kind == "SGD":
+            vals = (g["lr"], g["momentum"], g["dampening"], g["weight_decay"])
+            flags = (g["momentum"] != 0, bool(g["nesterov"]), g["weight_decay"] != 0)
+        else:                                    # bias corrections in Python floats, as torch.optim does
+            lr, (b1, b2) = float(g["lr"]), g["betas"]
+            st = self.opt.state.get(self.opt.param_groups[0]["params"][0], {}).get("step")
+            step = (float(st) if st is not None else 0.0) + 1
+            vals = (lr, b1, b2, g["eps"], g["weight_decay"], lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5)
+            flags = (g["weight_decay"] != 0,)
+        vals = tuple(float(v) for v in vals)
+        if self._hp_cache is None or self._hp_cache[0] != vals:
+            self._hp_cache = (vals, torch.tensor(vals, dtype=torch.float64))
+        return self._hp_cache[1], flags
+
+    def _opt_tensors(self, params, flags):
+        """Optimizer state tensors in graph order, created as torch.optim would; and whether this is
+        SGD's first momentum step (its buffer starts as the first gradient)."""
+        first, out = False, []
+        for p in params:
+            if self.kind == "SGD" and not flags[0]:
+                continue                                   # plain SGD keeps no state
+            st = self.opt.state[p]
+            if self.kind == "SGD":
+                if flags[0]:
+                    if st.get("momentum_buffer") is None:
+                        st["momentum_buffer"], first = torch.zeros_like(p), True
+                    out.append(st["momentum_buffer"])
+            else:
+                if "step" not in st:
+                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                out += (st["step"], st["exp_avg"], st["exp_avg_sq"])
+        return out, first
+
+    def __call__(self, *args):
+        *inputs, target = args
+        b = self.batched
+        prog, vals, leaves = b._prepare(tuple(inputs), {})
+        hp, flags = self._hp()
+        pidx = self._pidx.get(id(prog))
+        if pidx is None:
+            kinds = [k for k, _ in prog.captured.inputs]
+            pidx = self._pidx[id(prog)] = [i for i, k in enumerate(kinds) if k == "param" and vals[i].requires_grad]
+        opt_t, first = self._opt_tensors([vals[i] for i in pidx], flags)
+        flat = vals + opt_t
+        flat += (hp, target)
+        key = (id(prog), tuple(pidx), flags, first, target.shape, target.dtype)
+        fn = self.compiled.get(key)
+        if fn is None:
+            t0 = time.perf_counter()
+            fn = self.compiled[key] = self._compile(prog, pidx, flags, first, [v.detach() for v in flat],
+                                                    len(opt_t))
+            self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
+        with torch.no_grad():
+            res = fn(*flat)
+        if prog.captured.outputs and any(k != "user" for k, _ in prog.captured.outputs):
+            b._outputs(prog, res[:-1], leaves)         # batch-norm buffers, mutated inputs
+        return res[-1]
+
+    def _compile(self, prog, pidx, flags, first, flat, n_opt):
+        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from .loss import loss as per_model_loss
+        nv = len(flat) - n_opt - 2
+        kind, loss_fn, kw, gm = self.kind, self.loss_fn, self.loss_kwargs, prog.gm
+
+        def joint(*a):
+            vals, opt_t, hp, target = list(a[:nv]), list(a[nv:nv + n_opt]), a[-2], a[-1]
+            with torch.enable_grad():
+                ps = [vals[i].detach().requires_grad_() for i in pidx]
+                for j, i in enumerate(pidx):
+                    vals[i] = ps[j]
+                outs = gm(*vals)
+                user = [o for (k, _), o in zip(prog.captured.outputs, outs) if k == "user"]
+                losses = per_model_loss(loss_fn, user[0], target, **kw)
+                grads = torch.autograd.grad(losses.sum(), ps)
+            params = [a[i] for i in pidx]
+            _update(kind, flags, first, params, grads, opt_t, hp)
+            return [o.detach() for o in outs] + [losses.detach()]
+
+        with torch.no_grad():
+            traced = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
+        STATS["backend_calls"] += 1
+        with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
+            return compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
+                              decompositions=_decompositions(False))
+
+
+def _update(kind, flags, first, params, grads, opt_t, hp):
+    """The optimizer update, in place on params and state, with torch.optim's single-tensor formulas
+    (scalars arrive as float64 tensors in ``hp``)."""
+    if kind == "SGD":
+        lr, momentum, dampening, wd = hp[0], hp[1], hp[2], hp[3]
+        has_m, nesterov, has_wd = flags
+        for k, (p, g) in enumerate(zip(params, grads)):
+            d = g + wd.to(g.dtype) * p if has_wd else g
+            if has_m:
+                buf = opt_t[k]
+                new = d if first else buf * momentum.to(g.dtype) + (1 - dampening).to(g.dtype) * d
+                buf.copy_(new)
+                d = d + momentum.to(g.dtype) * new if nesterov else new
+            p.sub_((lr.to(g.dtype)) * d)
+        return
+    lr, b1, b2, eps, wd = hp[0], hp[1], hp[2], hp[3], hp[4]
+    (has_wd,) = flags
+    if not params:
+        return
+    dt = params[0].dtype
+    step = opt_t[0] + 1                            # every parameter's step is the same
+    for k in range(len(params)):
+        opt_t[3 * k].copy_(step)
+    # computed outside the graph (hp[5:]): Inductor would inline pow/sqrt into every vector iteration
+    step_size, bc2_sqrt = hp[5].to(dt), hp[6].to(dt)
+    one_m_b1, b2_, one_m_b2, eps_, wd_, decay = ((1 - b1).to(dt), b2.to(dt), (1 - b2).to(dt), eps.to(dt),
+                                                 wd.to(dt), (1 - lr * wd).to(dt))
+    for k, (p, g) in enumerate(zip(params, grads)):
+        m, v = opt_t[3 * k + 1], opt_t[3 * k + 2]
+        if kind == "AdamW":
+            p.mul_(decay)
+        elif has_wd:
+            g = g + wd_ * p
+        m.lerp_(g, one_m_b1)
+        v.mul_(b2_).addcmul_(g, g * one_m_b2)
+        p.sub_(step_size * (m / (v.sqrt() / bc2_sqrt + eps_)))
+
+
+def train_step(batched, loss_fn, optimizer, **loss_kwargs):
+    """One compiled program per training step: see :class:`TrainStep`."""
+    return TrainStep(batched, loss_fn, optimizer, **loss_kwargs)

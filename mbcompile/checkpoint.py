@@ -1,0 +1,145 @@
+"""Checkpoints of a whole run, written atomically and readable with ``torch.load(weights_only=True)``.
+
+A run checkpoint is a dict of tensors, dicts, lists, numbers and strings only::
+
+    {"format": "mbcompile-run", "version": 1,
+     "n": total models, "active": [original index of each model in the batch], "frozen": [...],
+     "model": batched.state_dict(), "rng": batched.get_rng_state(),
+     "optimizer": ..., "scaler": ..., "schedulers": [...], "callbacks": [...],
+     "epoch": e, "step": global step, "step_in_epoch": k, "history": History.state_dict(),
+     "retired": {str(i): state_dict of a model removed from the batch}, "torch_rng": ..., ...}
+
+``fit(..., resume=path)`` restores all of it and continues exactly where the run stopped.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from .errors import MBCompileError
+
+FORMAT, VERSION = "mbcompile-run", 1
+
+
+class CheckpointError(MBCompileError):
+    """A checkpoint file cannot be read (truncated, corrupt, not an mbcompile checkpoint) or does not
+    fit the run it is loaded into."""
+
+
+def atomic_save(obj, path):
+    """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``, so
+    ``path`` always holds either the previous complete file or the new complete file."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def load(path, map_location=None) -> dict:
+    """Load a run checkpoint with ``weights_only=True``; any failure is a :class:`CheckpointError`
+    that names the file and says what to do."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    size = os.path.getsize(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every reader error means the same thing to the user
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r} ({size} bytes): {type(e).__name__}{': ' + why if why else ''}. "
+            f"The file is truncated or corrupt (mbcompile writes checkpoints atomically, so it was damaged "
+            f"after writing or written by something else). Delete it and resume from an earlier checkpoint, "
+            f"or start the run again.") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not an mbcompile run checkpoint (no 'format': {FORMAT!r} entry); "
+                              f"to load a plain state_dict use torch.load / module.load_state_dict")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path!r} was written by a newer mbcompile (checkpoint version "
+                              f"{state.get('version')} > {VERSION}); upgrade mbcompile to resume it")
+    return state
+
+
+def export_model(source, i, path, *, module: bool = False):
+    """Save model ``i`` of a batch as a plain ``state_dict`` file (or, with ``module=True``, the whole
+    module of the original class, as ``torch.save(module)``), atomically.
+
+    ``source`` is a :class:`~mbcompile.BatchedModule` (``i`` is the position in the batch) or the
+    :class:`~mbcompile.History` returned by ``fit`` (``i`` is the original model index or ``"best"``,
+    and models removed from the batch by early stopping are still available). Returns the module."""
+    from .history import History
+    if isinstance(source, History):
+        m = source.model(i)
+    else:
+        m = source.unbatch(int(i))
+    atomic_save(m if module else m.state_dict(), path)
+    return m
+
+
+# ---- lowering choices -------------------------------------------------------------------------------
+# Where a rule picks between equivalent lowerings by timing them (mbcompile.lowering, the RNN rule),
+# two processes may pick differently and round differently. A checkpoint carries the choices of the
+# process that wrote it, so the resumed run continues with the very kernels the original run used.
+def _plain_key(k):
+    if isinstance(k, tuple):
+        return all(_plain_key(v) for v in k)
+    return k is None or isinstance(k, (bool, int, float, str, torch.dtype))
+
+
+def lowering_choices() -> dict:
+    out = {}
+    try:
+        from . import lowering
+        out["lowering"] = [(k, v.name) for k, v in getattr(lowering, "_CACHE", {}).items()
+                           if _plain_key(k) and isinstance(getattr(v, "name", None), str)]
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .passes import rnn
+        out["rnn"] = [(k, v) for k, v in getattr(rnn, "_CHOICE", {}).items() if _plain_key(k) and isinstance(v, str)]
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def restore_lowering_choices(state: dict):
+    if not state:
+        return
+    try:
+        from . import lowering
+        cache, choice = getattr(lowering, "_CACHE", None), getattr(lowering, "Choice", None)
+        if cache is not None and choice is not None:
+            for k, name in state.get("lowering", []):
+                cache[k] = choice(name, "restored from a checkpoint")
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .passes import rnn
+        if isinstance(getattr(rnn, "_CHOICE", None), dict):
+            rnn._CHOICE.update({k: v for k, v in state.get("rnn", [])})
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def check_fits(state: dict, path, n_total: int, batched_n: int):
+    if state["n"] != n_total:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds a run of {state['n']} models but this "
+                              f"batch has {n_total}; resume with the same mbcompile.batch(..., n={state['n']})")
+    if batched_n != n_total:
+        raise CheckpointError(f"resume needs the full, unshrunk batch of {n_total} models (this one has "
+                              f"{batched_n}); build it exactly as for the original run")

@@ -1,0 +1,1365 @@
+"""Per-model optimizers for a batch of N models.
+
+``mbcompile.optimizer(batched, torch.optim.X, **hparams)`` returns a :class:`BatchedOptimizer`, a
+``torch.optim.Optimizer`` with one param group per model.  Its step is one vectorised update over the
+stacked ``[n, *shape]`` parameters: per-model hyperparameters become ``[n]`` tensors broadcast against the
+model dim, shared ones stay Python scalars, and there is no loop over models and no reduction across
+models anywhere in the tensor work.  Model ``i`` follows exactly (bit for bit on CPU) the trajectory
+``torch.optim.X(model_i.parameters(), **its hyperparameters)`` would take.
+
+How the arithmetic is kept identical to torch's ``_single_tensor_*`` implementations:
+
+* everything torch computes in Python floats (bias corrections, step sizes, ``1 - beta``) is computed in
+  Python floats here too, per model, with the very same expressions; a value that is equal for all models
+  stays a Python scalar and goes through the very op torch uses;
+* a per-model value goes into the tensor op that rounds the same way as torch's scalar op:
+  ``x.add(y, alpha=a)`` (one fused multiply-add) becomes ``x.addcmul(y, a_n)``;
+  ``x.addcmul(t1, t2, value=v)`` becomes ``x.addcmul(t1 * v_n, t2)``;
+  ``x.addcdiv(t1, t2, value=v)`` becomes ``x.addcdiv(t1 * v_n, t2)``; ``v / x`` (Python scalar over a tensor
+  is ``x.reciprocal() * v`` in torch) stays ``x.reciprocal() * v_n``; ``mul``/``div``/``add``/``lerp`` take
+  the ``[n, 1, ...]`` tensor directly.  ``v_n`` is cast to the parameter dtype first, as torch casts a
+  Python scalar;
+* a per-model Python branch (``if weight_decay != 0``, ``if momentum > 0``, a model whose step is skipped
+  or frozen) becomes ``torch.where`` on the model dim, so the branch not taken never touches that model.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import types
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+try:  # the core package defines the common base class
+    from .errors import MBCompileError
+except ImportError:  # pragma: no cover - before mbcompile/errors.py exists
+    class MBCompileError(Exception):
+        """Base class of mbcompile's errors."""
+
+
+__all__ = [
+    "BatchedOptimizer",
+    "ReduceLROnPlateau",
+    "UnsupportedOptimizerError",
+    "optimizer",
+    "shrink_",
+    "supported_optimizers",
+]
+
+
+class UnsupportedOptimizerError(MBCompileError, ValueError):
+    """An optimizer class or option that the per-model optimizer does not implement."""
+
+
+# Options that choose torch's implementation, not the algorithm.  They must be shared.
+_IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+# --------------------------------------------------------------------------------------------------
+# hyperparameter handling
+# --------------------------------------------------------------------------------------------------
+def _model_count(batched) -> int:
+    n = getattr(batched, "n", None)
+    if not isinstance(n, int) or n < 1:
+        raise TypeError(
+            "expected a batched module (from mbcompile.batch) with an integer attribute `n`, got "
+            f"{type(batched).__name__}"
+        )
+    return n
+
+
+def _to_python(v):
+    """A hyperparameter value as torch would store it for one model (tensors -> Python numbers)."""
+    if isinstance(v, Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"expected a single number, got a tensor of shape {tuple(v.shape)}")
+        return v.item()
+    if isinstance(v, list):  # one model's betas given as [b1, b2]
+        return tuple(_to_python(x) for x in v)
+    if isinstance(v, tuple):
+        return tuple(_to_python(x) for x in v)
+    return v
+
+
+def _split_per_model(name: str, value, n: int) -> list:
+    """n values of one hyperparameter: a list / 1-D tensor of length n is per model, anything else shared."""
+    if isinstance(value, Tensor) and value.dim() == 1:
+        value = value.tolist()
+    elif not isinstance(value, Tensor) and getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        value = value.tolist()  # a 1-D numpy array
+    if isinstance(value, list):
+        if len(value) != n:
+            raise ValueError(
+                f"hyperparameter {name!r} is a list of {len(value)} values; a per-model hyperparameter "
+                f"needs one value per model (n={n})"
+            )
+        return [_to_python(v) for v in value]
+    if isinstance(value, Tensor) and value.dim() > 1:
+        raise ValueError(
+            f"hyperparameter {name!r}: expected a number, a list or a 1-D tensor of length n={n}, got a "
+            f"tensor of shape {tuple(value.shape)}"
+        )
+    return [_to_python(value)] * n
+
+
+def _same(values: Sequence) -> bool:
+    """True when all values are the same number (bitwise: 0.0 and -0.0 differ, nan never matches)."""
+    first = values[0]
+    for v in values[1:]:
+        if v is first:
+            continue
+        try:
+            if not (v == first):
+                return False
+        except Exception:  # pragma: no cover - exotic values
+            return False
+        if isinstance(v, float) or isinstance(first, float):
+            if math.copysign(1.0, float(v)) != math.copysign(1.0, float(first)):
+                return False
+    return True
+
+
+def _collapse(values: list):
+    """A per-model list, or the single value when every model has the same one."""
+    return values[0] if _same(values) else values
+
+
+# --------------------------------------------------------------------------------------------------
+# per-model scalar arithmetic (Python, exactly torch's expressions) and vectorised tensor ops
+# --------------------------------------------------------------------------------------------------
+class _Ctx:
+    """What one step needs: the model count, which models step, caches for [n] operands, and a
+    workspace of reusable scratch tensors (fresh allocations of large tensors cost page faults on the
+    CPU, so every temporary of the update goes into a named scratch slot)."""
+
+    def __init__(self, n: int, active: list | None, tensor_mode: bool = False, workspace: dict | None = None):
+        self.n = n
+        self.active = active  # None: every model steps; else list[bool] (or a bool tensor in tensor mode)
+        self.inactive = set() if active is None else {i for i, a in enumerate(active) if not a}
+        self.ip = active is None and not tensor_mode  # may update state tensors in place
+        self.tensor_mode = tensor_mode
+        self.ws = None if tensor_mode else workspace
+        self._cache: dict = {}
+
+    # ---- per-model Python scalars -------------------------------------------------------------
+    def pm(self, fn: Callable, *args):
+        """fn applied per model; an argument that is not a list is shared.  Returns a shared value
+        when every model gets the same one.  Models that do not step this time may raise (e.g. a
+        division by a zero bias correction at step 0): they get 0.0, which is never used."""
+        lists = [a for a in args if isinstance(a, list)]
+        if not lists:
+            return fn(*args)
+        out = []
+        for i in range(self.n):
+            vals = [a[i] if isinstance(a, list) else a for a in args]
+            if i in self.inactive:
+                try:
+                    out.append(fn(*vals))
+                except (ArithmeticError, ValueError, TypeError):
+                    out.append(0.0)
+            else:
+                out.append(fn(*vals))
+        return _collapse(out)
+
+    # ---- tensors ------------------------------------------------------------------------------
+    @staticmethod
+    def opdtype(like: Tensor) -> torch.dtype:
+        if like.dtype in (torch.float16, torch.bfloat16):
+            return torch.float32
+        return like.dtype
+
+    def s(self, like: Tensor, slot):
+        """A scratch tensor shaped like `like` (None: let the op allocate)."""
+        if slot is None or self.ws is None or like.dtype not in (torch.float32, torch.float64):
+            return None
+        key = (slot, like.dtype, like.device)
+        buf = self.ws.get(key)
+        numel = like.numel()
+        if buf is None or buf.numel() < numel:
+            buf = self.ws[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(like.shape)
+
+    def t(self, v, like: Tensor):
+        """v as an operand against `like` ([n, *shape]): a Python scalar stays as it is, a per-model
+        list becomes a [n, 1, ...] tensor in like's dtype (as torch casts a Python scalar)."""
+        if isinstance(v, Tensor):
+            base = v.to(device=like.device, dtype=self.opdtype(like))
+        elif isinstance(v, list):
+            dtype = self.opdtype(like)
+            key = ("f", tuple(v), dtype, like.device)
+            base = self._cache.get(key)
+            if base is None:
+                base = torch.tensor(v, dtype=torch.float64).to(device=like.device, dtype=dtype)
+                self._cache[key] = base
+        else:
+            return v
+        return base.view(self.n, *([1] * (like.dim() - 1)))
+
+    def mask(self, cond, like: Tensor) -> Tensor:
+        """A per-model boolean (list or tensor) as a [n, 1, ...] bool tensor on like's device."""
+        if isinstance(cond, Tensor):
+            base = cond.to(device=like.device, dtype=torch.bool)
+        else:
+            key = ("b", tuple(bool(c) for c in cond), like.device)
+            base = self._cache.get(key)
+            if base is None:
+                base = torch.tensor([bool(c) for c in cond], dtype=torch.bool, device=like.device)
+                self._cache[key] = base
+        return base.view(self.n, *([1] * (like.dim() - 1)))
+
+    @staticmethod
+    def is_true(cond) -> bool:
+        if isinstance(cond, Tensor):
+            return False
+        if isinstance(cond, list):
+            return all(cond)
+        return bool(cond)
+
+    @staticmethod
+    def is_false(cond) -> bool:
+        if isinstance(cond, Tensor):
+            return False
+        if isinstance(cond, list):
+            return not any(cond)
+        return not bool(cond)
+
+    def select(self, cond, a, b, out=None):
+        """Per-model `a if cond else b`; a and b are tensors or zero-argument callables."""
+        if self.is_true(cond):
+            return a() if callable(a) else a
+        if self.is_false(cond):
+            return b() if callable(b) else b
+        a = a() if callable(a) else a
+        b = b() if callable(b) else b
+        return torch.where(self.mask(cond, a), a, b, out=self.s(a, out))
+
+    # ---- the ops torch's optimizers use, with a per-model scalar --------------------------------
+    # `inplace` updates x; otherwise the result goes into scratch slot `out` (or a new tensor).
+    # float16 / bfloat16 tensors with a per-model operand are computed in float32 and rounded once, as
+    # torch's kernels do with a Python scalar (their "opmath" type).
+    @staticmethod
+    def _low(x) -> bool:
+        return x.dtype in (torch.float16, torch.bfloat16)
+
+    @staticmethod
+    def _back(x, r, inplace):
+        r = r.to(x.dtype)
+        return x.copy_(r) if inplace else r
+
+    def add_scaled(self, x, y, a, inplace=False, out=None):
+        """x + a * y, rounded like torch's x.add(y, alpha=a) (a fused multiply-add)."""
+        if isinstance(a, (list, Tensor)):
+            at = self.t(a, x)
+            if self._low(x):
+                return self._back(x, torch.addcmul(x.float(), y.float(), at), inplace)
+            return x.addcmul_(y, at) if inplace else torch.addcmul(x, y, at, out=self.s(x, out))
+        return x.add_(y, alpha=a) if inplace else torch.add(x, y, alpha=a, out=self.s(x, out))
+
+    def mul(self, x, v, inplace=False, out=None):
+        v = self.t(v, x)
+        if isinstance(v, Tensor) and self._low(x):
+            return self._back(x, x.float() * v, inplace)
+        return x.mul_(v) if inplace else torch.mul(x, v, out=self.s(x, out))
+
+    def div(self, x, v, inplace=False, out=None):
+        v = self.t(v, x)
+        if isinstance(v, Tensor) and self._low(x):
+            return self._back(x, x.float() / v, inplace)
+        return x.div_(v) if inplace else torch.div(x, v, out=self.s(x, out))
+
+    def add(self, x, v, inplace=False, out=None):
+        v = self.t(v, x)
+        if isinstance(v, Tensor) and self._low(x):
+            return self._back(x, x.float() + v, inplace)
+        return x.add_(v) if inplace else torch.add(x, v, out=self.s(x, out))
+
+    def sqrt(self, x, out=None):
+        return torch.sqrt(x, out=self.s(x, out))
+
+    def rdiv(self, v, x, out=None):
+        """v / x for a Python scalar v: torch evaluates it as x.reciprocal() * v."""
+        r = torch.reciprocal(x, out=self.s(x, out))
+        return self.mul(r, v, inplace=True)
+
+    def lerp(self, x, y, w, inplace=False, out=None):
+        if isinstance(w, (list, Tensor)):
+            w = self.t(w, x)
+            if self._low(x):
+                return self._back(x, torch.lerp(x.float(), y.float(), w), inplace)
+        return x.lerp_(y, w) if inplace else torch.lerp(x, y, w, out=self.s(x, out))
+
+    def _pointwise(self, name, x, t1, t2, v, inplace, out, tmp):
+        """x + v * t1 (* or /) t2; torch rounds v * t1 first."""
+        op = getattr(torch, name)
+        if isinstance(v, (list, Tensor)):
+            if self._low(x):
+                return self._back(x, op(x.float(), t1.float() * self.t(v, x), t2.float()), inplace)
+            t1 = torch.mul(t1, self.t(v, t1), out=self.s(t1, tmp))
+            v = 1
+        if inplace:
+            return getattr(x, name + "_")(t1, t2, value=v)
+        return op(x, t1, t2, value=v, out=self.s(x, out))
+
+    def addcmul(self, x, t1, t2, v, inplace=False, out=None, tmp=None):
+        """x + v * t1 * t2 (torch rounds v * t1 first)."""
+        return self._pointwise("addcmul", x, t1, t2, v, inplace, out, tmp)
+
+    def addcdiv(self, x, t1, t2, v, inplace=False, out=None, tmp=None):
+        """x + v * t1 / t2 (torch rounds v * t1 first)."""
+        return self._pointwise("addcdiv", x, t1, t2, v, inplace, out, tmp)
+
+    def neg_if(self, cond, g, out="g_neg"):
+        return self.select(cond, lambda: torch.neg(g, out=self.s(g, out)), g, out="g_neg_sel")
+
+    def commit(self, dst: Tensor, new: Tensor, only=None):
+        """Store new into dst for the models that step (and, if given, satisfy `only`)."""
+        if new is dst and only is None:
+            return
+        cond = None
+        if self.active is not None:
+            cond = self.active
+        if only is not None and not self.is_true(only):
+            if cond is None:
+                cond = only
+            elif isinstance(only, Tensor) or isinstance(cond, Tensor):
+                cond = self.mask(cond, dst).flatten() & self.mask(only, dst).flatten()
+            else:
+                only_l = only if isinstance(only, list) else [bool(only)] * self.n
+                cond = [a and b for a, b in zip(cond, only_l)]
+        if cond is None or self.is_true(cond):
+            if new is not dst:
+                dst.copy_(new)
+            return
+        if self.is_false(cond):
+            return
+        if new is dst:  # pragma: no cover - in-place updates only run when every model steps
+            raise AssertionError("masked commit of an in-place update")
+        torch.where(self.mask(cond, dst), new.to(dst.dtype), dst, out=dst)
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim.optimizer._get_scalar_dtype(): the dtype of the per-param `step` tensors
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _zeros_step(n: int) -> Tensor:
+    return torch.zeros(n, dtype=_scalar_dtype())
+
+
+# --------------------------------------------------------------------------------------------------
+# the update rules, one per torch.optim class; each mirrors torch's _single_tensor_<name>
+# --------------------------------------------------------------------------------------------------
+class _Rule:
+    cls: type
+    keys: tuple = ()  # hyperparameters read from the param groups every step
+    uses_step = True
+    # per-model flags that change with the step count or the active mask: always tensors when the
+    # step is compiled, so that they do not cause recompiles
+    tensor_keys: tuple = ()
+
+    def init_state(self, opt: "BatchedOptimizer", p: Tensor, st: dict, hp: dict) -> None:
+        raise NotImplementedError
+
+    def eager_init(self, opt: "BatchedOptimizer") -> None:
+        """State torch creates in the constructor (Adagrad)."""
+
+    def prep(self, c: _Ctx, hp: dict, steps) -> dict:
+        raise NotImplementedError
+
+    def scalar_state(self, c: _Ctx, p: Tensor, st: dict, sc: dict) -> dict:
+        """Eager, per parameter, before `apply`: create state that is missing and update per-model
+        scalar state (kept on the CPU), returning what `apply` needs.  `apply` is tensor work only."""
+        return sc
+
+    def apply(self, c: _Ctx, p: Tensor, g: Tensor, st: dict, sc: dict) -> None:
+        raise NotImplementedError
+
+    def validate_group(self, group: dict) -> None:
+        pass
+
+
+class _SGD(_Rule):
+    cls = torch.optim.SGD
+    keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    uses_step = False
+    tensor_keys = ("init",)
+
+    def init_state(self, opt, p, st, hp):
+        # models whose momentum buffer exists (torch creates it, as a copy of the gradient, at the
+        # first step taken with momentum != 0)
+        st["momentum_buffer_init"] = torch.zeros(opt.n, dtype=torch.bool)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        m_on = pm(lambda m: m != 0, hp["momentum"])
+        return {
+            "maximize": hp["maximize"],
+            "wd": hp["weight_decay"],
+            "wd_on": pm(lambda wd: wd != 0, hp["weight_decay"]),
+            "m": hp["momentum"],
+            "m_on": m_on,
+            # models that step with momentum now
+            "m_step": m_on if c.active is None else pm(lambda a, m: bool(a and m), list(c.active), m_on),
+            "damp": pm(lambda d: 1 - d, hp["dampening"]),
+            "nesterov": hp["nesterov"],
+            "neg_lr": pm(lambda lr: -lr, hp["lr"]),
+        }
+
+    def scalar_state(self, c, p, st, sc):
+        if c.is_false(sc["m_on"]):
+            return sc
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_t = st["momentum_buffer_init"]
+        sc = dict(sc)
+        sc["init"] = _collapse([bool(x) for x in init_t.tolist()])
+        stepped = sc["m_step"]
+        if isinstance(stepped, list):
+            init_t |= torch.tensor(stepped, dtype=torch.bool)
+        elif stepped:
+            init_t.fill_(True)
+        return sc
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        g = c.select(sc["wd_on"], lambda: c.add_scaled(g, p, sc["wd"], out="g_wd"), g, out="g_wd_sel")
+        m_on = sc["m_on"]
+        if not c.is_false(m_on):
+            buf = st["momentum_buffer"]
+            init = sc["init"]
+            if c.is_false(init):
+                nb = g  # torch: buf = grad.clone(); commit copies it into the buffer
+            else:
+                ip_buf = ip and c.is_true(init) and c.is_true(m_on)
+                t = c.mul(buf, sc["m"], inplace=ip_buf, out="buf_m")
+                t = c.add_scaled(t, g, sc["damp"], inplace=True)  # t is buf (in place) or scratch
+                nb = t if c.is_true(init) else c.select(init, t, g, out="buf_sel")
+            c.commit(buf, nb, only=m_on)
+            g_m = c.select(sc["nesterov"], lambda: c.add_scaled(g, nb, sc["m"], out="g_nest"), nb,
+                           out="g_nest_sel")
+            g = c.select(m_on, g_m, g, out="g_m_sel")
+        c.commit(p, c.add_scaled(p, g, sc["neg_lr"], inplace=ip, out="p_new"))
+
+
+def _weight_decay(c, p, g, sc):
+    """Adam / NAdam / RAdam: decoupled decay scales the parameter, coupled decay adds to the grad."""
+    p_new = p
+    dec_on, cpl_on = sc["dec_on"], sc["cpl_on"]
+    if not c.is_false(dec_on):
+        p_new = c.select(dec_on, lambda: c.mul(p, sc["decay"], inplace=c.ip and c.is_true(dec_on), out="p_dec"),
+                         p, out="p_dec_sel")
+    if not c.is_false(cpl_on):
+        g = c.select(cpl_on, lambda: c.add_scaled(g, p, sc["wd"], out="g_wd"), g, out="g_wd_sel")
+    return p_new, g
+
+
+def _moments(c, st, g, sc):
+    """exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)."""
+    ip = c.ip
+    ea, eas = st["exp_avg"], st["exp_avg_sq"]
+    ea_new = c.lerp(ea, g, sc["one_m_b1"], inplace=ip, out="ea")
+    eas_new = c.addcmul(c.mul(eas, sc["b2"], inplace=ip, out="eas"), g, g, sc["one_m_b2"], inplace=True, tmp="g_v")
+    c.commit(ea, ea_new)
+    c.commit(eas, eas_new)
+    return ea_new, eas_new
+
+
+def _wd_prep(pm, hp, lr, wd, decoupled):
+    return {
+        "wd": wd,
+        "dec_on": pm(lambda d, wd: bool(d and wd != 0), decoupled, wd),
+        "cpl_on": pm(lambda d, wd: bool((not d) and wd != 0), decoupled, wd),
+        "decay": pm(lambda lr, wd: 1 - lr * wd, lr, wd),
+    }
+
+
+class _Adam(_Rule):
+    cls = torch.optim.Adam
+    keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+        bc1 = pm(lambda b1, s: 1 - b1**s, b1, steps)
+        bc2 = pm(lambda b2, s: 1 - b2**s, b2, steps)
+        step_size = pm(lambda lr, bc1: lr / bc1, lr, bc1)
+        return {
+            "maximize": hp["maximize"],
+            **_wd_prep(pm, hp, lr, wd, hp["decoupled_weight_decay"]),
+            "one_m_b1": pm(lambda b: 1 - b, b1),
+            "b2": b2,
+            "one_m_b2": pm(lambda b: 1 - b, b2),
+            "neg_step_size": pm(lambda s: -s, step_size),
+            "bc2_sqrt": pm(lambda b: b**0.5, bc2),
+            "eps": hp["eps"],
+            "amsgrad": hp["amsgrad"],
+        }
+
+    def scalar_state(self, c, p, st, sc):
+        if not c.is_false(sc["amsgrad"]) and "max_exp_avg_sq" not in st:
+            st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sc
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        p_new, g = _weight_decay(c, p, g, sc)
+        ea, eas = _moments(c, st, g, sc)
+        ams = sc["amsgrad"]
+
+        def plain():  # (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            return c.add(c.div(c.sqrt(eas, out="denom"), sc["bc2_sqrt"], inplace=True), sc["eps"], inplace=True)
+
+        if c.is_false(ams):
+            denom = plain()
+        else:
+            mx = st["max_exp_avg_sq"]
+            if ip:
+                mx_new = torch.maximum(mx, eas, out=mx)
+            else:
+                mx_new = torch.maximum(mx, eas, out=c.s(mx, "mx"))
+                c.commit(mx, mx_new)
+
+            def with_max():
+                return c.add(c.div(c.sqrt(mx_new, out="denom_mx"), sc["bc2_sqrt"], inplace=True), sc["eps"],
+                             inplace=True)
+
+            denom = c.select(ams, with_max, plain, out="denom_sel")
+        p_new = c.addcdiv(p_new, ea, denom, sc["neg_step_size"], inplace=ip or p_new is not p, out="p_new",
+                          tmp="ea_v")
+        c.commit(p, p_new)
+
+
+class _AdamW(_Adam):
+    cls = torch.optim.AdamW
+
+
+class _RMSprop(_Rule):
+    cls = torch.optim.RMSprop
+    keys = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        st["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        return {
+            "maximize": hp["maximize"],
+            "wd": hp["weight_decay"],
+            "wd_on": pm(lambda wd: wd != 0, hp["weight_decay"]),
+            "alpha": hp["alpha"],
+            "one_m_alpha": pm(lambda a: 1 - a, hp["alpha"]),
+            "centered": hp["centered"],
+            "eps": hp["eps"],
+            "m": hp["momentum"],
+            "m_on": pm(lambda m: m > 0, hp["momentum"]),
+            "neg_lr": pm(lambda lr: -lr, hp["lr"]),
+        }
+
+    def scalar_state(self, c, p, st, sc):
+        # torch creates these at the first step; here also if momentum / centered is switched on later
+        if not c.is_false(sc["m_on"]) and "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if not c.is_false(sc["centered"]) and "grad_avg" not in st:
+            st["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sc
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        g = c.select(sc["wd_on"], lambda: c.add_scaled(g, p, sc["wd"], out="g_wd"), g, out="g_wd_sel")
+        sq = st["square_avg"]
+        sq_new = c.addcmul(c.mul(sq, sc["alpha"], inplace=ip, out="sq"), g, g, sc["one_m_alpha"], inplace=True,
+                           tmp="g_v")
+        c.commit(sq, sq_new)
+        cen = sc["centered"]
+
+        def plain():
+            return c.sqrt(sq_new, out="avg")
+
+        if c.is_false(cen):
+            avg = plain()
+        else:
+            ga = st["grad_avg"]
+            ga_new = c.lerp(ga, g, sc["one_m_alpha"], inplace=ip, out="ga")
+            c.commit(ga, ga_new)
+
+            def centered():  # square_avg.addcmul(grad_avg, grad_avg, value=-1).sqrt_()
+                return c.addcmul(sq_new, ga_new, ga_new, -1, out="avg_c").sqrt_()
+
+            avg = c.select(cen, centered, plain, out="avg_sel")
+        avg = c.add(avg, sc["eps"], inplace=True)
+        m_on = sc["m_on"]
+
+        def with_momentum():  # buf.mul_(momentum).addcdiv_(grad, avg); param.add_(buf, alpha=-lr)
+            buf = st["momentum_buffer"]
+            ip_buf = ip and c.is_true(m_on)
+            b = c.mul(buf, sc["m"], inplace=ip_buf, out="buf_m").addcdiv_(g, avg)
+            c.commit(buf, b, only=m_on)
+            return c.add_scaled(p, b, sc["neg_lr"], inplace=ip_buf, out="p_mom")
+
+        def without():  # param.addcdiv_(grad, avg, value=-lr)
+            return c.addcdiv(p, g, avg, sc["neg_lr"], inplace=ip and c.is_false(m_on), out="p_plain", tmp="g_lr")
+
+        c.commit(p, c.select(m_on, with_momentum, without, out="p_sel"))
+
+
+class _Adagrad(_Rule):
+    cls = torch.optim.Adagrad
+    keys = ("lr", "lr_decay", "weight_decay", "eps", "maximize", "initial_accumulator_value")
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        v = hp["initial_accumulator_value"]
+        if isinstance(v, list):
+            st["sum"] = (
+                torch.tensor(v, dtype=torch.float64)
+                .to(device=p.device, dtype=p.dtype)
+                .view(opt.n, *([1] * (p.dim() - 1)))
+                .expand_as(p)
+                .clone(memory_format=torch.preserve_format)
+            )
+        else:
+            st["sum"] = torch.full_like(p, v, memory_format=torch.preserve_format)
+
+    def eager_init(self, opt):
+        # torch.optim.Adagrad creates its state in the constructor, for every parameter
+        hp = opt._gather_hparams()
+        for p in opt._params:
+            st = opt.state[p]
+            if not st:
+                self.init_state(opt, p, st, hp)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        return {
+            "maximize": hp["maximize"],
+            "wd": hp["weight_decay"],
+            "wd_on": pm(lambda wd: wd != 0, hp["weight_decay"]),
+            "neg_clr": pm(lambda lr, s, d: -(lr / (1 + (s - 1) * d)), hp["lr"], steps, hp["lr_decay"]),
+            "eps": hp["eps"],
+        }
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        g = c.select(sc["wd_on"], lambda: c.add_scaled(g, p, sc["wd"], out="g_wd"), g, out="g_wd_sel")
+        s = st["sum"]
+        s_new = c.addcmul(s, g, g, 1, inplace=ip, out="sum")  # state_sum.addcmul_(grad, grad, value=1)
+        c.commit(s, s_new)
+        std = c.add(c.sqrt(s_new, out="std"), sc["eps"], inplace=True)
+        c.commit(p, c.addcdiv(p, g, std, sc["neg_clr"], inplace=ip, out="p_new", tmp="g_lr"))
+
+
+class _Adamax(_Rule):
+    cls = torch.optim.Adamax
+    keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_inf"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        bc = pm(lambda b1, s: 1 - b1**s, hp["beta1"], steps)
+        return {
+            "maximize": hp["maximize"],
+            "wd": hp["weight_decay"],
+            "wd_on": pm(lambda wd: wd != 0, hp["weight_decay"]),
+            "one_m_b1": pm(lambda b: 1 - b, hp["beta1"]),
+            "b2": hp["beta2"],
+            "eps": hp["eps"],
+            "neg_clr": pm(lambda lr, bc: -(lr / bc), hp["lr"], bc),
+        }
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        g = c.select(sc["wd_on"], lambda: c.add_scaled(g, p, sc["wd"], out="g_wd"), g, out="g_wd_sel")
+        ea, ei = st["exp_avg"], st["exp_inf"]
+        ea_new = c.lerp(ea, g, sc["one_m_b1"], inplace=ip, out="ea")
+        c.commit(ea, ea_new)
+        # torch.maximum(exp_inf.mul_(beta2), grad.abs().add_(eps), out=exp_inf)
+        scaled = c.mul(ei, sc["b2"], inplace=ip, out="ei_scaled")
+        gabs = c.add(torch.abs(g, out=c.s(g, "g_abs")), sc["eps"], inplace=True)
+        ei_new = torch.maximum(scaled, gabs, out=ei if ip else c.s(ei, "ei"))
+        c.commit(ei, ei_new)
+        c.commit(p, c.addcdiv(p, ea_new, ei_new, sc["neg_clr"], inplace=ip, out="p_new", tmp="ea_v"))
+
+
+class _NAdam(_Rule):
+    cls = torch.optim.NAdam
+    keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "momentum_decay", "decoupled_weight_decay", "maximize")
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        st["mu_product"] = torch.ones(opt.n, dtype=_scalar_dtype())
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        lr, b1, b2, wd, md = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"], hp["momentum_decay"]
+        return {
+            "maximize": hp["maximize"],
+            "lr": lr,
+            **_wd_prep(pm, hp, lr, wd, hp["decoupled_weight_decay"]),
+            "bc2": pm(lambda b2, s: 1 - b2**s, b2, steps),
+            "mu": pm(lambda b1, s, md: b1 * (1.0 - 0.5 * (0.96 ** (s * md))), b1, steps, md),
+            "mu_next": pm(lambda b1, s, md: b1 * (1.0 - 0.5 * (0.96 ** ((s + 1) * md))), b1, steps, md),
+            "one_m_b1": pm(lambda b: 1 - b, b1),
+            "b2": b2,
+            "one_m_b2": pm(lambda b: 1 - b, b2),
+            "eps": hp["eps"],
+        }
+
+    def scalar_state(self, c, p, st, sc):
+        """mu_product *= mu (a [n] tensor in the scalar dtype, like torch's 0-dim one), then the two
+        step sizes, which depend on its new value."""
+        mp = st["mu_product"]
+        mu = sc["mu"]
+        new = mp * (torch.tensor(mu, dtype=torch.float64).to(mp.dtype) if isinstance(mu, list) else mu)
+        c.commit(mp, new)
+        mpl = _collapse(mp.tolist())
+        lr, mu_next = sc["lr"], sc["mu_next"]
+        sc = dict(sc)
+        sc["v1"] = c.pm(lambda lr, mu, mp: -lr * (1.0 - mu) / (1.0 - mp), lr, mu, mpl)
+        sc["v2"] = c.pm(lambda lr, mn, mp: (-lr * mn) / (1.0 - mp * mn), lr, mu_next, mpl)
+        return sc
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        p_new, g = _weight_decay(c, p, g, sc)
+        ea, eas = _moments(c, st, g, sc)
+        denom = c.div(eas, sc["bc2"], out="denom").sqrt_()  # exp_avg_sq.div(bias_correction2).sqrt()
+        denom = c.add(denom, sc["eps"], inplace=True)
+        p_new = c.addcdiv(p_new, g, denom, sc["v1"], inplace=ip or p_new is not p, out="p_new", tmp="g_v1")
+        p_new = c.addcdiv(p_new, ea, denom, sc["v2"], inplace=True, tmp="ea_v2")
+        c.commit(p, p_new)
+
+
+class _RAdam(_Rule):
+    cls = torch.optim.RAdam
+    keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
+    tensor_keys = ("rect_on",)
+
+    def init_state(self, opt, p, st, hp):
+        st["step"] = _zeros_step(opt.n)
+        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def prep(self, c, hp, steps):
+        pm = c.pm
+        lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
+        bc1 = pm(lambda b1, s: 1 - b1**s, b1, steps)
+        bc2 = pm(lambda b2, s: 1 - b2**s, b2, steps)
+        rho_inf = pm(lambda b2: 2 / (1 - b2) - 1, b2)
+        rho_t = pm(lambda ri, s, b2, bc2: ri - 2 * s * (b2**s) / bc2, rho_inf, steps, b2, bc2)
+
+        def rect(rt, ri):
+            if not rt > 5.0:
+                return 0.0  # not used: this model takes the un-rectified branch
+            return ((rt - 4) * (rt - 2) * ri / ((ri - 4) * (ri - 2) * rt)) ** 0.5
+
+        return {
+            "maximize": hp["maximize"],
+            "lr": lr,
+            **_wd_prep(pm, hp, lr, wd, hp["decoupled_weight_decay"]),
+            "one_m_b1": pm(lambda b: 1 - b, b1),
+            "b2": b2,
+            "one_m_b2": pm(lambda b: 1 - b, b2),
+            "bc1": bc1,
+            "bc2_sqrt": pm(lambda b: b**0.5, bc2),
+            "rect_on": pm(lambda rt: rt > 5.0, rho_t),
+            "rect": pm(rect, rho_t, rho_inf),
+            "eps": hp["eps"],
+        }
+
+    def apply(self, c, p, g, st, sc):
+        ip = c.ip
+        g = c.neg_if(sc["maximize"], g)
+        p_new, g = _weight_decay(c, p, g, sc)
+        ea, eas = _moments(c, st, g, sc)
+        # bias_corrected_exp_avg * lr
+        scaled = c.mul(c.div(ea, sc["bc1"], out="bce"), sc["lr"], inplace=True)
+
+        def rectified():  # bias_corrected_exp_avg * lr * adaptive_lr * rect
+            adaptive = c.rdiv(sc["bc2_sqrt"], c.add(c.sqrt(eas, out="eas_sqrt"), sc["eps"], inplace=True),
+                              out="adaptive")
+            return c.mul(torch.mul(scaled, adaptive, out=c.s(scaled, "upd")), sc["rect"], inplace=True)
+
+        upd = c.select(sc["rect_on"], rectified, scaled, out="upd_sel")
+        if ip or p_new is not p:
+            p_new = p_new.add_(upd, alpha=-1.0)
+        else:
+            p_new = torch.add(p_new, upd, alpha=-1.0, out=c.s(p_new, "p_new"))
+        c.commit(p, p_new)
+
+
+_RULES: dict[type, _Rule] = {
+    r.cls: r
+    for r in (_SGD(), _Adam(), _AdamW(), _RMSprop(), _Adagrad(), _Adamax(), _NAdam(), _RAdam())
+}
+
+
+def supported_optimizers() -> list[type]:
+    """The torch.optim classes mbcompile.optimizer accepts."""
+    return list(_RULES)
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimizer
+# --------------------------------------------------------------------------------------------------
+def _apply_all(rule, n, params, grads, states, scs, mask):
+    """Tensor part of a step over every parameter, in tensor mode (for torch.compile)."""
+    c = _Ctx(n, None, tensor_mode=True)
+    c.active = mask  # a bool [n] tensor
+    for p, g, st, sc in zip(params, grads, states, scs):
+        rule.apply(c, p, g, st, sc)
+
+
+class BatchedOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer over the stacked parameters of n models, one param group per model.
+
+    Param group ``i`` holds model ``i``'s hyperparameters (``param_groups[i]["lr"]`` and so on, which
+    torch's LR schedulers change per model).  Group 0 lists the stacked parameters, so that code that
+    loops over ``param_groups`` (``zero_grad``, ``state_dict``) sees each tensor once; groups ``1..n-1``
+    have ``params == []``.  Each group's hyperparameters apply to its model's slice of every stacked
+    parameter.
+
+    Extra API: :meth:`freeze` / :meth:`unfreeze` / :attr:`frozen` (a frozen model's parameters and
+    optimizer state do not change), ``step(closure=None, *, active=None)`` where ``active`` is a bool
+    ``[n]`` mask of the models that take this step (used by :class:`mbcompile.GradScaler` to skip only the
+    models whose gradients overflowed), and ``_shrink_(keep)`` (see :func:`shrink_`).
+    """
+
+    _mbcompile_per_model = True
+
+    def __init__(self, params: list[Tensor], n: int, optim_cls: type, groups: list[dict], *,
+                 compile: bool = False, param_names: list[str] | None = None):
+        if optim_cls not in _RULES:
+            raise UnsupportedOptimizerError(_unsupported_msg(optim_cls))
+        self.n = n
+        self._optim_cls = optim_cls
+        self._rule = _RULES[optim_cls]
+        self._params = list(params)
+        self._param_names = list(param_names) if param_names is not None else None
+        self._frozen = [False] * n
+        self._compile = bool(compile)
+        self._compiled = None
+        self._workspace: dict = {}  # scratch tensors reused by every step (see _Ctx.s)
+        self._init_done = False
+        pgs = []
+        for i, g in enumerate(groups):
+            d = dict(g)
+            d["params"] = list(self._params) if i == 0 else []
+            pgs.append(d)
+        defaults = {k: v for k, v in groups[0].items() if k != "params"}
+        super().__init__(pgs, defaults)
+        self._init_done = True
+        self._rule.eager_init(self)
+
+    # ---- torch.optim.Optimizer API ------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_init_done", False):
+            raise UnsupportedOptimizerError(
+                "a per-model optimizer has exactly one param group per model; add_param_group is not "
+                "supported (build a new optimizer with mbcompile.optimizer instead)"
+            )
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_compiled"] = None  # compiled functions and scratch space are rebuilt on demand
+        d["_workspace"] = {}
+        return d
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return f"BatchedOptimizer({self._optim_cls.__name__}, n={self.n}, params={len(self._params)})"
+
+    def _gather_hparams(self) -> dict:
+        """Every hyperparameter the rule reads: a shared value, or a list with one value per model."""
+        groups = self.param_groups
+        if len(groups) != self.n:
+            raise RuntimeError(
+                f"the per-model optimizer has {len(groups)} param groups but {self.n} models; param "
+                "groups must not be added or removed (use mbcompile.shrink_ to drop models)"
+            )
+        hp = {}
+        for key in self._rule.keys:
+            if key in ("beta1", "beta2"):
+                j = 0 if key == "beta1" else 1
+                vals = [_num(g["betas"][j]) for g in groups]
+            else:
+                vals = [_num(g[key]) for g in groups]
+            hp[key] = _collapse(vals)
+        return hp
+
+    def _active_list(self, active) -> list | None:
+        act = [not f for f in self._frozen]
+        if active is not None:
+            if isinstance(active, Tensor):
+                if active.shape != (self.n,):
+                    raise ValueError(f"active must be a bool tensor of shape [n] (n={self.n}), got "
+                                     f"{tuple(active.shape)}")
+                extra = [bool(a) for a in active.tolist()]
+            else:
+                extra = [bool(a) for a in active]
+                if len(extra) != self.n:
+                    raise ValueError(f"active must have one entry per model (n={self.n}), got {len(extra)}")
+            act = [a and b for a, b in zip(act, extra)]
+        return None if all(act) else act
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, active=None):
+        """One optimizer step for every model (that is not frozen and, if given, is in `active`)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        act = self._active_list(active)
+        if act is not None and not any(act):
+            return loss
+        hp = self._gather_hparams()
+        rule = self._rule
+        c = _Ctx(self.n, act, workspace=self._workspace)
+        act_cpu = None if act is None else torch.tensor(act)
+        prep_cache: dict = {}
+        todo = []
+        for p in self._params:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"{self._optim_cls.__name__} (per model) does not support sparse gradients")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient of shape {tuple(g.shape)} for a stacked parameter of shape {tuple(p.shape)}"
+                )
+            st = self.state[p]
+            if len(st) == 0:
+                rule.init_state(self, p, st, hp)
+            steps = None
+            if rule.uses_step:
+                step_t = st["step"]
+                if act_cpu is None:
+                    step_t += 1
+                else:
+                    step_t += act_cpu.to(step_t.dtype)
+                steps = _collapse(step_t.tolist())
+            key = steps if not isinstance(steps, list) else tuple(steps)
+            sc = prep_cache.get(key)
+            if sc is None:
+                sc = prep_cache[key] = rule.prep(c, hp, steps)
+            sc = rule.scalar_state(c, p, st, sc)
+            todo.append((p, g, st, sc))
+        if not todo:
+            return loss
+        if self._compile:
+            self._run_compiled(todo, act)
+        else:
+            for p, g, st, sc in todo:
+                rule.apply(c, p, g, st, sc)
+        return loss
+
+    def _run_compiled(self, todo, act):
+        if self._compiled is None:
+            # dynamo caches compiled graphs per code object: give each optimizer its own, so that many
+            # compiled optimizers in one process do not share (and exhaust) one recompile budget
+            code = _apply_all.__code__.replace(co_name=f"_apply_all_{self._optim_cls.__name__}_{id(self):x}")
+            fn = types.FunctionType(code, _apply_all.__globals__, code.co_name)
+            self._compiled = torch.compile(fn, dynamic=False)
+        dev = todo[0][0].device
+        mask = torch.tensor([True] * self.n if act is None else act, dtype=torch.bool, device=dev)
+        scs, converted = [], {}
+        for p, _, _, sc in todo:
+            key = (id(sc), p.device)
+            d = converted.get(key)
+            if d is None:
+                d = {k: _as_tensor(v, self.n, p.device) for k, v in sc.items()}
+                for k in self._rule.tensor_keys:
+                    if isinstance(d.get(k), bool):
+                        d[k] = torch.full((self.n,), d[k], dtype=torch.bool, device=p.device)
+                converted[key] = d
+            scs.append(d)
+        self._compiled(self._rule, self.n, [t[0] for t in todo], [t[1] for t in todo],
+                       [t[2] for t in todo], scs, mask)
+
+    # ---- freezing -----------------------------------------------------------------------------
+    def freeze(self, models) -> None:
+        """Freeze model(s) (an index or indices): their parameters and optimizer state stay as they
+        are on every step until :meth:`unfreeze`.  LR schedulers still change their group's lr."""
+        for i in _indices(models, self.n):
+            self._frozen[i] = True
+
+    def unfreeze(self, models) -> None:
+        for i in _indices(models, self.n):
+            self._frozen[i] = False
+
+    @property
+    def frozen(self) -> Tensor:
+        """bool [n]: which models are frozen."""
+        return torch.tensor(self._frozen, dtype=torch.bool)
+
+    # ---- state_dict ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        index = {id(p): i for i, p in enumerate(self._params)}
+        state = {index[id(p)]: dict(st) for p, st in self.state.items() if id(p) in index and st}
+        groups = []
+        for i, g in enumerate(self.param_groups):
+            d = {k: v for k, v in g.items() if k != "params"}
+            d["params"] = list(range(len(self._params))) if i == 0 else []
+            groups.append(d)
+        sd = {
+            "state": state,
+            "param_groups": groups,
+            "mbcompile": {
+                "n": self.n,
+                "optimizer": self._optim_cls.__name__,
+                "frozen": list(self._frozen),
+                "param_names": self._param_names,
+                "shapes": [tuple(p.shape) for p in self._params],
+            },
+        }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        meta = state_dict.get("mbcompile")
+        if meta is None:
+            raise ValueError("not a state dict of a per-model optimizer (no 'mbcompile' entry)")
+        if meta["n"] != self.n:
+            raise ValueError(f"state dict is for n={meta['n']} models, this optimizer has n={self.n}")
+        if meta["optimizer"] != self._optim_cls.__name__:
+            raise ValueError(f"state dict is for {meta['optimizer']}, this optimizer is {self._optim_cls.__name__}")
+        shapes = [tuple(s) for s in meta.get("shapes", [])]
+        if shapes and shapes != [tuple(p.shape) for p in self._params]:
+            raise ValueError("state dict parameter shapes differ from this optimizer's parameters")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError("state dict has a different number of param groups")
+        state: defaultdict = defaultdict(dict)
+        for idx, st in state_dict["state"].items():
+            p = self._params[int(idx)]
+            state[p] = {k: _load_value(p, k, v) for k, v in st.items()}
+        self.state = state
+        for g, sg in zip(self.param_groups, saved_groups):
+            params = g["params"]
+            g.clear()
+            g.update({k: copy.deepcopy(v) for k, v in sg.items() if k != "params"})
+            g["params"] = params
+        self._frozen = [bool(f) for f in meta.get("frozen", [False] * self.n)]
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    # ---- shrinking ----------------------------------------------------------------------------
+    def _shrink_(self, keep: list[int]) -> None:
+        """Keep only the models `keep` (narrows state, param groups and the frozen mask)."""
+        keep = _check_keep(keep, self.n)
+        idx = torch.tensor(keep, dtype=torch.long)
+        n_old = self.n
+        for p, st in self.state.items():
+            for k, v in list(st.items()):
+                if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == n_old:
+                    st[k] = v.index_select(0, idx.to(v.device))
+        groups = [self.param_groups[i] for i in keep]
+        for i, g in enumerate(groups):
+            g["params"] = list(self._params) if i == 0 else []
+        self.param_groups[:] = groups
+        self._frozen = [self._frozen[i] for i in keep]
+        self.n = len(keep)
+        self._compiled = None
+        self._workspace = {}
+
+
+def _num(v):
+    if isinstance(v, Tensor):
+        return v.item()
+    return v
+
+
+def _as_tensor(v, n, device):
+    if isinstance(v, Tensor):
+        return v
+    if isinstance(v, list):
+        if all(isinstance(x, bool) for x in v):
+            return torch.tensor(v, dtype=torch.bool, device=device)
+        return torch.tensor([float(x) for x in v], dtype=torch.float64, device=device)
+    if isinstance(v, bool) or v is None:
+        return v  # structural: stays a Python constant in the compiled graph
+    return torch.full((n,), float(v), dtype=torch.float64, device=device)
+
+
+def _load_value(p: Tensor, key: str, v):
+    if not isinstance(v, Tensor):
+        return copy.deepcopy(v)
+    if key in ("step", "mu_product") or v.dtype == torch.bool or (v.dim() == 1 and p.dim() >= 1
+                                                                   and v.shape != p.shape):
+        return v.detach().clone()  # per-model scalars stay on the CPU in their own dtype
+    if p.is_floating_point() and v.is_floating_point():
+        return v.detach().to(device=p.device, dtype=p.dtype, copy=True)
+    return v.detach().to(device=p.device, copy=True)
+
+
+def _indices(models, n) -> list[int]:
+    if isinstance(models, int):
+        models = [models]
+    elif isinstance(models, Tensor):
+        if models.dtype == torch.bool:
+            models = torch.nonzero(models).flatten()
+        models = models.tolist()
+    out = []
+    for i in models:
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"model index {i} out of range for n={n}")
+        out.append(i % n)
+    return out
+
+
+def _check_keep(keep, n) -> list[int]:
+    keep = _indices(keep, n)
+    if len(keep) == 0:
+        raise ValueError("shrink_ needs at least one model to keep")
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"shrink_: duplicate model indices in keep={keep}")
+    return keep
+
+
+def _unsupported_msg(cls) -> str:
+    names = ", ".join(f"torch.optim.{c.__name__}" for c in _RULES)
+    return (
+        f"mbcompile.optimizer does not support {getattr(cls, '__module__', '')}.{getattr(cls, '__name__', cls)}; "
+        f"supported: {names}"
+    )
+
+
+def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) -> BatchedOptimizer:
+    """A per-model ``optim_cls`` over the stacked parameters of ``batched`` (one param group per model).
+
+    A hyperparameter given as a ``list`` or 1-D tensor of length ``n`` is per model; anything else (a
+    float, the usual tuple for ``betas``) is shared by every model.  Per-model tuples are a list of
+    tuples.  ``compile=True`` runs the tensor part of the step through ``torch.compile`` (faster for
+    large batches; equal to torch.optim within floating-point tolerance rather than bit for bit).
+    """
+    n = _model_count(batched)
+    if not isinstance(optim_cls, type) or optim_cls not in _RULES:
+        raise UnsupportedOptimizerError(_unsupported_msg(optim_cls))
+    sig = inspect.signature(optim_cls.__init__)
+    allowed = [k for k in sig.parameters if k not in ("self", "params")]
+    for k in hparams:
+        if k not in allowed:
+            raise UnsupportedOptimizerError(
+                f"torch.optim.{optim_cls.__name__} has no option {k!r} (its options: {', '.join(allowed)})"
+            )
+    per_key = {k: _split_per_model(k, v, n) for k, v in hparams.items()}
+    for k in _IMPL_KEYS:
+        if k in per_key:
+            vals = per_key[k]
+            if not _same(vals):
+                raise UnsupportedOptimizerError(f"{k!r} selects torch's implementation and must be shared")
+            if k != "foreach" and vals[0]:
+                raise UnsupportedOptimizerError(
+                    f"{k}=True is not supported by the per-model optimizer (its step is already one "
+                    f"vectorised update; use compile=True to run it through torch.compile)"
+                )
+    if "betas" in per_key:
+        for i, b in enumerate(per_key["betas"]):
+            if not (isinstance(b, tuple) and len(b) == 2):
+                raise ValueError(
+                    f"betas for model {i} is {b!r}; per-model betas are a list of n={n} (beta1, beta2) tuples"
+                )
+    groups = []
+    dummy = torch.zeros(1, requires_grad=True)
+    for i in range(n):
+        kw = {k: v[i] for k, v in per_key.items()}
+        try:
+            ref = optim_cls([dummy], **kw)  # torch's own validation and defaults
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"model {i}: {e}") from e
+        g = dict(ref.defaults)
+        if "betas" in g:
+            g["betas"] = tuple(_num(b) for b in g["betas"])
+        for k in ("lr",):
+            if isinstance(g.get(k), Tensor):
+                g[k] = g[k].item()
+        groups.append(g)
+    named = [(name, p) for name, p in batched.named_parameters()]
+    params = [p for _, p in named]
+    for name, p in named:
+        if p.dim() == 0 or p.shape[0] != n:
+            raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} has no leading model dim of size n={n}")
+    return BatchedOptimizer(params, n, optim_cls, groups, compile=compile,
+                            param_names=[name for name, _ in named])
+
+
+# --------------------------------------------------------------------------------------------------
+# ReduceLROnPlateau per model
+# --------------------------------------------------------------------------------------------------
+class _GroupView(torch.optim.Optimizer):
+    """One model's param group seen as an optimizer (for torch's per-optimizer schedulers)."""
+
+    def __init__(self, opt: BatchedOptimizer, i: int):  # noqa: D401 - no Optimizer.__init__ on purpose
+        self.defaults = opt.defaults
+        self.param_groups = [opt.param_groups[i]]
+        self.state = {}
+
+    def step(self, closure=None):  # pragma: no cover - never stepped
+        raise RuntimeError("a per-model view of an optimizer cannot step")
+
+
+class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """torch's ReduceLROnPlateau, one per model: ``step(metrics)`` takes ``[n]`` metrics (a tensor or a
+    list), and model ``i``'s lr follows exactly what a torch ReduceLROnPlateau on model ``i``'s own
+    optimizer would do with ``metrics[i]``.  ``min_lr`` may be per model (a list of length n).
+
+    (torch's own ReduceLROnPlateau on a per-model optimizer takes one number and so reduces every
+    model's lr together; passing it an ``[n]`` tensor fails in ``float()``.)
+    """
+
+    def __init__(self, optimizer: BatchedOptimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8):
+        if not getattr(optimizer, "_mbcompile_per_model", False):
+            raise TypeError("mbcompile.optim.ReduceLROnPlateau needs a per-model optimizer (mbcompile.optimizer)")
+        n = optimizer.n
+        min_lrs = _split_per_model("min_lr", min_lr, n)
+        self.optimizer = optimizer
+        self.n = n
+        self._scheds = [
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                _GroupView(optimizer, i), mode=mode, factor=factor, patience=patience, threshold=threshold,
+                threshold_mode=threshold_mode, cooldown=cooldown, min_lr=min_lrs[i], eps=eps,
+            )
+            for i in range(n)
+        ]
+        self.last_epoch = 0
+        self._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+    def step(self, metrics, epoch=None):  # type: ignore[override]
+        if isinstance(metrics, Tensor):
+            if metrics.dim() != 1 or metrics.shape[0] != self.n:
+                raise ValueError(f"per-model ReduceLROnPlateau.step needs [n] metrics (n={self.n}), "
+                                 f"got shape {tuple(metrics.shape)}")
+            metrics = metrics.tolist()
+        metrics = list(metrics)
+        if len(metrics) != self.n:
+            raise ValueError(f"per-model ReduceLROnPlateau.step needs n={self.n} metrics, got {len(metrics)}")
+        for s, m in zip(self._scheds, metrics):
+            s.step(m, epoch) if epoch is not None else s.step(m)
+        self.last_epoch = self._scheds[0].last_epoch
+        self._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_last_lr(self):
+        return list(self._last_lr)
+
+    @property
+    def num_bad_epochs_per_model(self) -> list[int]:
+        return [s.num_bad_epochs for s in self._scheds]
+
+    def state_dict(self):
+        return {
+            "per_model": [{k: v for k, v in s.__dict__.items() if k != "optimizer"} for s in self._scheds],
+            "last_epoch": self.last_epoch,
+            "_last_lr": list(self._last_lr),
+        }
+
+    def load_state_dict(self, state_dict):
+        per = state_dict["per_model"]
+        if len(per) != self.n:
+            raise ValueError(f"state dict is for {len(per)} models, this scheduler has n={self.n}")
+        for s, d in zip(self._scheds, per):
+            s.__dict__.update(copy.deepcopy(d))
+        self.last_epoch = state_dict["last_epoch"]
+        self._last_lr = list(state_dict["_last_lr"])
+
+    def _shrink_(self, keep):
+        keep = _check_keep(keep, self.n)
+        self._scheds = [self._scheds[i] for i in keep]
+        self._last_lr = [self._last_lr[i] for i in keep]
+        self.n = len(keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# shrinking the batch
+# --------------------------------------------------------------------------------------------------
+# LR scheduler attributes that hold one entry per param group
+_SCHED_PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs", "base_momentums", "max_momentums")
+
+
+def _shrink_scheduler(s, keep: list[int], n_old: int) -> None:
+    if hasattr(s, "_shrink_") and callable(s._shrink_):
+        s._shrink_(keep)
+        return
+    for name in _SCHED_PER_GROUP:
+        v = getattr(s, name, None)
+        if isinstance(v, (list, tuple)) and len(v) == n_old:
+            setattr(s, name, type(v)(v[i] for i in keep) if isinstance(v, tuple) else [v[i] for i in keep])
+    for sub in getattr(s, "_schedulers", None) or ():
+        _shrink_scheduler(sub, keep, n_old)
+
+
+def shrink_(keep, batched, optimizer=None, scaler=None, schedulers=()) -> None:
+    """Keep only the models ``keep`` (indices into the current batch, in the order given), in place.
+
+    Narrows the batched module (parameters, buffers, RNG streams: ``batched._shrink_(keep)``), the
+    per-model optimizer's state and param groups, the per-model GradScaler's scales and trackers, and the
+    schedulers' per-group lists (``base_lrs``, ``_last_lr``, ``lr_lambdas``, ...).  Parameters keep their
+    identity, so the optimizer, scaler and schedulers go on working; the kept models continue exactly as
+    if they had never been batched with the others.
+    """
+    n_old = _model_count(batched)
+    keep = _check_keep(keep, n_old)
+    if isinstance(schedulers, (torch.optim.lr_scheduler.LRScheduler, ReduceLROnPlateau)) or not isinstance(
+        schedulers, Iterable
+    ):
+        schedulers = (schedulers,)
+    schedulers = list(schedulers)
+    if optimizer is not None and getattr(optimizer, "n", None) != n_old:
+        raise ValueError(f"optimizer has n={getattr(optimizer, 'n', None)}, the batch has n={n_old}")
+    if scaler is not None and getattr(scaler, "n", None) != n_old:
+        raise ValueError(f"scaler has n={getattr(scaler, 'n', None)}, the batch has n={n_old}")
+    for s in schedulers:
+        if optimizer is not None and getattr(s, "optimizer", optimizer) is not optimizer:
+            raise ValueError("every scheduler passed to shrink_ must belong to the optimizer passed to it")
+    params = list(dict.fromkeys(batched.parameters()))
+    batched._shrink_(keep)
+    # gradients: narrow them if _shrink_ left them at the old size
+    idx = torch.tensor(keep, dtype=torch.long)
+    for p in params:
+        if p.grad is not None and p.grad.shape != p.shape:
+            if p.grad.dim() >= 1 and p.grad.shape[0] == n_old:
+                p.grad = p.grad.index_select(0, idx.to(p.grad.device))
+            else:
+                p.grad = None
+    if optimizer is not None:
+        optimizer._shrink_(keep)
+    if scaler is not None:
+        scaler._shrink_(keep)
+    for s in schedulers:
+        _shrink_scheduler(s, keep, n_old)

@@ -1,0 +1,340 @@
+"""Helpers for tests/test_opinfo.py: trace one OpInfo sample the way ``capture()`` does, give each of
+n models its own inputs, run the batching pass and compare every model with the op run alone.
+
+Tracing mirrors capture: aot_export_module with the decomposition table capture uses (default table
+minus every op in RULES), with the CompositeImplicit ops that have a rule preserved exactly as
+run_decompositions preserves them.
+
+Per-model inputs: the OpInfo's sample generator is run once per model under seeds 0..n-1, so every
+model gets values of the same shapes drawn the way the op wants them (valid indices, PD matrices,
+sorted sequences, ...). A case says which tensor inputs are mapped (stacked [n, ...], model dim moved
+to ``at``) and which are shared (model 0's value)."""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import random
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils import _pytree as pytree
+
+import mbcompile  # noqa: F401  (registers mbcompile:: ops)
+from mbcompile.passes import RULES, batch_pass
+
+N = 3               # models
+SAMPLES = {torch.float64: 2, torch.float32: 1}   # sample inputs per op per dtype
+LOOKAHEAD = 6       # samples drawn per seed to choose SAMPLES from (the first + the highest rank)
+
+
+NONDET = {"empty_like", "new_empty", "new_empty_strided"}   # uninitialised memory
+
+
+class Skip(Exception):
+    """The OpInfo cannot be tested here (reason in the message)."""
+
+
+def op_id(op):
+    return op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
+
+
+# ---- tracing like capture() ------------------------------------------------------------------
+
+_TABLES = None
+
+
+def _tables():
+    global _TABLES
+    if _TABLES is None:
+        from torch.export.exported_program import _split_decomp_table_to_cia_and_python_decomp
+        table = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
+        _TABLES = _split_decomp_table_to_cia_and_python_decomp(table)
+    return _TABLES
+
+
+@contextlib.contextmanager
+def capture_mode():
+    """What run_decompositions holds while it retraces: CompositeImplicit ops with a rule preserved.
+    Entered once per test module (it patches a few hundred ops; ~0.1 s)."""
+    from torch.export._trace import _ignore_backend_decomps
+    from torch.export.exported_program import _override_composite_implicit_decomp
+    cia, _ = _tables()
+    with _ignore_backend_decomps(), _override_composite_implicit_decomp(cia):
+        yield
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def trace(fn, args):
+    """fn(*tensors) -> tuple of tensors, traced to the functional, decomposed aten graph capture()
+    would give: aot_export_module is what run_decompositions calls, here straight on the function
+    (torch.export's pre-dispatch step changes nothing for a single op once random ops are skipped;
+    capture's pre-pass only rewrites random ops). Returns (gm, consts, mutated): consts are lifted
+    constant tensors (the first placeholders); mutated[k] is the input whose new value is output k."""
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    _, py = _tables()
+    fake = FakeTensorMode()
+    fargs = [fake.from_tensor(a) for a in args]
+    with fake:
+        gm, sig = aot_export_module(_Fn(fn), fargs, decompositions=py, trace_joint=False)
+    if _random(gm):
+        raise Skip("random op")
+    if sig.buffers_to_mutate:
+        raise Skip("the op mutates a constant")
+    _drop_tokens(gm, sig)
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    if lifted:
+        raise Skip("the op creates constant tensors")
+    user = [p.name for p in gm.graph.nodes if p.op == "placeholder"]
+    mutated = [user.index(name) for name in sig.user_inputs_to_mutate.values()]
+    return gm, [], mutated
+
+
+def _random(gm):
+    """Whether the graph draws random numbers (attention counts only with dropout_p > 0)."""
+    for nd in gm.graph.nodes:
+        t = nd.target
+        if nd.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+            continue
+        if t is torch.ops.aten.scaled_dot_product_attention.default:
+            if (nd.args[4] if len(nd.args) > 4 else nd.kwargs.get("dropout_p", 0.0)) == 0:
+                continue
+        if torch.Tag.nondeterministic_seeded in t.tags or t.namespace == "mbcompile":
+            return True
+    return False
+
+
+def _drop_tokens(gm, sig):
+    """Effect tokens (e.g. linalg's error checks) out, as torch.export does: with_effects(tok, f, *a)
+    -> f(*a)."""
+    import operator
+    if not sig.input_tokens:
+        return
+    g = gm.graph
+    for nd in list(g.nodes):
+        if nd.op == "call_function" and nd.target is torch.ops.higher_order.with_effects:
+            tok, func, *a = nd.args
+            with g.inserting_before(nd):
+                new = g.call_function(func, tuple(a), dict(nd.kwargs))
+            new.meta = dict(nd.meta)
+            nret = len(func._schema.returns)
+            for u in list(nd.users):
+                i = u.args[1]
+                if i == 0:
+                    u.replace_all_uses_with(tok)
+                elif nret == 1:
+                    u.replace_all_uses_with(new)
+                else:
+                    u.args = (new, i - 1)
+    out = g.output_node()
+    keep = tuple(a for a in out.args[0] if not (isinstance(a, torch.fx.Node) and (
+        a.op == "placeholder" and a.name in sig.input_tokens or a.name in sig.output_tokens)))
+    out.args = (keep,)
+    g.eliminate_dead_code()
+    for nd in list(g.nodes):
+        if nd.op == "placeholder" and nd.name in sig.input_tokens:
+            g.erase_node(nd)
+    gm.recompile()
+
+
+def graph_ops(gm):
+    """The aten ops of the graph that take a tensor (the ones that need a rule when mapped)."""
+    import operator
+    import torch.fx as fx
+    ops = set()
+    for nd in gm.graph.nodes:
+        if nd.op == "call_function" and nd.target is not operator.getitem:
+            tensors = []
+            fx.node.map_arg((nd.args, nd.kwargs), tensors.append)
+            if tensors:
+                ops.add(nd.target)
+    return ops
+
+
+# ---- per-model samples ----------------------------------------------------------------------
+
+_UNFINISHED: list = []
+
+
+def _seeded_samples(op, dtype, seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    # the generator itself: op.sample_inputs() would re-seed before every sample (all models alike)
+    gen = iter(op.sample_inputs_func(op, "cpu", dtype, False))
+    _UNFINISHED.append(gen)   # kept alive: finalised during a later trace, it would complain
+    return list(itertools.islice(gen, LOOKAHEAD))
+
+
+def _leaves(s):
+    return pytree.tree_flatten((s.input, s.args, s.kwargs))
+
+
+def _same_structure(a, b):
+    (la, sa), (lb, sb) = _leaves(a), _leaves(b)
+    if sa != sb or len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype:
+                return False
+        elif not (x == y or (isinstance(x, float) and isinstance(y, float))):   # floats: model 0's
+            return False
+    return True
+
+
+def _tensors_first(s):
+    x = s.input
+    return isinstance(x, torch.Tensor) or (isinstance(x, (list, tuple)) and len(x) > 0
+                                           and all(isinstance(t, torch.Tensor) for t in x))
+
+
+@dataclass
+class Sample:
+    """One OpInfo sample for n models: ``per_model[i]`` are model i's tensor leaves."""
+    spec: object
+    leaves: list               # model 0's leaves (tensors and python values)
+    tensor_at: list            # positions of tensors in leaves
+    per_model: list            # [n][k] tensors
+    fn: object = None
+    gm: object = None
+    consts: list = field(default_factory=list)
+    mutated: list = field(default_factory=list)
+
+    def call(self, tensors):
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_at, tensors):
+            leaves[pos] = t
+        x, args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        return self.fn(x, *args, **kwargs)
+
+
+def _flat_out(out):
+    return tuple(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+def _rank(s):
+    x = s.input
+    return x.dim() if isinstance(x, torch.Tensor) else max(t.dim() for t in x)
+
+
+def samples(op, dtype):
+    """Up to SAMPLES traced samples for the op, each with N models' inputs. Raises Skip."""
+    try:
+        sets = [_seeded_samples(op, dtype, seed) for seed in range(N)]
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"the sample generator fails ({type(e).__name__})") from e
+    if not sets[0]:
+        raise Skip("no sample inputs")
+    if not _tensors_first(sets[0][0]):
+        raise Skip("sample inputs are not tensors-first")
+    if "wrapper_set_seed" in getattr(getattr(op.op, "__code__", None), "co_names", ()) or op.name in NONDET:
+        raise Skip("random op")
+    if any(t.layout != torch.strided for t in _leaves(sets[0][0])[0] if isinstance(t, torch.Tensor)):
+        raise Skip("sparse inputs")
+    usable = [k for k in range(len(sets[0])) if _tensors_first(sets[0][k])
+              and all(k < len(s) and _same_structure(sets[0][k], s[k]) for s in sets[1:])]
+    if not usable:
+        raise Skip("sample inputs differ in structure from seed to seed")
+    chosen = [usable[0]]
+    rest = [k for k in usable[1:]]
+    if rest:
+        chosen.append(max(rest, key=lambda k: (_rank(sets[0][k]), -k)))
+    out = []
+    for k in (chosen if SAMPLES[dtype] > 1 else chosen[-1:])[:SAMPLES[dtype]]:
+        leaves, spec = _leaves(sets[0][k])
+        at = [j for j, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        per_model = [[_leaves(s[k])[0][j] for j in at] for s in sets]
+        smp = Sample(spec, leaves, at, per_model, fn=op.op)
+        _check_deterministic(smp)
+        fn = lambda *ts, smp=smp: _flat_out(smp.call(ts))  # noqa: E731
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                smp.gm, smp.consts, smp.mutated = trace(fn, per_model[0])
+        except Skip:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise Skip(f"capture fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+        out.append(smp)
+    return out
+
+
+def _check_deterministic(smp):
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        try:
+            outs.append(_flat_out(smp.call([t.clone() for t in smp.per_model[0]])))
+        except Exception as e:  # noqa: BLE001
+            raise Skip(f"the op fails on its own sample ({type(e).__name__})") from e
+    for a, b in zip(*outs):
+        if a.layout != torch.strided or a.dtype in (torch.complex32,):
+            raise Skip(f"{a.layout} {a.dtype} outputs")
+        if a.shape != b.shape or not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)):
+            raise Skip("random op (differs between seeds)")
+
+
+# ---- cases: which inputs are mapped, where the model dim sits --------------------------------
+
+def cases(k):
+    """(name, mapped?, position) per tensor input: all mapped at 0, all mapped with the model dim
+    last, first mapped and the rest shared, first shared and the rest mapped."""
+    out = [("all@0", [True] * k, "front"), ("all@last", [True] * k, "last")]
+    if k > 1:
+        out.append(("first", [True] + [False] * (k - 1), "front"))
+        out.append(("rest@last", [False] + [True] * (k - 1), "last"))
+    return out
+
+
+def _place(ts, where):
+    x = torch.stack(ts)
+    d = 0 if where == "front" else x.dim() - 1
+    return x.movedim(0, d), d
+
+
+TOL = {torch.float64: dict(rtol=1e-7, atol=1e-7), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def check(smp, mapped, where, dtype, *, strict, tol=None):
+    """Batch the sample's graph over N models and compare each with the op on that model's inputs.
+    Returns the records of the pass (rule or fallback per node)."""
+    ins = list(smp.consts)
+    dims = [None] * len(smp.consts)
+    for j, m in enumerate(mapped):
+        if m:
+            x, d = _place([pm[j] for pm in smp.per_model], where)
+        else:
+            x, d = smp.per_model[0][j], None
+        ins.append(x)
+        dims.append(d)
+    records = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outs = batch_pass.run(smp.gm, N, ins, dims, strict=strict, records=records)
+    for i in range(N):
+        mine = [smp.per_model[i if m else 0][j].clone() for j, m in enumerate(mapped)]
+        ref = _flat_out(smp.call(mine))
+        ref = tuple(mine[j] for j in smp.mutated) + ref           # new values of mutated inputs lead
+        if len(ref) != len(outs):
+            raise AssertionError(f"{len(outs)} outputs, the op gives {len(ref)}")
+        for k, (o, r) in enumerate(zip(outs, ref)):
+            if tuple(o.shape[1:]) != tuple(r.shape) or o.shape[0] != N:
+                raise AssertionError(f"output {k}: batched shape {tuple(o.shape)}, model {i} alone gives "
+                                     f"{tuple(r.shape)}")
+            torch.testing.assert_close(o[i], r, equal_nan=True, check_stride=False,
+                                       msg=lambda m, k=k, i=i: f"output {k}, model {i}: {m}",
+                                       **(tol or TOL.get(dtype, {})))
+    return records

@@ -1,0 +1,70 @@
+"""The benchmark suite keeps working: one tiny run end to end, and its correctness check can fail.
+No timing assertions."""
+import importlib.util
+import json
+
+import torch
+
+import benchmarks
+from benchmarks import suite
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def test_suite_runs_one_tiny_workload(tmp_path):
+    rc = benchmarks.main(["--workloads", "tiny_mlp", "--n", "2", "--steps", "2", "--warmup", "1",
+                          "--methods", "sequential,vmap,mbcompile", "--peak-size", "256", "--out", tmp_path])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    md = (tmp_path / "results.md").read_text()
+    if HAS_MPL:
+        assert (tmp_path / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert any("matplotlib" in note for note in res["notes"])
+    for key in ("cpu_model", "cores", "torch_version", "device"):
+        assert res["machine"][key]
+    assert res["peak_matmul"]["flops_per_s"] > 0
+    assert res["workloads"]["tiny_mlp"]["flops_per_model_step"] > 0
+    rows = {r["method"]: r for r in res["results"]}
+    assert set(rows) == {"sequential", "vmap", "mbcompile"}
+    for name, r in rows.items():
+        assert r["workload"] == "tiny_mlp" and r["n"] == 2
+        assert r["status"] == "ok", r.get("reason")
+        assert r["timed_steps"] == 2
+        s = r["step_s"]
+        assert 0 < s["min"] <= s["median"] <= s["max"]
+        for key in ("model_samples_per_s", "speedup_vs_sequential", "speedup_vs_vmap", "fraction_of_peak",
+                    "peak_mem_bytes", "first_step_s", "setup_s"):
+            assert r[key] is not None, (name, key)
+        c = r["correctness"]
+        assert c["passed"], (name, c)
+        assert c["param_max_abs_diff"] < 1e-5
+    assert rows["sequential"]["speedup_vs_sequential"] == 1.0
+    assert rows["vmap"]["speedup_vs_vmap"] == 1.0
+    assert "mbcompile_times_s" in rows["mbcompile"]
+    assert "| tiny_mlp | 2 | mbcompile |" in md
+
+
+def test_correctness_check_catches_a_wrong_gradient():
+    g = {"w": torch.tensor([0.5, -0.25, 1e-9]), "b": torch.tensor([0.1])}
+    p = {"w": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([0.0])}
+    ref = {"params": p, "grads": g}
+    assert suite.compare(ref, ref)["passed"]
+    # a noise-level gradient flips Adam's first step (|dp| = 2 lr): reported, but not a failure
+    noisy = {"params": {**p, "w": p["w"] + torch.tensor([0, 0, 2e-3])}, "grads": {**g, "w": g["w"] + 3e-9}}
+    c = suite.compare(noisy, ref)
+    assert c["passed"] and c["param_max_abs_diff"] > 1e-3
+    wrong = {"params": p, "grads": {**g, "b": torch.tensor([0.11])}}  # 10% off
+    assert not suite.compare(wrong, ref)["passed"]
+    moved = {"params": {**p, "w": p["w"] + torch.tensor([1e-3, 0, 0])}, "grads": g}
+    assert not suite.compare(moved, ref)["passed"]
+    nan = {"params": p, "grads": {**g, "b": torch.tensor([float("nan")])}}
+    assert not suite.compare(nan, ref)["passed"]
+
+
+def test_quick_mode_defaults():
+    a = suite.parse(["--quick"])
+    assert a.ns == [1, 16] and a.steps < 20
+    assert {"tiny_mlp", "mlp784", "lenet5", "char_lstm"} <= set(a.workloads)
+    full = suite.parse([])
+    assert full.ns == [1, 4, 16, 64] and full.steps >= 20

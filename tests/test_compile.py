@@ -1,0 +1,135 @@
+"""The "mbcompile" torch.compile backend: compilation really happens (counted), and compiled training
+(forward, gradients, batch-norm buffers, "sequential" dropout masks, optimizer steps) equals eager."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from mbcompile import backend
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # no bias before batch norm: its gradient is zero up to rounding, which Adam would amplify
+        self.fc1, self.bn = nn.Linear(6, 16, bias=False), nn.BatchNorm1d(16)
+        self.drop, self.fc2 = nn.Dropout(0.4), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+
+
+def train(batched, steps, x, y, model_call=None):
+    """``steps`` SGD steps; returns the per-step outputs."""
+    call = batched if model_call is None else model_call
+    opt = torch.optim.SGD(batched.parameters(), lr=0.1, momentum=0.9)
+    outs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        out = call(x)
+        mbcompile.loss(F.cross_entropy, out, y).sum().backward()
+        opt.step()
+        outs.append(out.detach())
+    return outs
+
+
+def assert_same_training(eager, compiled, eager_outs, compiled_outs):
+    for k, (a, b) in enumerate(zip(eager_outs, compiled_outs)):
+        assert torch.equal(a == 0, b == 0), f"step {k}: dropout masks differ"     # bit-exact masks
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=lambda m: f"step {k}: {m}")
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-11, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}.grad: {m}")
+    for (name, a), (_, b) in zip(eager.named_buffers(), compiled.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-11, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(eager.get_rng_state()["states"]["cpu"], compiled.get_rng_state()["states"]["cpu"])
+
+
+@pytest.fixture
+def data():
+    models = [Net().double() for _ in range(3)]
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    return models, x, y
+
+
+def test_backend_is_registered_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+    assert lookup_backend("mbcompile") is backend.mbcompile_backend
+    assert "mbcompile" in torch._dynamo.list_backends()
+
+
+def test_batch_compile_true_trains_like_eager(data):
+    models, x, y = data
+    eager = mbcompile.batch(copy.deepcopy(models), seeds=[1, 2, 3])
+    compiled = mbcompile.batch(copy.deepcopy(models), seeds=[1, 2, 3], compile=True)
+    before = dict(backend.STATS)
+    e_outs = train(eager, 3, x, y)
+    c_outs = train(compiled, 3, x, y)
+    # one program, compiled once: a forward and a backward graph through Inductor, no recompiles
+    assert backend.STATS["backend_calls"] - before.get("backend_calls", 0) == 1
+    assert backend.STATS["fw_graphs"] - before.get("fw_graphs", 0) == 1
+    assert backend.STATS["bw_graphs"] - before.get("bw_graphs", 0) == 1
+    prog = compiled._last_program
+    assert isinstance(prog.call, backend.CompiledProgram) and prog.call.calls == 3
+    assert prog.times["compile_s"] > 0 and "compile_s" in str(mbcompile.explain(compiled))
+    assert_same_training(eager, compiled, e_outs, c_outs)
+
+
+def test_torch_compile_of_batched_module_trains_like_eager(data):
+    models, x, y = data
+    eager = mbcompile.batch(copy.deepcopy(models), seeds=[4, 5, 6])
+    batched = mbcompile.batch(copy.deepcopy(models), seeds=[4, 5, 6])
+    compiled = torch.compile(batched, backend="mbcompile")
+    before = dict(backend.STATS)
+    e_outs = train(eager, 3, x, y)
+    c_outs = train(batched, 3, x, y, model_call=compiled)
+    assert backend.STATS["backend_calls"] - before.get("backend_calls", 0) == 1
+    assert backend.STATS["fw_graphs"] - before.get("fw_graphs", 0) == 1
+    assert backend.STATS["bw_graphs"] - before.get("bw_graphs", 0) == 1
+    assert_same_training(eager, batched, e_outs, c_outs)
+    # the eager module keeps working after compiling, and draws the next masks in turn
+    torch.testing.assert_close(batched(x), eager(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt_cls, kw", [(torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+                                         (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True))])
+def test_train_step_is_one_compiled_program_equal_to_eager(data, opt_cls, kw):
+    models, x, y = data
+    eager = mbcompile.batch(copy.deepcopy(models), seeds=[7, 8, 9])
+    fused = mbcompile.batch(copy.deepcopy(models), seeds=[7, 8, 9])
+    opt_e, opt_f = opt_cls(eager.parameters(), **kw), opt_cls(fused.parameters(), **kw)
+    step = backend.train_step(fused, F.cross_entropy, opt_f)
+    before = dict(backend.STATS)
+    for k in range(3):
+        opt_e.zero_grad()
+        want = mbcompile.loss(F.cross_entropy, eager(x), y)
+        want.sum().backward()
+        opt_e.step()
+        got = step(x, y)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12, msg=lambda m: f"step {k}: {m}")
+    # Adam: one program; SGD with momentum: a first-step program (buffer = gradient) and a later one
+    compiles = 1 if opt_cls is torch.optim.AdamW else 2
+    assert backend.STATS["backend_calls"] - before.get("backend_calls", 0) == compiles
+    assert backend.STATS["fw_graphs"] - before.get("fw_graphs", 0) == compiles
+    assert backend.STATS.get("bw_graphs", 0) == before.get("bw_graphs", 0)        # no autograd graph at all
+    for (name, p), (_, q) in zip(eager.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    for (name, a), (_, b) in zip(eager.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(eager.get_rng_state()["states"]["cpu"], fused.get_rng_state()["states"]["cpu"])
+    se, sf = opt_e.state_dict()["state"], opt_f.state_dict()["state"]       # torch's own state, kept
+    assert se.keys() == sf.keys()
+    for i in se:
+        for key in se[i]:
+            torch.testing.assert_close(sf[i][key], se[i][key], rtol=1e-10, atol=1e-12)
+
+
+def test_train_step_refuses_what_it_does_not_fuse():
+    b = mbcompile.batch(Net(), n=2)
+    with pytest.raises(ValueError, match="amsgrad"):
+        backend.train_step(b, F.cross_entropy, torch.optim.Adam(b.parameters(), amsgrad=True))
+    with pytest.raises(ValueError, match="RMSprop"):
+        backend.train_step(b, F.cross_entropy, torch.optim.RMSprop(b.parameters()))

@@ -1,0 +1,143 @@
+"""Every lowering of a heavy op computes the same numbers (float64, against each model alone), and the
+choice (forced, default or measured) is what explain() reports."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from mbcompile import lowering
+
+
+class CNN(nn.Module):
+    def __init__(self, groups=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups, bias=False)
+        self.head = nn.Linear(6 * 3 * 3, 5)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv1(x))), 2)
+        x = F.relu(self.conv2(x))
+        return self.head(x.flatten(1))
+
+
+class Deconv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.up = nn.ConvTranspose1d(4, 2, 3, stride=2, groups=2)
+
+    def forward(self, x):
+        return self.up(torch.tanh(self.conv(x)))
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(7, 9), nn.Linear(9, 9, bias=False), nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+INPUT = {CNN: lambda: torch.randn(4, 3, 12, 12, dtype=torch.float64),
+         Deconv: lambda: torch.randn(3, 2, 9, dtype=torch.float64),
+         MLP: lambda: torch.randn(5, 7, dtype=torch.float64)}
+
+
+def notes(batched):
+    return [note for r in mbcompile.explain(batched).records for note in r.notes]
+
+
+def check(cls, mode, per_model_input, n=3, **kw):
+    """Batched forward and gradients equal each model's own, under lowering mode ``mode``."""
+    models = [cls(**kw).double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    with lowering.force(mode):
+        batched = mbcompile.batch(models, in_dims=0 if per_model_input else None)
+        xs = torch.stack([INPUT[cls]() for _ in range(n)]) if per_model_input else INPUT[cls]()
+        out = batched(xs)
+    out.square().sum().backward()
+    params = dict(batched.named_parameters())
+    for i, ref in enumerate(refs):
+        x = xs[i] if per_model_input else xs
+        want = ref(x)
+        torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-10)
+        want.square().sum().backward()
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, name=name: f"model {i} {name}: {m}")
+    return notes(batched)
+
+
+@pytest.mark.parametrize("mode, per_model_input", [("grouped", False), ("loop", False), ("concat", False),
+                                                   ("grouped", True), ("loop", True), ("unfold", True)])
+def test_conv_lowerings_agree(mode, per_model_input):
+    got = check(CNN, mode, per_model_input)
+    conv = [s for s in got if s.startswith("conv")]
+    assert len(conv) == 2
+    # conv1 sees the shared input only when the input is shared; conv2 always sees per-model input
+    first, second = conv
+    offered_first = ("concat", "loop") if not per_model_input else ("grouped", "loop", "unfold")
+    if mode in offered_first:
+        assert first.startswith(f"conv{'' if per_model_input else '_shared_input'} lowering: {mode} (forced")
+    if mode in ("grouped", "loop", "unfold"):
+        assert second.startswith(f"conv lowering: {mode} (forced"), second
+
+
+@pytest.mark.parametrize("mode", ["grouped", "loop"])
+def test_grouped_and_transposed_conv_lowerings_agree(mode):
+    got = check(Deconv, mode, True)
+    assert sum(s.startswith(f"conv lowering: {mode} (forced") for s in got) == 2, got
+    got = check(CNN, mode, True, groups=2)
+    assert sum(s.startswith(f"conv lowering: {mode} (forced") for s in got) == 2, got
+
+
+@pytest.mark.parametrize("mode", ["baddbmm", "bmm", "loop", "concat"])
+@pytest.mark.parametrize("per_model_input", [False, True])
+def test_linear_lowerings_agree(mode, per_model_input):
+    got = check(MLP, mode, per_model_input)
+    lin = [s for s in got if s.startswith("linear")]
+    assert len(lin) == 3
+    if mode in ("baddbmm", "loop"):      # fc2 and fc3 always see per-model input
+        assert all(s.startswith(f"linear lowering: {mode} (forced") for s in lin[1:]), lin
+    if not per_model_input and mode in ("bmm", "loop", "concat"):
+        assert lin[0].startswith(f"linear_shared_input lowering: {mode} (forced"), lin
+
+
+def test_default_mode_is_fixed_and_says_so():
+    got = check(CNN, "default", True)
+    assert any(s.startswith("conv lowering: grouped (MBCOMPILE_LOWERING=default") for s in got), got
+    assert any(s.startswith("linear lowering: baddbmm (MBCOMPILE_LOWERING=default") for s in got), got
+
+
+def test_measured_choice_is_cached_and_explained():
+    lowering.clear_cache()
+    got = check(MLP, "measure", True)
+    lin = [s for s in got if s.startswith("linear lowering")]
+    assert lin and all("measured fwd+bwd on cpu" in s and "baddbmm" in s and "loop" in s for s in lin), lin
+    n_cached = len(lowering._CACHE)
+    assert n_cached >= 2                         # fc1/fc3 share no shape with fc2
+    again = check(MLP, "measure", True)
+    assert len(lowering._CACHE) == n_cached      # same signatures: no new measurement
+    assert [s for s in again if s.startswith("linear lowering")] == lin
+
+
+def test_env_var_forces_per_family(monkeypatch):
+    monkeypatch.setenv("MBCOMPILE_LOWERING", "conv=unfold,conv_shared_input=loop,linear=loop,"
+                                             "linear_shared_input=bmm")
+    assert lowering._setting("conv") == "unfold" and lowering._setting("linear") == "loop"
+    models = [CNN().double() for _ in range(2)]
+    batched = mbcompile.batch(models)
+    x = INPUT[CNN]()
+    out = batched(x)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x), rtol=1e-10, atol=1e-10)
+    got = notes(batched)
+    assert "conv_shared_input lowering: loop (forced by MBCOMPILE_LOWERING / lowering.force)" in got
+    assert "conv lowering: unfold (forced by MBCOMPILE_LOWERING / lowering.force)" in got
+    assert "linear lowering: loop (forced by MBCOMPILE_LOWERING / lowering.force)" in got
