@@ -1,5 +1,7 @@
 """mbcompile: train N independent copies of a PyTorch model as one compiled program."""
 from . import ops  # noqa: F401  (registers the mbcompile:: custom ops)
+from . import backend  # noqa: F401  (registers the "mbcompile" torch.compile backend)
+from .backend import train_step
 from .errors import CaptureError, MBCompileError, UnsupportedOpError
 from .batching import BatchedModule, batch
 from .loss import loss
@@ -13,7 +15,7 @@ from .history import History
 from .callbacks import Callback, Checkpoint, EarlyStopping, LRLogger, NaNGuard
 from .checkpoint import CheckpointError, export_model
 
-__all__ = ["batch", "BatchedModule", "loss", "explain", "optimizer", "shrink_", "GradScaler",
+__all__ = ["batch", "BatchedModule", "loss", "explain", "train_step", "optimizer", "shrink_", "GradScaler",
            "clip_grad_norm_", "clip_grad_value_", "fit", "History", "Callback", "Checkpoint", "EarlyStopping",
            "LRLogger", "NaNGuard", "CheckpointError", "export_model", "MBCompileError", "CaptureError", "UnsupportedOpError"]
 __version__ = "0.1.0"

@@ -1,12 +1,17 @@
 """The ``"mbcompile"`` torch.compile backend: mbcompile's graph passes, then TorchInductor.
 
     torch.compile(batched, backend="mbcompile")     # dynamo traces the call of the batched graph
-    mbcompile.batch(model, n, compile=True)         # the batched graph goes through the same backend
+    mbcompile.batch(model, n, compile=True)         # the batched graph, compiled without dynamo
+    step = train_step(batched, F.cross_entropy, opt)  # forward+loss+backward+update: ONE program
+    losses = step(x, y)
 
-Dynamo hands the backend a torch-level FX graph (parameters are placeholders); ``compile_fx`` runs
-AOTAutograd, so the forward and the backward graphs are both compiled by Inductor. ``STATS`` counts
-what happened (backend calls, forward and backward graphs Inductor compiled, seconds spent), so tests
-and ``explain()`` can prove that compilation really took place.
+The backend gets dynamo's FX graph; ``compile_fx`` runs AOTAutograd, so the forward and the backward
+graphs are both compiled by Inductor. ``compile=True`` hands the batched graph (already aten-level and
+functional: make_fx traced it) straight to AOTAutograd + Inductor (``CompiledProgram``): no dynamo
+guards per call. ``TrainStep`` traces forward, per-model loss, ``autograd.grad`` and the optimizer
+update into one graph and compiles it as one Inductor program (the fast path for small models, where
+per-op and per-call overhead dominates). ``STATS`` counts what happened (backend calls, forward and
+backward graphs Inductor compiled, seconds spent), so tests can prove that compilation took place.
 """
 from __future__ import annotations
 
@@ -50,6 +55,14 @@ def _counting_inner(inner):
 _DECOMPS: dict = {}
 
 
+def _register_fallback(op):
+    """Register Inductor's fallback for ``op`` explicitly: an implicit one for an op that has a
+    decomposition is an error when the CI environment variable is set (a check meant for PyTorch's CI)."""
+    from torch._inductor import lowering
+    if op not in lowering.lowerings:
+        lowering.make_fallback(op, warn=False, override_decomp=True)
+
+
 def _decompositions(cpu: bool):
     """Inductor's table; on CPU without the threshold_backward (relu backward) decomposition, so that
     the forward saves the float activation, not a bool mask: Inductor's vectorised bool stores run ~25x
@@ -59,6 +72,7 @@ def _decompositions(cpu: bool):
         table = dict(select_decomp_table())
         if cpu:
             table.pop(torch.ops.aten.threshold_backward.default, None)
+            _register_fallback(torch.ops.aten.threshold_backward.default)
         _DECOMPS[cpu] = table
     return _DECOMPS[cpu]
 
@@ -98,6 +112,8 @@ class CompiledProgram:
         STATS["backend_calls"] += 1
         cpu = all(a.device.type == "cpu" for a in args)
         gm = copy.deepcopy(self.gm)
+        for p in GRAPH_PASSES:
+            p(gm)
         with torch._functorch.config.patch(enable_autograd_cache=False):
             return compile_fx(gm, list(args), inner_compile=_counting_inner(compile_fx_inner),
                               decompositions=_decompositions(cpu))

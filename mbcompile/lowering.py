@@ -104,7 +104,8 @@ def choose(family, candidates, tensors, n, extra=(), grad=None):
         return Choice(names[0], "only candidate")
     ref = next(t for t in tensors if isinstance(t, torch.Tensor))
     grad = tuple(grad) if grad is not None else (True,) * len(tensors)
-    key = (family, ref.device.type, ref.dtype, n, tuple(_sig(t) for t in tensors), extra, tuple(names), grad)
+    key = (family, ref.device.type, ref.dtype, n, tuple(_sig(t) for t in tensors), extra, tuple(names), grad,
+           torch.get_num_threads())
     hit = _CACHE.get(key)
     if hit is None:
         t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from mbcompile.passes import RULES, batch_pass
 
 N = 3               # models
 SAMPLES = {torch.float64: 2, torch.float32: 1}   # sample inputs per op per dtype
-LOOKAHEAD = 6       # samples drawn per seed to choose SAMPLES from (the first + the highest rank)
+LOOKAHEAD = 8       # samples drawn per seed to choose SAMPLES from (the first + the highest rank)
 
 
 NONDET = {"empty_like", "new_empty", "new_empty_strided"}   # uninitialised memory
@@ -231,7 +231,8 @@ def _rank(s):
 
 
 def samples(op, dtype):
-    """Up to SAMPLES traced samples for the op, each with N models' inputs. Raises Skip."""
+    """Up to SAMPLES traced samples for the op, each with N models' inputs: the first sample and the
+    one of highest rank (float32: that one only), else the next usable ones. Raises Skip."""
     try:
         sets = [_seeded_samples(op, dtype, seed) for seed in range(N)]
     except Exception as e:  # noqa: BLE001
@@ -240,7 +241,7 @@ def samples(op, dtype):
         raise Skip("no sample inputs")
     if not _tensors_first(sets[0][0]):
         raise Skip("sample inputs are not tensors-first")
-    if "wrapper_set_seed" in getattr(getattr(op.op, "__code__", None), "co_names", ()) or op.name in NONDET:
+    if op.name in NONDET:
         raise Skip("random op")
     if any(t.layout != torch.strided for t in _leaves(sets[0][0])[0] if isinstance(t, torch.Tensor)):
         raise Skip("sparse inputs")
@@ -248,28 +249,38 @@ def samples(op, dtype):
               and all(k < len(s) and _same_structure(sets[0][k], s[k]) for s in sets[1:])]
     if not usable:
         raise Skip("sample inputs differ in structure from seed to seed")
-    chosen = [usable[0]]
-    rest = [k for k in usable[1:]]
-    if rest:
-        chosen.append(max(rest, key=lambda k: (_rank(sets[0][k]), -k)))
-    out = []
-    for k in (chosen if SAMPLES[dtype] > 1 else chosen[-1:])[:SAMPLES[dtype]]:
-        leaves, spec = _leaves(sets[0][k])
-        at = [j for j, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
-        per_model = [[_leaves(s[k])[0][j] for j in at] for s in sets]
-        smp = Sample(spec, leaves, at, per_model, fn=op.op)
-        _check_deterministic(smp)
-        fn = lambda *ts, smp=smp: _flat_out(smp.call(ts))  # noqa: E731
+    top = max(usable, key=lambda k: (_rank(sets[0][k]), len(sets[0][k].args) + len(sets[0][k].kwargs), -k))
+    order = [usable[0], top] if SAMPLES[dtype] > 1 else [top, usable[0]]
+    order += [k for k in usable if k not in order]
+    out, why = [], None
+    for k in list(dict.fromkeys(order))[:SAMPLES[dtype] + 2]:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                smp.gm, smp.consts, smp.mutated = trace(fn, per_model[0])
-        except Skip:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise Skip(f"capture fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
-        out.append(smp)
+            out.append(_prepare(op, sets, k))
+        except Skip as e:                        # e.g. a sample with dropout_p > 0: try the next
+            why = why or e
+        if len(out) == SAMPLES[dtype]:
+            break
+    if not out:
+        raise why
     return out
+
+
+def _prepare(op, sets, k):
+    leaves, spec = _leaves(sets[0][k])
+    at = [j for j, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    per_model = [[_leaves(s[k])[0][j] for j in at] for s in sets]
+    smp = Sample(spec, leaves, at, per_model, fn=op.op)
+    _check_deterministic(smp)
+    fn = lambda *ts: _flat_out(smp.call(ts))  # noqa: E731
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            smp.gm, smp.consts, smp.mutated = trace(fn, per_model[0])
+    except Skip:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"capture fails ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from e
+    return smp
 
 
 def _check_deterministic(smp):
@@ -280,6 +291,8 @@ def _check_deterministic(smp):
             outs.append(_flat_out(smp.call([t.clone() for t in smp.per_model[0]])))
         except Exception as e:  # noqa: BLE001
             raise Skip(f"the op fails on its own sample ({type(e).__name__})") from e
+    if not outs[0]:
+        raise Skip("no tensor outputs")
     for a, b in zip(*outs):
         if a.layout != torch.strided or a.dtype in (torch.complex32,):
             raise Skip(f"{a.layout} {a.dtype} outputs")

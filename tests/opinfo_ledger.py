@@ -9,4 +9,5 @@ LEDGER = {
     "as_strided_scatter": "reads the unbatched input's storage layout; no rule, and the vmap fallback differs",
     "_segment_reduce.lengths": "per-model lengths arrive as a keyword tensor, which batch_pass refuses",
     "_segment_reduce.offsets": "per-model offsets arrive as a keyword tensor, which batch_pass refuses",
+    "searchsorted": "a per-model sorter arrives as a keyword tensor, which batch_pass refuses",
 }
