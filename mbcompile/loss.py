@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
@@ -25,6 +26,11 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
                 target_in_dim = 0 if lead == n and lead != b else None
     if target_in_dim not in (None, 0):
         raise ValueError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
+    fast = _FAST.get(fn)
+    if fast is not None and not kwargs and isinstance(target, torch.Tensor):
+        res = fast(out, target, target_in_dim)
+        if res is not None:
+            return res
     try:
         res = torch.vmap(lambda o, t: fn(o, t, **kwargs), in_dims=(0, target_in_dim))(out, target)
         if res.shape == (n,):
@@ -32,3 +38,25 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
     except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models
         pass
     return torch.stack([fn(out[i], target[i] if target_in_dim == 0 else target, **kwargs) for i in range(n)])
+
+
+def _cross_entropy(out, target, tdim):
+    """n,B,C + B (or n,B) class indices -> [n]: one flat call, mean over each model's own samples."""
+    if out.dim() != 3 or target.is_floating_point() or target.dim() != (2 if tdim == 0 else 1):
+        return None
+    n, b, c = out.shape
+    tgt = target if tdim == 0 else target.unsqueeze(0).expand(n, b)
+    per = F.cross_entropy(out.reshape(n * b, c), tgt.reshape(n * b), reduction="none").view(n, b)
+    keep = (tgt != -100).to(per.dtype)
+    return per.sum(1) / keep.sum(1)
+
+
+def _mse(out, target, tdim):
+    """n,... + (n,)... -> [n]: mean squared error per model."""
+    t = target if tdim == 0 else target.unsqueeze(0)
+    if t.dim() != out.dim() or torch.broadcast_shapes(out.shape, t.shape) != out.shape:
+        return None
+    return (out - t).square().flatten(1).mean(1)
+
+
+_FAST = {F.cross_entropy: _cross_entropy, F.mse_loss: _mse}
