@@ -38,6 +38,8 @@ def sdpa(ctx, args, dims, kwargs):
     lead = tuple(qf.shape[1:-2])[:1] if rank >= 3 else ()
     fold = lambda t, d: _fold(t, d, n, rank, lead)  # noqa: E731
     qf, kf, vf = fold(q, dq), fold(k, dk), fold(v, dv)
+    if qf.device.type == "cuda":  # CUDA's efficient-attention backward rejects the strides a fold leaves
+        qf, kf, vf = qf.contiguous(), kf.contiguous(), vf.contiguous()
     mf = None if mask is None else fold(mask, dm)
     if dropout_p > 0:
         out = _math_with_dropout(ctx, qf, kf, vf, mf, dropout_p, is_causal, scale, lead)
