@@ -33,3 +33,16 @@ def embedding(ctx, args, dims, kwargs):
         flat_idx = fi + off.view(n, *([1] * (fi.dim() - 1)))
     ctx.note("flat table with per-model offsets")
     return aten.embedding(w.reshape(n * v, -1), flat_idx), 0
+
+
+@rule(aten.embedding_renorm.default)
+def embedding_renorm(ctx, args, dims, kwargs):
+    """max_norm: rows each model looks up are rescaled in its own block of the flat table.
+    n,V,D + (n,)B,T -> (n*V),D renorm at idx + i*V -> n,V,D."""
+    w, idx = args[0], args[1]
+    n = ctx.n
+    w = front(w, dims[0], n)
+    v = w.shape[1]
+    fi = front(idx, dims[1], n).reshape(n, -1) + (torch.arange(n, device=idx.device) * v).view(n, 1)
+    out = aten.embedding_renorm(w.reshape(n * v, -1), fi.reshape(-1), *args[2:], **kwargs)
+    return out.view(n, v, -1), 0

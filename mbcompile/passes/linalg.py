@@ -73,10 +73,10 @@ def _mat(ctx, a, da, b, db):
     first so the model dim is never read as a matrix dim:  n,K @ K,N -> n,1,K @ K,N -> n,N."""
     n = ctx.n
     ra, rb = a.dim() - (da is not None), b.dim() - (db is not None)
-    if ra == 1:
-        a, da = (front(a, da, n) if da is not None else a).unsqueeze(-2), (0 if da is not None else None)
-    if rb == 1:
-        b, db = (front(b, db, n) if db is not None else b).unsqueeze(-1), (0 if db is not None else None)
+    if ra == 1:                                        # K -> 1,K
+        a, da = (a.unsqueeze(-2), None) if da is None else (front(a, da, n).unsqueeze(-2), 0)
+    if rb == 1:                                        # K -> K,1
+        b, db = (b.unsqueeze(-1), None) if db is None else (front(b, db, n).unsqueeze(-1), 0)
     r = max(ra, rb, 2)
     out = torch.matmul(front_padded(a, da, r, n), front_padded(b, db, r, n))   # n,..,M,N
     if rb == 1:
