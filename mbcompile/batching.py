@@ -60,7 +60,7 @@ def check_same_architecture(models):
         for path, a in ref_mods.items():
             b = mods[path]
             where = path or "<root>"
-            if type(a) is not type(b):
+            if type(a) is not type(b) and not _same_parametrized_class(a, b):
                 raise ValueError(f"model {i} differs from model 0 at {where!r}: {type(b).__name__} vs "
                                  f"{type(a).__name__}")
             for kind in ("_parameters", "_buffers"):
@@ -89,6 +89,12 @@ def check_same_architecture(models):
                             f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p, "
                             f"LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
     return consts
+
+
+def _same_parametrized_class(a, b):
+    """torch.nn.utils.parametrize gives every parametrized module its own class; compare their bases."""
+    ta, tb = type(a), type(b)
+    return ta.__name__ == tb.__name__ and ta.__name__.startswith("Parametrized") and ta.__bases__ == tb.__bases__
 
 
 @dataclass

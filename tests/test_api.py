@@ -198,3 +198,24 @@ def test_explain_shows_rules_and_lowerings():
     text = str(e)
     assert "linalg.linear" in text and "concat" in text
     assert not e.fallbacks
+
+
+def test_parametrized_modules_batch_and_unbatch():
+    """weight_norm gives each instance its own class; models built alike still batch."""
+    def make():
+        return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 4)), nn.Tanh()).double()
+
+    models = [make() for _ in range(3)]
+    refs = [copy.deepcopy(m) for m in models]
+    b = mbcompile.batch(models, strict=True)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    out = b(x)
+    out.sum().backward()
+    params = dict(b.named_parameters())
+    for i, r in enumerate(refs):
+        ref = r(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+        for name, p in r.named_parameters():
+            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.unbatch(2)(x), models[2](x))
