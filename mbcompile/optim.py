@@ -478,14 +478,19 @@ def _wd_prep(pm, hp, lr, wd, decoupled):
     }
 
 
+def _adam_state(opt, p, st):
+    """step [n], exp_avg and exp_avg_sq like p: the state of Adam and its relatives."""
+    st["step"] = _zeros_step(opt.n)
+    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 class _Adam(_Rule):
     cls = torch.optim.Adam
     keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
 
     def init_state(self, opt, p, st, hp):
-        st["step"] = _zeros_step(opt.n)
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        _adam_state(opt, p, st)
 
     def prep(self, c, hp, steps):
         pm = c.pm
@@ -757,9 +762,7 @@ class _RAdam(_Rule):
     tensor_keys = ("rect_on",)
 
     def init_state(self, opt, p, st, hp):
-        st["step"] = _zeros_step(opt.n)
-        st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        _adam_state(opt, p, st)
 
     def prep(self, c, hp, steps):
         pm = c.pm

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import os
 
+import pytest
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,3 +133,24 @@ def cross_entropy_n(out, y):
 
 def unbatched_params(batched, i):
     return dict(batched.unbatch(i).named_parameters())
+
+
+class MLP(nn.Module):
+    """The small model the optimizer tests train (6 -> 16 -> 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_one_thread():
+    """Tiny tensors: one intra-op thread is fastest and keeps these tests quick on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)

@@ -6,30 +6,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _stacked import cross_entropy_n, make_batched, per_model_loss
+from _stacked import MLP, _seed_and_one_thread, cross_entropy_n, make_batched, per_model_loss  # noqa: F401
 from mbcompile.amp import GradScaler
 from mbcompile.clip import clip_grad_norm_, clip_grad_value_
 from mbcompile.optim import optimizer, shrink_
 
 N = 4
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_models(n=N, dtype=torch.float64):

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from _stacked import cross_entropy_n, make_batched
+from _stacked import MLP, _seed_and_one_thread, cross_entropy_n, make_batched  # noqa: F401
 from mbcompile.optim import (
     BatchedOptimizer,
     ReduceLROnPlateau,
@@ -24,25 +24,6 @@ from mbcompile.optim import (
 
 N = 4
 LRS = [0.1, 0.05, 0.02, 0.01]
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # tiny tensors: one intra-op thread is fastest, and keeps these tests quick on a loaded machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_models(n=N, dtype=torch.float64, cls=MLP):
