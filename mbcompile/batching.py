@@ -338,6 +338,9 @@ class BatchedModule(nn.Module):
             if kind == "buffer":  # a new tensor, not copy_: autograd may have saved the old one
                 parent, _, leaf = target.rpartition(".")
                 self.get_submodule(parent)._buffers[leaf] = v.detach()
+            elif kind == "param":  # e.g. embedding max_norm renormalises rows in place, as eager does
+                with torch.no_grad():
+                    self.get_parameter(target).data.copy_(v.detach())
             elif kind == "user_mutation":
                 with torch.no_grad():
                     src = [x for x in leaves if isinstance(x, torch.Tensor)][prog.user_names.index(target)]

@@ -2,7 +2,9 @@
 constants into mbcompile ops, then run_decompositions that keeps every op with a rule."""
 from __future__ import annotations
 
+import contextlib
 import re
+import types
 import traceback
 from dataclasses import dataclass, field
 
@@ -50,6 +52,33 @@ class Captured:
     seconds: float = 0.0
 
 
+@contextlib.contextmanager
+def _cumulative_batch_norm(model):
+    """BatchNorm with momentum=None averages with 1/float(num_batches_tracked), a data-dependent Python
+    float; during capture such layers (in training) compute the factor as a tensor instead."""
+    patched = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+               and m.momentum is None and m.training and m.track_running_stats]
+    for m in patched:
+        m.forward = types.MethodType(_bn_cumulative_forward, m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
+def _bn_cumulative_forward(self, x):
+    self._check_input_dim(x)
+    self.num_batches_tracked.add_(1)
+    f = 1.0 / self.num_batches_tracked.to(x.dtype)             # the cumulative-average factor
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = x.mean(dims), x.var(dims, correction=1)        # running_var uses the unbiased variance
+    with torch.no_grad():
+        self.running_mean.mul_(1 - f).add_(mean.detach() * f)
+        self.running_var.mul_(1 - f).add_(var.detach() * f)
+    return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
 def _data_dependent(e):
     text = f"{type(e).__name__}: {e}"
     return any(s in text for s in ("data-dependent", "data dependent", "GuardOnDataDependent",
@@ -75,7 +104,8 @@ def capture(template, args, kwargs, consts) -> Captured:
     import time
     t0 = time.perf_counter()
     try:
-        ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+        with _cumulative_batch_norm(template):
+            ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):
@@ -91,6 +121,7 @@ def capture(template, args, kwargs, consts) -> Captured:
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
     _prepass(ep.graph_module, consts)
     ep = ep.run_decompositions(decomposition_table())
+    _undetach_renorm(ep.graph_module)
     sig = ep.graph_signature
     inputs = []
     for spec in sig.input_specs:
@@ -102,7 +133,8 @@ def capture(template, args, kwargs, consts) -> Captured:
     outputs = []
     for spec in sig.output_specs:
         kind = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_OUTPUT: "user",
-                OutputKind.USER_INPUT_MUTATION: "user_mutation"}.get(spec.kind)
+                OutputKind.USER_INPUT_MUTATION: "user_mutation",
+                OutputKind.PARAMETER_MUTATION: "param"}.get(spec.kind)
         if kind is None:
             raise CaptureError(f"unsupported graph output {spec}")
         outputs.append((kind, spec.target))
@@ -121,6 +153,18 @@ def decomposition_table():
         _TABLE.clear()
         _TABLE[key] = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
     return _TABLE[key]
+
+
+def _undetach_renorm(gm):
+    """embedding(max_norm=...) renorms the weight in place under no_grad; functionalised, the lookup
+    reads renorm(detach(weight)) and the weight gets no gradient, unlike eager. Feed renorm the weight
+    itself: its rule returns the renormed values with an identity gradient."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding_renorm.default:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.detach.default:
+                node.replace_input_with(src, src.args[0])
+    gm.recompile()
 
 
 def _per_model(node, consts, attr):

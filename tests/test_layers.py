@@ -73,6 +73,8 @@ LAYERS = {
     "instancenorm": (lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True), (2, 3, 4, 4)),
     "layernorm_2d": (lambda: nn.LayerNorm([4, 5]), (3, 4, 5)),
     "embedding_pad": (lambda: nn.Embedding(10, 4, padding_idx=2), None),
+    "embedding_max_norm": (lambda: nn.Embedding(10, 4, max_norm=1.0), None),      # renorms the weight in place
+    "batchnorm_cumulative": (lambda: nn.BatchNorm1d(5, momentum=None), (6, 5)),    # 1/num_batches_tracked
     "maxpool_avgpool": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.AvgPool2d(2, ceil_mode=True),
                                               nn.AdaptiveMaxPool2d(1)), (2, 2, 9, 9)),
     "upsample": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2, mode="bilinear")), (1, 2, 3, 3)),
@@ -87,7 +89,7 @@ LAYERS = {
 
 
 def _input(name, shape, g):
-    if name == "embedding_pad":
+    if name.startswith("embedding"):
         return (torch.randint(0, 10, (3, 4), generator=g),)
     if name == "bilinear":
         return (torch.randn(4, 3, dtype=torch.float64, generator=g), torch.randn(4, 3, dtype=torch.float64, generator=g))
@@ -115,5 +117,5 @@ def test_layer_matches_each_model(name, mode):
         for pname, p in r.named_parameters():
             torch.testing.assert_close(params[pname].grad[i], p.grad, rtol=1e-8, atol=1e-9,
                                        msg=lambda m: f"model {i} {pname}: {m}")
-        for (bname, b), (_, c) in zip(r.named_buffers(), batched.unbatch(i).named_buffers()):
-            torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9)
+        for (bname, b), (_, c) in zip(r.state_dict().items(), batched.unbatch(i).state_dict().items()):
+            torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9)        # buffers and renormed weights

@@ -44,5 +44,7 @@ def embedding_renorm(ctx, args, dims, kwargs):
     w = front(w, dims[0], n)
     v = w.shape[1]
     fi = front(idx, dims[1], n).reshape(n, -1) + (torch.arange(n, device=idx.device) * v).view(n, 1)
-    out = aten.embedding_renorm(w.reshape(n * v, -1), fi.reshape(-1), *args[2:], **kwargs)
-    return out.view(n, v, -1), 0
+    out = aten.embedding_renorm(w.reshape(n * v, -1), fi.reshape(-1), *args[2:], **kwargs).view(n, v, -1)
+    # eager renormalises the parameter in place under no_grad, so the lookup's gradient still reaches the
+    # weight: the renormed values, with the identity as gradient (w - w.detach() is exactly zero)
+    return w - w.detach() + out.detach(), 0
