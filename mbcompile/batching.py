@@ -266,7 +266,7 @@ class BatchedModule(nn.Module):
         fast = not kwargs and all(type(a) is torch.Tensor for a in args)
         if fast:                                     # positional tensors only: one dict lookup per call
             fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self.training, self._randomness,
-                    self._n, self._in_dims)
+                    self._n, self._in_dims, _autocast_key())
             cache = self.__dict__.setdefault("_fast_programs", {})
             hit = cache.get(fkey)
             if hit is not None and self._programs.get(hit[3]) is hit[0]:
@@ -287,7 +287,8 @@ class BatchedModule(nn.Module):
                                  f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
         device = next(iter(self.parameters()), torch.empty(0)).device
         key = (spec, tuple((tuple(x.shape), x.dtype, x.device, d) if isinstance(x, torch.Tensor) else ("c", repr(x))
-                           for x, d in zip(leaves, dims)), self.training, self._randomness, self._n)
+                           for x, d in zip(leaves, dims)), self.training, self._randomness, self._n,
+               _autocast_key())
         prog = self._programs.get(key)
         if prog is None:
             cuda = [device.index or 0] if device.type == "cuda" else []
@@ -425,6 +426,12 @@ def _gc_paused():
     finally:
         if was:
             gc.enable()
+
+
+def _autocast_key():
+    """Autocast changes the captured graph (casts are recorded), so it is part of a program's key."""
+    return tuple(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+                 for dev in ("cpu", "cuda"))
 
 
 @torch.compiler.disable

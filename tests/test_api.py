@@ -219,3 +219,18 @@ def test_parametrized_modules_batch_and_unbatch():
         for name, p in r.named_parameters():
             torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b.unbatch(2)(x), models[2](x))
+
+
+def test_autocast_is_part_of_the_program_key():
+    models = [MLP() for _ in range(2)]
+    b = mbcompile.batch(models)
+    x = torch.randn(4, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = b(x)
+        refs = [m(x) for m in models]
+    assert low.dtype == torch.bfloat16
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(low[i], r)
+    full = b(x)
+    assert full.dtype == torch.float32
+    torch.testing.assert_close(full[1], models[1](x))
