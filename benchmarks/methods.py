@@ -9,6 +9,7 @@ copies, never trains in place) and exposes ``step(x, y)`` (forward, backward, op
 - vmap_compiled:       the same with the vmap(grad(...)) function torch.compile'd.
 - mbcompile:           mbcompile.batch(models) + mbcompile.optimizer(batched, Adam, lr=[...]).
 - mbcompile_compiled:  mbcompile.batch(models, compile=True) + the same optimizer.
+- mbcompile_step:      mbcompile.train_step: the whole step (shared lr) as one Inductor program.
 """
 from __future__ import annotations
 
@@ -161,4 +162,38 @@ class MBCompileCompiled(MBCompile):
     name, compiled = "mbcompile_compiled", True
 
 
-METHODS = {m.name: m for m in [Sequential, SequentialCompiled, Vmap, VmapCompiled, MBCompile, MBCompileCompiled]}
+class MBCompileStep(Method):
+    """mbcompile.train_step: forward, per-model loss, backward and torch.optim.Adam over the stacked
+    parameters (one shared lr, as vmap's) as ONE Inductor program. p.grad is not filled, so grads()
+    for the correctness check is read back from Adam's first moment after the first step
+    (exp_avg = (1 - beta1) * g)."""
+    name, compiled = "mbcompile_step", True
+
+    def __init__(self, workload, models):
+        super().__init__(workload, models)
+        import mbcompile
+        self.batched = mbcompile.batch(models)
+        self.opt = torch.optim.Adam(self.batched.parameters(), lr=LR)
+        self.fn = mbcompile.train_step(self.batched, workload.loss, self.opt)
+        self.info["optimizer"] = "mbcompile.train_step with torch.optim.Adam (shared lr), one compiled program"
+
+    def step(self, x, y):
+        self.fn(x, y)
+
+    def params(self):
+        named = dict(self.batched.named_parameters())
+        return {k: named[k].detach() for k in self.names}
+
+    def grads(self):
+        named = dict(self.batched.named_parameters())
+        beta1 = self.opt.param_groups[0]["betas"][0]
+        st = self.opt.state
+        return {k: (st[named[k]]["exp_avg"] / (1 - beta1) if "exp_avg" in st.get(named[k], {}) else None)
+                for k in self.names}
+
+    def times(self):
+        return dict(self.fn.times)
+
+
+METHODS = {m.name: m for m in [Sequential, SequentialCompiled, Vmap, VmapCompiled, MBCompile, MBCompileCompiled,
+                               MBCompileStep]}
