@@ -14,6 +14,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from .errors import CaptureError
 from .passes import RULES
+from .passes.registry import per_model_const
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -167,16 +168,6 @@ def _undetach_renorm(gm):
     gm.recompile()
 
 
-def _per_model(node, consts, attr):
-    if consts is None:
-        return None
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return None
-    path = list(stack.values())[-1][0]
-    return consts.get(path, {}).get(attr)
-
-
 def _prepass(gm, consts):
     """dropout(x, p, train) -> mbcompile.dropout(x, [p..], mode); rand/bernoulli/normal_/... ->
     mbcompile.draw(like, kind, a, b, shape, stride, dtype, device); leaky_relu with a per-model slope
@@ -190,17 +181,17 @@ def _prepass(gm, consts):
         if t in _DROPOUTS:
             x, p = node.args[0], node.args[1]
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-            ps = _per_model(node, consts, "p") or [p]
+            ps = per_model_const(node, consts, "p") or [p]
             if not train or all(v == 0 for v in ps):
                 _replace(g, node, x, order, inplace=t.name().endswith("_"))
                 continue
             with g.inserting_before(node):
                 new = g.call_function(mb.dropout.default, (x, list(ps), _DROPOUTS[t]))
             _replace(g, node, new, order, inplace=t.name().endswith("_"))
-        elif t is aten.leaky_relu.default and _per_model(node, consts, "negative_slope"):
+        elif t is aten.leaky_relu.default and per_model_const(node, consts, "negative_slope"):
             with g.inserting_before(node):
                 new = g.call_function(mb.leaky_relu.default,
-                                      (node.args[0], list(_per_model(node, consts, "negative_slope"))))
+                                      (node.args[0], list(per_model_const(node, consts, "negative_slope"))))
             _replace(g, node, new, order)
         elif t in _DRAWS:
             kind, ia, ib, da, db, il, inplace = _DRAWS[t]

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedOpError, source_line
 from .axes import front
-from .registry import RANDOM_OPS, RULES, RuleCtx
+from .registry import RANDOM_OPS, RULES, RuleCtx, module_path
 
 _WARNED: set = set()
 
@@ -36,14 +36,6 @@ class Record:
 
 def op_name(target):
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
-
-
-def module_path(node):
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return path
 
 
 def run(gm, n, inputs, in_dims, *, strict=False, consts=None, rng=None, records=None, fallback=True):
@@ -70,10 +62,6 @@ def run(gm, n, inputs, in_dims, *, strict=False, consts=None, rng=None, records=
             return [front(v, d, n) if isinstance(v, torch.Tensor) else v for v, d in flat]
         else:
             raise NotImplementedError(f"node kind {node.op} ({node.name})")
-
-
-def _dims_of(x):
-    return fx.node.map_aggregate(x, lambda a: None)
 
 
 def _split(node, env):

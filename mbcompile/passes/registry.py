@@ -63,10 +63,18 @@ class RuleCtx:
 
     def per_model(self, attr: str):
         """Per-model values of a scalar attribute of the module this node came from, or None."""
-        stack = (self.node.meta.get("nn_module_stack") or {}) if self.node is not None else {}
-        if not self.consts or not stack:
-            return None
-        return self.consts.get(list(stack.values())[-1][0], {}).get(attr)
+        return per_model_const(self.node, self.consts, attr)
+
+
+def module_path(node) -> str:
+    """Path of the innermost nn.Module a node came from ("" when unknown)."""
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def per_model_const(node, consts, attr):
+    """consts[module path][attr] for the module a node came from: per-model values, or None."""
+    return consts.get(module_path(node), {}).get(attr) if consts else None
 
 
 def logical_ndim(x, d):

@@ -330,9 +330,7 @@ def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, reps=3):
 
 def _dropout_rates(ctx, p):
     """Inter-layer dropout rate per model (a list of n when the models' rates differ), else [p]."""
-    from .batch_pass import module_path
-    consts = ctx.consts if isinstance(ctx.consts, dict) else {}
-    per = consts.get(module_path(ctx.node), {}).get("dropout") if ctx.node is not None else None
+    per = ctx.per_model("dropout")
     return list(per) if per else [p]
 
 
