@@ -9,7 +9,8 @@ copies, never trains in place) and exposes ``step(x, y)`` (forward, backward, op
 - vmap_compiled:       the same with the vmap(grad(...)) function torch.compile'd.
 - mbcompile:           mbcompile.batch(models) + mbcompile.optimizer(batched, Adam, lr=[...]).
 - mbcompile_compiled:  mbcompile.batch(models, compile=True) + the same optimizer.
-- mbcompile_step:      mbcompile.train_step: the whole step (shared lr) as one Inductor program.
+- mbcompile_step:      mbcompile.train_step with the same per-model optimizer: the whole step as one
+                       Inductor program.
 """
 from __future__ import annotations
 
@@ -163,19 +164,20 @@ class MBCompileCompiled(MBCompile):
 
 
 class MBCompileStep(Method):
-    """mbcompile.train_step: forward, per-model loss, backward and torch.optim.Adam over the stacked
-    parameters (one shared lr, as vmap's) as ONE Inductor program. p.grad is not filled, so grads()
-    for the correctness check is read back from Adam's first moment after the first step
-    (exp_avg = (1 - beta1) * g)."""
+    """mbcompile.train_step: forward, per-model loss, backward and the update of
+    mbcompile.optimizer(batched, Adam, lr=[per model]) (the mbcompile method's optimizer) as ONE Inductor
+    program. p.grad is not filled, so grads() for the correctness check is read back from Adam's first
+    moment after the first step (exp_avg = (1 - beta1) * g, the per-model optimizer keeps torch's keys)."""
     name, compiled = "mbcompile_step", True
 
     def __init__(self, workload, models):
         super().__init__(workload, models)
         import mbcompile
         self.batched = mbcompile.batch(models)
-        self.opt = torch.optim.Adam(self.batched.parameters(), lr=LR)
+        self.opt = mbcompile.optimizer(self.batched, torch.optim.Adam, lr=[LR] * self.n)
         self.fn = mbcompile.train_step(self.batched, workload.loss, self.opt)
-        self.info["optimizer"] = "mbcompile.train_step with torch.optim.Adam (shared lr), one compiled program"
+        self.info["optimizer"] = ("mbcompile.train_step with mbcompile.optimizer(Adam, lr=[per model]), "
+                                  "one compiled program")
 
     def step(self, x, y):
         self.fn(x, y)
@@ -186,10 +188,15 @@ class MBCompileStep(Method):
 
     def grads(self):
         named = dict(self.batched.named_parameters())
-        beta1 = self.opt.param_groups[0]["betas"][0]
+        one_m_b1 = torch.tensor([1 - g["betas"][0] for g in self.opt.param_groups], dtype=torch.float64)
         st = self.opt.state
-        return {k: (st[named[k]]["exp_avg"] / (1 - beta1) if "exp_avg" in st.get(named[k], {}) else None)
-                for k in self.names}
+
+        def grad(p):
+            if "exp_avg" not in st.get(p, {}):
+                return None
+            m = st[p]["exp_avg"]
+            return m / one_m_b1.to(m.dtype).view(-1, *([1] * (m.dim() - 1)))
+        return {k: grad(named[k]) for k in self.names}
 
     def times(self):
         return dict(self.fn.times)

@@ -2,6 +2,7 @@
 
     torch.compile(batched, backend="mbcompile")     # dynamo traces the call of the batched graph
     mbcompile.batch(model, n, compile=True)         # the batched graph, compiled without dynamo
+    opt = mbcompile.optimizer(batched, torch.optim.AdamW, lr=[...])   # per model (or a torch.optim SGD/Adam)
     step = train_step(batched, F.cross_entropy, opt)  # forward+loss+backward+update: ONE program
     losses = step(x, y)
 
@@ -166,26 +167,68 @@ class TrainStep:
     dominates, this is the fast path: one call per step instead of a forward, a backward and an
     optimizer step, each with its own Python and autograd overhead.
 
-    ``optimizer`` is a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` with one param group holding the
-    batched module's stacked parameters (every model shares its hyperparameters; ``lr`` and the other
-    scalars are read at every call, so LR schedulers work without recompiling). Its state lives in
-    ``optimizer.state`` under torch's own keys, so ``optimizer.step()`` and ``state_dict()`` keep
-    working. Results equal the separate steps up to float rounding (Inductor fuses the update), not
-    bit for bit; ``p.grad`` is not filled. Batch-norm buffers and "sequential" RNG streams advance as
-    in eager. Returns the per-model losses, shape [n] (detached)."""
+    ``optimizer`` is either
 
-    def __init__(self, batched, loss_fn, optimizer, **loss_kwargs):
+    * mbcompile's per-model optimizer (``mbcompile.optimizer(batched, torch.optim.X, lr=[...], ...)``,
+      any of its classes: SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, with per-model
+      hyperparameters and frozen models). Each call does the host side of its ``step`` (state
+      creation, step counters of the models that step, the per-model scalars such as bias
+      corrections) in Python and passes the scalars to the program as tensors, so LR schedulers and
+      changed hyperparameter values do not recompile; what changes the program's structure does
+      (a flag such as ``nesterov``/``amsgrad``, a hyperparameter that becomes per-model, freezing
+      every model or no longer every model, which parameters have state). Or
+    * a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` with one param group holding the batched module's
+      stacked parameters (every model shares its hyperparameters; ``lr`` and the other scalars are read
+      at every call, so LR schedulers work without recompiling; SGD with momentum compiles a second
+      program after its first step).
+
+    The optimizer's state lives in ``optimizer.state`` under the keys its own ``step`` uses, so
+    ``optimizer.step()``, ``state_dict()`` / ``load_state_dict()``, freezing and ``mbcompile.shrink_``
+    keep working and train_step calls can alternate with normal steps. ``max_grad_norm`` (a float, or a
+    list / 1-D tensor with one value per model) clips each model's gradient norm inside the program as
+    ``mbcompile.clip_grad_norm_(batched, max_grad_norm)`` does in the normal loop; the per-model norms
+    before clipping are then in ``step.last_grad_norms``. Results equal the separate steps up to float
+    rounding (Inductor fuses the update), not bit for bit; ``p.grad`` is not filled, and the
+    optimizer's step hooks do not run. Batch-norm buffers and "sequential" RNG streams advance as in
+    eager. Not supported: a GradScaler (mixed-precision loss scaling), closure-based optimizers
+    (LBFGS), other optimizers. Returns the per-model losses, shape [n] (detached)."""
+
+    def __init__(self, batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
+        from .amp import GradScaler
         self.batched, self.loss_fn, self.opt, self.loss_kwargs = batched, loss_fn, optimizer, loss_kwargs
+        for k, v in loss_kwargs.items():
+            if k in ("scaler", "grad_scaler") or isinstance(v, (GradScaler, torch.amp.GradScaler)):
+                raise ValueError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
+                                 "per model on the host); use the normal loop with mbcompile.GradScaler")
+            if k == "closure":
+                raise ValueError("mbcompile.train_step computes the loss itself and takes no closure")
+        self.per_model = bool(getattr(optimizer, "_mbcompile_per_model", False))
         kind = type(optimizer).__name__
-        if kind not in ("SGD", "Adam", "AdamW") or len(optimizer.param_groups) != 1:
-            raise ValueError(f"mbcompile.train_step supports torch.optim.SGD/Adam/AdamW with one param group "
-                             f"over the batched parameters, got {kind} with {len(optimizer.param_groups)} groups")
-        g = optimizer.param_groups[0]
-        if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
-            raise ValueError("mbcompile.train_step does not support amsgrad, maximize or differentiable")
+        if self.per_model:
+            if optimizer.n != batched.n:
+                raise ValueError(f"the optimizer is for n={optimizer.n} models, the batch has n={batched.n}")
+            kind = optimizer._optim_cls.__name__
+        else:
+            if isinstance(optimizer, torch.optim.LBFGS):
+                raise ValueError("mbcompile.train_step does not support closure-based optimizers (LBFGS "
+                                 "re-evaluates the model several times per step)")
+            if kind not in ("SGD", "Adam", "AdamW") or len(optimizer.param_groups) != 1:
+                from .optim import supported_optimizers
+                names = ", ".join(c.__name__ for c in supported_optimizers())
+                raise ValueError(f"mbcompile.train_step supports mbcompile.optimizer(batched, torch.optim.X, ...) "
+                                 f"for X in {names}, or torch.optim.SGD/Adam/AdamW with one param group over "
+                                 f"the batched parameters; got {kind} with {len(optimizer.param_groups)} groups")
+            g = optimizer.param_groups[0]
+            if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
+                raise ValueError("mbcompile.train_step with a torch.optim optimizer does not support amsgrad, "
+                                 "maximize or differentiable (mbcompile.optimizer(batched, ...) supports them)")
         self.kind = kind
-        self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
+        self.max_grad_norm = max_grad_norm
+        self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
+        self.last_grad_norms = None
+        self.compiled, self.times, self._pidx, self._hp_cache, self._masks = {}, {}, {}, None, {}
 
+    # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
     def _hp(self):
         g = self.opt.param_groups[0]
         if self.kind == "SGD":
@@ -223,40 +266,114 @@ class TrainStep:
                 out += (st["step"], st["exp_avg"], st["exp_avg_sq"])
         return out, first
 
+    def _torch_update(self, params):
+        """Graph inputs, cache key and in-graph update for a torch.optim optimizer."""
+        hp, flags = self._hp()
+        opt_t, first = self._opt_tensors(params, flags)
+        kind, n_opt = self.kind, len(opt_t)
+
+        def update(ps, grads, tail):
+            _update(kind, flags, first, ps, grads, list(tail[:n_opt]), tail[n_opt])
+        return opt_t + [hp], (flags, first), update
+
+    # ---- mbcompile's per-model optimizer -------------------------------------------------------------
+    def _per_model_update(self, params):
+        """The host side of ``BatchedOptimizer.step`` (state, step counters, per-model scalars), done
+        here; the tensor side (``_apply_all``, as ``step(compile=True)`` runs it) goes into the program,
+        its state tensors and scalars as inputs. Returns graph inputs, cache key and the update."""
+        from .optim import _apply_all, _device_state_keys, _pack_scalars, _unpack_scalars
+        opt = self.opt
+        act = opt._active_list(None)
+        if act is not None and not any(act):
+            return [], ("all frozen",), None              # forward and backward only, as opt.step() does
+        _, prepped = opt._host_prep(params, act)
+        dev = params[0].device
+        skeys = tuple(_device_state_keys(st) for _, st, _ in prepped)
+        states = [st[k] for (_, st, _), keys in zip(prepped, skeys) for k in keys]
+        ids, scs, sidx = {}, [], []
+        for _, _, sc in prepped:                           # params that share one sc share its rows
+            j = ids.get(id(sc))
+            if j is None:
+                j = ids[id(sc)] = len(scs)
+                scs.append(sc)
+            sidx.append(j)
+        layout, floats, bools, extra = _pack_scalars(scs, opt.n, opt._rule.tensor_keys, dev)
+        mkey = (opt.n, None if act is None else tuple(act), dev)
+        mask = self._masks.get(mkey)
+        if mask is None:
+            mask = self._masks[mkey] = torch.tensor([True] * opt.n if act is None else act, dtype=torch.bool,
+                                                    device=dev)
+        rule, n, ns, ne = opt._rule, opt.n, len(states), len(extra)
+
+        def update(ps, grads, tail):
+            st_t, floats_t, bools_t = tail[:ns], tail[ns], tail[ns + 1]
+            extra_t, mask_t = list(tail[ns + 2:ns + 2 + ne]), tail[ns + 2 + ne]
+            it = iter(st_t)
+            sts = [{k: next(it) for k in keys} for keys in skeys]
+            unpacked = _unpack_scalars(layout, floats_t, bools_t, extra_t)
+            _apply_all(rule, n, ps, grads, sts, [unpacked[j] for j in sidx], mask_t)
+        key = (n, skeys, layout, tuple(sidx), tuple((e.shape, e.dtype) for e in extra))
+        return states + [floats, bools] + extra + [mask], key, update
+
+    def _max_norm(self, n):
+        if self.max_grad_norm is None:
+            return None
+        if self._clip is None or self._clip[0] != n:
+            from .optim import _split_per_model
+            vals = _split_per_model("max_grad_norm", self.max_grad_norm, n)
+            self._clip = (n, torch.tensor([float(v) for v in vals], dtype=torch.float64))
+        return self._clip[1]
+
     def __call__(self, *args):
         *inputs, target = args
         b = self.batched
         prog, vals, leaves = b._prepare(tuple(inputs), {})
-        hp, flags = self._hp()
         pidx = self._pidx.get(id(prog))
         if pidx is None:
             kinds = [k for k, _ in prog.captured.inputs]
-            pidx = self._pidx[id(prog)] = [i for i, k in enumerate(kinds) if k == "param" and vals[i].requires_grad]
-        opt_t, first = self._opt_tensors([vals[i] for i in pidx], flags)
-        flat = vals + opt_t
-        flat += (hp, target)
-        key = (id(prog), tuple(pidx), flags, first, target.shape, target.dtype)
+            pidx = [i for i, k in enumerate(kinds) if k == "param" and vals[i].requires_grad]
+            if self.per_model:
+                mine = {id(p) for p in self.opt._params}
+                if any(id(vals[i]) not in mine for i in pidx):
+                    raise ValueError("mbcompile.train_step: the optimizer does not hold every trainable "
+                                     "parameter of the batched module")
+            self._pidx[id(prog)] = pidx
+        params = [vals[i] for i in pidx]
+        if not params:
+            raise ValueError("mbcompile.train_step: the batched module has no parameter that requires grad")
+        if self.per_model:
+            tail, okey, update = self._per_model_update(params)
+        else:
+            tail, okey, update = self._torch_update(params)
+        max_norm = self._max_norm(b.n)
+        if max_norm is not None:
+            tail = tail + [max_norm.to(params[0].device)]
+        flat = vals + tail + [target]
+        key = (id(prog), tuple(pidx), self.per_model, okey, max_norm is not None, target.shape, target.dtype)
         fn = self.compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
-            fn = self.compiled[key] = self._compile(prog, pidx, flags, first, [v.detach() for v in flat],
-                                                    len(opt_t))
+            fn = self.compiled[key] = self._compile(prog, pidx, [v.detach() for v in flat], len(tail), update,
+                                                    max_norm is not None)
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
+        self.opt._opt_called = True        # what torch's LR schedulers check (their wrapper of opt.step sets it)
+        if max_norm is not None:
+            self.last_grad_norms, res = res[-1], res[:-1]
         if prog.captured.outputs and any(k != "user" for k, _ in prog.captured.outputs):
             b._outputs(prog, res[:-1], leaves)         # batch-norm buffers, mutated inputs
         return res[-1]
 
-    def _compile(self, prog, pidx, flags, first, flat, n_opt):
+    def _compile(self, prog, pidx, flat, n_tail, update, clip):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         from torch.fx.experimental.proxy_tensor import make_fx
         from .loss import loss as per_model_loss
-        nv = len(flat) - n_opt - 2
-        kind, loss_fn, kw, gm = self.kind, self.loss_fn, self.loss_kwargs, prog.gm
+        nv = len(flat) - n_tail - 1
+        loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
 
         def joint(*a):
-            vals, opt_t, hp, target = list(a[:nv]), list(a[nv:nv + n_opt]), a[-2], a[-1]
+            vals, tail, target = list(a[:nv]), a[nv:nv + n_tail], a[-1]
             with torch.enable_grad():
                 ps = [vals[i].detach().requires_grad_() for i in pidx]
                 for j, i in enumerate(pidx):
@@ -265,9 +382,14 @@ class TrainStep:
                 user = [o for (k, _), o in zip(prog.captured.outputs, outs) if k == "user"]
                 losses = per_model_loss(loss_fn, user[0], target, **kw)
                 grads = torch.autograd.grad(losses.sum(), ps)
-            params = [a[i] for i in pidx]
-            _update(kind, flags, first, params, grads, opt_t, hp)
-            return [o.detach() for o in outs] + [losses.detach()]
+            extra = []
+            if clip:
+                tail, max_norm = tail[:-1], tail[-1]
+                grads, norms = _clip_grad_norm(list(grads), max_norm)
+                extra.append(norms)
+            if update is not None:
+                update([a[i] for i in pidx], list(grads), tail)
+            return [o.detach() for o in outs] + [losses.detach()] + extra
 
         with torch.no_grad():
             traced = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
@@ -275,6 +397,16 @@ class TrainStep:
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
             return compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
                               decompositions=_decompositions(False))
+
+
+def _clip_grad_norm(grads, max_norm):
+    """Per-model gradient-norm clipping with ``mbcompile.clip_grad_norm_``'s arithmetic (norm 2):
+    returns the clipped gradients and the [n] norms before clipping."""
+    n = grads[0].shape[0]
+    norms = [torch.linalg.vector_norm(g.reshape(n, -1), 2.0, dim=1) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms, dim=1), 2.0, dim=1)
+    coef = torch.clamp((total + 1e-6).reciprocal() * max_norm.to(total.dtype), max=1.0)
+    return [g * coef.to(g.dtype).view(n, *([1] * (g.dim() - 1))) for g in grads], total
 
 
 def _update(kind, flags, first, params, grads, opt_t, hp):
@@ -315,6 +447,6 @@ def _update(kind, flags, first, params, grads, opt_t, hp):
         p.sub_(step_size * (m / (v.sqrt() / bc2_sqrt + eps_)))
 
 
-def train_step(batched, loss_fn, optimizer, **loss_kwargs):
+def train_step(batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
     """One compiled program per training step: see :class:`TrainStep`."""
-    return TrainStep(batched, loss_fn, optimizer, **loss_kwargs)
+    return TrainStep(batched, loss_fn, optimizer, max_grad_norm=max_grad_norm, **loss_kwargs)

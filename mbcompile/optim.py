@@ -341,6 +341,16 @@ class _Ctx:
         torch.where(self.mask(cond, dst), new.to(dst.dtype), dst, out=dst)
 
 
+# per-model scalar state ([n] tensors on the CPU): read and written by the host side of a step only
+# (``prep`` / ``scalar_state``), never by ``apply``
+_HOST_STATE = frozenset({"step", "mu_product", "momentum_buffer_init"})
+
+
+def _device_state_keys(st: dict) -> tuple:
+    """The keys of a parameter's state that ``rule.apply`` reads and writes (tensors shaped like it)."""
+    return tuple(k for k, v in st.items() if k not in _HOST_STATE and isinstance(v, Tensor))
+
+
 def _scalar_dtype() -> torch.dtype:
     # torch.optim.optimizer._get_scalar_dtype(): the dtype of the per-param `step` tensors
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -940,12 +950,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         act = self._active_list(active)
         if act is not None and not any(act):
             return loss
-        hp = self._gather_hparams()
-        rule = self._rule
-        c = _Ctx(self.n, act, workspace=self._workspace)
-        act_cpu = None if act is None else torch.tensor(act)
-        prep_cache: dict = {}
-        todo = []
+        params, grads = [], []
         for p in self._params:
             g = p.grad
             if g is None:
@@ -956,6 +961,33 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"gradient of shape {tuple(g.shape)} for a stacked parameter of shape {tuple(p.shape)}"
                 )
+            params.append(p)
+            grads.append(g)
+        if not params:
+            return loss
+        c, prepped = self._host_prep(params, act)
+        todo = [(p, g, st, sc) for (p, st, sc), g in zip(prepped, grads)]
+        if self._compile:
+            self._run_compiled(todo, act)
+        else:
+            for p, g, st, sc in todo:
+                self._rule.apply(c, p, g, st, sc)
+        return loss
+
+    def _host_prep(self, params: list[Tensor], act: list | None):
+        """The host-side part of a step over ``params`` (the parameters that have a gradient), for the
+        models ``act`` (None: all; from :meth:`_active_list`, not all False): create missing state,
+        advance the step counters of the stepping models, compute the per-model scalars
+        (``rule.prep``, ``rule.scalar_state``).  Returns the context and ``[(p, state, sc)]``; what is
+        left is the tensor work, ``rule.apply`` per parameter (eagerly, or :func:`_apply_all` in a
+        compiled program: ``step(compile=True)`` and :func:`mbcompile.train_step`)."""
+        hp = self._gather_hparams()
+        rule = self._rule
+        c = _Ctx(self.n, act, workspace=self._workspace)
+        act_cpu = None if act is None else torch.tensor(act)
+        prep_cache: dict = {}
+        out = []
+        for p in params:
             st = self.state[p]
             if len(st) == 0:
                 rule.init_state(self, p, st, hp)
@@ -972,15 +1004,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
             if sc is None:
                 sc = prep_cache[key] = rule.prep(c, hp, steps)
             sc = rule.scalar_state(c, p, st, sc)
-            todo.append((p, g, st, sc))
-        if not todo:
-            return loss
-        if self._compile:
-            self._run_compiled(todo, act)
-        else:
-            for p, g, st, sc in todo:
-                rule.apply(c, p, g, st, sc)
-        return loss
+            out.append((p, st, sc))
+        return c, out
 
     def _run_compiled(self, todo, act):
         if self._compiled is None:
@@ -996,14 +1021,19 @@ class BatchedOptimizer(torch.optim.Optimizer):
             key = (id(sc), p.device)
             d = converted.get(key)
             if d is None:
-                d = {k: _as_tensor(v, self.n, p.device) for k, v in sc.items()}
-                for k in self._rule.tensor_keys:
-                    if isinstance(d.get(k), bool):
-                        d[k] = torch.full((self.n,), d[k], dtype=torch.bool, device=p.device)
-                converted[key] = d
+                d = converted[key] = self._tensor_scalars(sc, p.device)
             scs.append(d)
         self._compiled(self._rule, self.n, [t[0] for t in todo], [t[1] for t in todo],
                        [t[2] for t in todo], scs, mask)
+
+    def _tensor_scalars(self, sc: dict, device) -> dict:
+        """``sc`` for a compiled step: per-model numbers as tensors (:func:`_as_tensor`), the rule's
+        ``tensor_keys`` as bool [n] tensors even when shared; bools and None stay Python constants."""
+        d = {k: _as_tensor(v, self.n, device) for k, v in sc.items()}
+        for k in self._rule.tensor_keys:
+            if isinstance(d.get(k), bool):
+                d[k] = torch.full((self.n,), d[k], dtype=torch.bool, device=device)
+        return d
 
     # ---- freezing -----------------------------------------------------------------------------
     def freeze(self, models) -> None:
@@ -1107,16 +1137,67 @@ def _num(v):
     return v
 
 
-def _as_tensor(v, n, device):
+def _scalar_kind(v) -> str:
+    """How a compiled step takes a value of ``sc``: "tensor" (as it is), "bool" (a per-model bool
+    list: a bool [n] tensor), "float" (a per-model list or a shared number: a float64 [n] tensor) or
+    "const" (a bool or None: structural, a Python constant of the compiled graph)."""
     if isinstance(v, Tensor):
-        return v
+        return "tensor"
     if isinstance(v, list):
-        if all(isinstance(x, bool) for x in v):
-            return torch.tensor(v, dtype=torch.bool, device=device)
-        return torch.tensor([float(x) for x in v], dtype=torch.float64, device=device)
+        return "bool" if all(isinstance(x, bool) for x in v) else "float"
     if isinstance(v, bool) or v is None:
-        return v  # structural: stays a Python constant in the compiled graph
+        return "const"
+    return "float"
+
+
+def _as_tensor(v, n, device):
+    kind = _scalar_kind(v)
+    if kind == "tensor" or kind == "const":
+        return v  # a const stays a Python constant in the compiled graph
+    if kind == "bool":
+        return torch.tensor(v, dtype=torch.bool, device=device)
+    if isinstance(v, list):
+        return torch.tensor([float(x) for x in v], dtype=torch.float64, device=device)
     return torch.full((n,), float(v), dtype=torch.float64, device=device)
+
+
+def _pack_scalars(scs: list, n: int, tensor_keys: tuple, device):
+    """The values of several ``sc`` dicts as a compiled step takes them (:func:`_as_tensor`, and
+    ``tensor_keys`` always tensors, as :meth:`BatchedOptimizer._tensor_scalars`), packed into one
+    float64 ``[F, n]`` and one bool ``[B, n]`` tensor instead of one small tensor per value (a step
+    has dozens).  Returns ``(layout, floats, bools, extra)``: ``layout`` (hashable: the structure and
+    the constants, so it belongs in a compile cache key) says, per dict and key, which row or
+    constant; ``extra`` are values that already were tensors.  :func:`_unpack_scalars` inverts it."""
+    frows, brows, extra, layout = [], [], [], []
+    for sc in scs:
+        ent = []
+        for k, v in sc.items():
+            kind = _scalar_kind(v)
+            if kind == "const" and isinstance(v, bool) and k in tensor_keys:
+                kind, v = "bool", [v] * n
+            if kind == "tensor":
+                ent.append((k, "t", len(extra)))
+                extra.append(v)
+            elif kind == "bool":
+                ent.append((k, "b", len(brows)))
+                brows.append(v)
+            elif kind == "float":
+                ent.append((k, "f", len(frows)))
+                frows.append([float(x) for x in v] if isinstance(v, list) else [float(v)] * n)
+            else:
+                ent.append((k, "c", v))
+        layout.append(tuple(ent))
+    floats = torch.tensor(frows, dtype=torch.float64).reshape(len(frows), n)
+    bools = torch.tensor(brows, dtype=torch.bool).reshape(len(brows), n)
+    if torch.device(device).type != "cpu":
+        floats, bools = floats.to(device), bools.to(device)
+    return tuple(layout), floats, bools, extra
+
+
+def _unpack_scalars(layout, floats: Tensor, bools: Tensor, extra) -> list[dict]:
+    """The ``sc`` dicts that :func:`_pack_scalars` packed (rows as [n] tensors)."""
+    src = {"f": floats, "b": bools, "t": extra}
+    return [{k: (v if how == "c" else src[how][v]) for k, how, v in ent} for ent in layout]
 
 
 def _load_value(p: Tensor, key: str, v):

@@ -1,0 +1,278 @@
+"""``mbcompile.train_step`` with mbcompile's per-model optimizer: the one-program step (forward, per-model
+loss, backward, update) equals the normal loop (``mbcompile.loss(...).sum().backward(); opt.step()``) for
+every supported optimizer with per-model hyperparameters, keeps the optimizer's state where the normal
+step keeps it, does not recompile when a scheduler changes values, and honours frozen models."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from mbcompile import backend
+
+N = 3
+SEEDS = [11, 12, 13]
+LRS = [0.05, 0.02, 0.01]
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # no bias before batch norm: its gradient is zero up to rounding, which Adam would amplify
+        self.fc1, self.bn = nn.Linear(6, 12, bias=False), nn.BatchNorm1d(12)
+        self.drop, self.fc2 = nn.Dropout(0.3), nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+
+
+@pytest.fixture
+def data():
+    models = [Net().double() for _ in range(N)]
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    return models, x, y
+
+
+def pair(models, cls, kw):
+    """Two identical batches with their own per-model optimizers: one for the normal loop, one for
+    train_step."""
+    a = mbcompile.batch(copy.deepcopy(models), seeds=SEEDS)
+    b = mbcompile.batch(copy.deepcopy(models), seeds=SEEDS)
+    return a, mbcompile.optimizer(a, cls, **kw), b, mbcompile.optimizer(b, cls, **kw)
+
+
+def loop_step(batched, opt, x, y, max_norm=None):
+    opt.zero_grad()
+    losses = mbcompile.loss(F.cross_entropy, batched(x), y)
+    losses.sum().backward()
+    norms = None if max_norm is None else mbcompile.clip_grad_norm_(batched, max_norm)
+    opt.step()
+    return losses.detach(), norms
+
+
+def compiles():
+    return backend.STATS["backend_calls"]
+
+
+def assert_same(a, oa, b, ob, tol=1e-10):
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    for (name, u), (_, v) in zip(a.named_buffers(), b.named_buffers()):
+        torch.testing.assert_close(v, u, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    sa, sb = oa.state_dict(), ob.state_dict()
+    assert sa["state"].keys() == sb["state"].keys() and sa["state"]
+    for i in sa["state"]:
+        assert sa["state"][i].keys() == sb["state"][i].keys(), i
+        for key, want in sa["state"][i].items():
+            torch.testing.assert_close(sb["state"][i][key], want, rtol=tol, atol=tol,
+                                       msg=lambda m, i=i, key=key: f"state[{i}][{key}]: {m}")
+    assert sa["mbcompile"]["frozen"] == sb["mbcompile"]["frozen"]
+    # every "sequential" dropout stream has drawn the same masks, as many times
+    assert torch.equal(a.get_rng_state()["states"]["cpu"], b.get_rng_state()["states"]["cpu"])
+
+
+CASES = [
+    (torch.optim.SGD, dict(lr=LRS, momentum=[0.9, 0.8, 0.5], nesterov=True, weight_decay=[0.0, 1e-2, 0.1])),
+    (torch.optim.SGD, dict(lr=LRS, momentum=[0.9, 0.0, 0.5], dampening=[0.0, 0.0, 0.3], weight_decay=1e-2)),
+    (torch.optim.Adam, dict(lr=LRS, betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)], weight_decay=[0.0, 1e-2, 0.1],
+                            amsgrad=True)),
+    (torch.optim.Adam, dict(lr=LRS, amsgrad=[True, False, True], maximize=[False, True, False])),
+    (torch.optim.AdamW, dict(lr=LRS, weight_decay=[0.01, 0.1, 0.0], eps=[1e-8, 1e-6, 1e-8])),
+    (torch.optim.RMSprop, dict(lr=[0.01, 0.005, 0.02], alpha=[0.99, 0.9, 0.95], centered=True,
+                               momentum=[0.9, 0.5, 0.0], weight_decay=[0.0, 1e-2, 0.0])),
+    (torch.optim.Adagrad, dict(lr=LRS, lr_decay=[0.0, 0.01, 0.1], weight_decay=[0.0, 1e-2, 0.0],
+                               initial_accumulator_value=[0.0, 0.1, 0.5])),
+    (torch.optim.Adamax, dict(lr=LRS, betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)], weight_decay=[0.0, 1e-2, 0.0])),
+    (torch.optim.NAdam, dict(lr=LRS, momentum_decay=[4e-3, 1e-3, 4e-3], weight_decay=[0.0, 1e-2, 0.1],
+                             decoupled_weight_decay=[False, False, True])),
+    # rho_t passes 5 at step 6 for beta2 0.9 and 0.999, never for 0.5: both branches, one program
+    (torch.optim.RAdam, dict(lr=LRS, betas=[(0.9, 0.999), (0.9, 0.9), (0.9, 0.5)], weight_decay=[0.0, 1e-2, 0.1])),
+]
+
+
+@pytest.mark.parametrize("cls, kw", CASES, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(CASES)])
+def test_train_step_equals_normal_loop(data, cls, kw):
+    models, x, y = data
+    a, oa, b, ob = pair(models, cls, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    before = compiles()
+    for k in range(7 if cls is torch.optim.RAdam else 3):
+        want, _ = loop_step(a, oa, x, y)
+        got = step(x, y)
+        # the losses depend on each model's dropout mask: equal losses, equal masks
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f"step {k}: {m}")
+    assert compiles() - before == 1                      # one program, reused by every step
+    assert_same(a, oa, b, ob)
+    start = dict(mbcompile.batch(copy.deepcopy(models)).named_parameters())
+    for name, p in b.named_parameters():                 # every model moved
+        assert (p - start[name]).flatten(1).abs().amax(1).min() > 1e-6, name
+
+
+def test_normal_loop_equals_each_model_alone_with_dropout(data):
+    """The reference for the tests above: the normal batched loop is each model trained alone by
+    torch.optim, its dropout drawing from torch.manual_seed(seeds[i]); so is train_step."""
+    models, x, y = data
+    kw = dict(lr=LRS, betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)], weight_decay=[0.0, 1e-2, 0.1])
+    a, oa, b, ob = pair(models, torch.optim.Adam, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for _ in range(3):
+        loop_step(a, oa, x, y)
+        step(x, y)
+    for i, m in enumerate(copy.deepcopy(models)):
+        opt = torch.optim.Adam(m.parameters(), lr=LRS[i], betas=kw["betas"][i], weight_decay=kw["weight_decay"][i])
+        torch.manual_seed(SEEDS[i])
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        for batched in (a, b):
+            got = dict(batched.unbatch(i).named_parameters())
+            for name, want in m.named_parameters():
+                torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-10,
+                                           msg=lambda msg, name=name: f"model {i}, {name}: {msg}")
+
+
+@pytest.mark.parametrize("make_sched", [
+    lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5),
+    # OneCycleLR also cycles Adam's beta1 per step
+    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.1, 0.05, 0.2], total_steps=10),
+], ids=["StepLR", "OneCycleLR"])
+def test_scheduler_and_changed_hyperparameters_do_not_recompile(data, make_sched):
+    models, x, y = data
+    a, oa, b, ob = pair(models, torch.optim.Adam, dict(lr=LRS, weight_decay=[0.0, 1e-2, 0.1]))
+    sa, sb = make_sched(oa), make_sched(ob)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    before = compiles()
+    lrs = []
+    for k in range(4):
+        if k == 2:                                        # a changed value is an input, not a constant
+            for o in (oa, ob):
+                o.param_groups[1]["weight_decay"] = 0.05
+        loop_step(a, oa, x, y)
+        step(x, y)
+        sa.step()
+        sb.step()
+        lrs.append([g["lr"] for g in ob.param_groups])
+    assert len({tuple(v) for v in lrs}) == 4              # lr really changed every step
+    assert compiles() - before == 1
+    assert_same(a, oa, b, ob)
+
+
+def test_frozen_model_does_not_move_and_unfreeze_continues(data):
+    models, x, y = data
+    a, oa, b, ob = pair(models, torch.optim.SGD, dict(lr=LRS, momentum=0.9, weight_decay=1e-2))
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    loop_step(a, oa, x, y)
+    step(x, y)
+    for o in (oa, ob):
+        o.freeze(1)
+    p1 = [p[1].clone() for p in b.parameters()]
+    buf1 = [ob.state[p]["momentum_buffer"][1].clone() for p in b.parameters()]
+    for _ in range(2):
+        loop_step(a, oa, x, y)
+        step(x, y)
+    for p, want in zip(b.parameters(), p1):
+        assert torch.equal(p[1], want)                    # frozen: not one bit changes
+    for p, want in zip(b.parameters(), buf1):
+        assert torch.equal(ob.state[p]["momentum_buffer"][1], want)
+    assert_same(a, oa, b, ob)
+    for o in (oa, ob):                                    # every model frozen: forward and backward only
+        o.freeze([0, 1, 2])
+    pall = [p.clone() for p in b.parameters()]
+    loop_step(a, oa, x, y)
+    step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(b.parameters(), pall))
+    assert_same(a, oa, b, ob)
+    for o in (oa, ob):
+        o.unfreeze([0, 1, 2])
+    for _ in range(2):
+        loop_step(a, oa, x, y)
+        step(x, y)
+    assert not torch.equal(next(iter(b.parameters()))[1], p1[0])
+    assert_same(a, oa, b, ob)
+
+
+@pytest.mark.parametrize("cls, kw", [(torch.optim.SGD, dict(lr=LRS, momentum=[0.9, 0.0, 0.5], nesterov=False)),
+                                     (torch.optim.NAdam, dict(lr=LRS, weight_decay=[0.0, 1e-2, 0.1]))],
+                         ids=["SGD", "NAdam"])
+def test_mixing_train_step_and_normal_steps(data, cls, kw):
+    """train_step and opt.step() share the optimizer's state: any interleaving is the normal loop."""
+    models, x, y = data
+    a, oa, b, ob = pair(models, cls, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for k in range(5):
+        loop_step(a, oa, x, y)
+        if k in (0, 3):
+            loop_step(b, ob, x, y)
+        else:
+            step(x, y)
+    assert_same(a, oa, b, ob)
+
+
+def test_state_dict_round_trip_and_shrink(data):
+    models, x, y = data
+    kw = dict(lr=LRS, betas=[(0.9, 0.999), (0.8, 0.99), (0.95, 0.9)])
+    a, oa, b, ob = pair(models, torch.optim.Adam, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for _ in range(2):
+        loop_step(a, oa, x, y)
+        step(x, y)
+    # a fresh optimizer loaded from the state dict continues exactly where train_step stopped
+    ob2 = mbcompile.optimizer(b, torch.optim.Adam, **kw)
+    ob2.load_state_dict(ob.state_dict())
+    step2 = mbcompile.train_step(b, F.cross_entropy, ob2)
+    loop_step(a, oa, x, y)
+    step2(x, y)
+    assert_same(a, oa, b, ob2)
+    for batched, o in ((a, oa), (b, ob2)):
+        mbcompile.shrink_([2, 0], batched, o)
+    for _ in range(2):
+        loop_step(a, oa, x, y)
+        step2(x, y)
+    assert b.n == 2
+    assert_same(a, oa, b, ob2)
+
+
+def test_max_grad_norm_equals_clip_grad_norm(data):
+    models, x, y = data
+    max_norm = [0.05, 1.0, 100.0]
+    a, oa, b, ob = pair(models, torch.optim.AdamW, dict(lr=LRS))
+    step = mbcompile.train_step(b, F.cross_entropy, ob, max_grad_norm=max_norm)
+    for _ in range(3):
+        _, norms = loop_step(a, oa, x, y, max_norm=max_norm)
+        step(x, y)
+        torch.testing.assert_close(step.last_grad_norms, norms, rtol=1e-10, atol=1e-10)
+    assert norms[0] > max_norm[0] and norms[2] < max_norm[2]   # model 0 clipped, model 2 not
+    assert_same(a, oa, b, ob)
+
+
+def test_max_grad_norm_with_a_torch_optimizer(data):
+    """The torch.optim path (shared hyperparameters) clips too; a shared float max_norm."""
+    models, x, y = data
+    a = mbcompile.batch(copy.deepcopy(models), seeds=SEEDS)
+    b = mbcompile.batch(copy.deepcopy(models), seeds=SEEDS)
+    oa, ob = torch.optim.Adam(a.parameters(), lr=0.01), torch.optim.Adam(b.parameters(), lr=0.01)
+    step = mbcompile.train_step(b, F.cross_entropy, ob, max_grad_norm=0.1)
+    for _ in range(3):
+        _, norms = loop_step(a, oa, x, y, max_norm=0.1)
+        step(x, y)
+        torch.testing.assert_close(step.last_grad_norms, norms, rtol=1e-10, atol=1e-10)
+    assert (norms > 0.1).any()
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_train_step_refuses_what_it_does_not_fuse():
+    b = mbcompile.batch(Net(), n=2)
+    with pytest.raises(ValueError, match="GradScaler"):
+        mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(b, torch.optim.Adam, lr=[0.1, 0.2]),
+                             scaler=mbcompile.GradScaler(b))
+    with pytest.raises(ValueError, match="closure"):
+        mbcompile.train_step(b, F.cross_entropy, torch.optim.LBFGS(b.parameters()))
+    with pytest.raises(ValueError, match="mbcompile.optimizer"):
+        mbcompile.train_step(b, F.cross_entropy, torch.optim.Rprop(b.parameters()))
+    other = mbcompile.batch(Net(), n=3)
+    with pytest.raises(ValueError, match="n=3"):
+        mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(other, torch.optim.SGD, lr=0.1))
