@@ -195,7 +195,7 @@ class MBCompileStep(Method):
             if "exp_avg" not in st.get(p, {}):
                 return None
             m = st[p]["exp_avg"]
-            return m / one_m_b1.to(m.dtype).view(-1, *([1] * (m.dim() - 1)))
+            return m / one_m_b1.to(m.device, m.dtype).view(-1, *([1] * (m.dim() - 1)))
         return {k: grad(named[k]) for k in self.names}
 
     def times(self):

@@ -44,9 +44,30 @@ def sdpa(ctx, args, dims, kwargs):
     if dropout_p > 0:
         out = _math_with_dropout(ctx, qf, kf, vf, mf, dropout_p, is_causal, scale, lead)
         ctx.note("math path with per-model dropout")
+    elif qf.device.type == "cuda":
+        out = _cuda_sdpa(ctx, qf, kf, vf, mf, is_causal, scale, gqa)
     else:
         out = aten.scaled_dot_product_attention(qf, kf, vf, mf, 0.0, is_causal, scale=scale, enable_gqa=gqa)
     return (out.unflatten(0, (n, -1)) if lead else out), 0
+
+
+def _cuda_sdpa(ctx, q, k, v, mask, is_causal, scale, gqa):
+    """The batched program is traced under no_grad, where SDPA's own dispatch picks the
+    memory-efficient kernel with compute_log_sumexp=False; the backward then fails ("LSE is not
+    correctly aligned"). So call that kernel ourselves, keeping its logsumexp (float32's usual path);
+    with a mask it would need SDPA's mask padding, so the math path runs instead."""
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, 0.0, is_causal, gqa)
+    if q.dtype in (torch.float16, torch.bfloat16) and torch.backends.cuda.can_use_flash_attention(params):
+        return aten.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+    if not torch.backends.cuda.can_use_efficient_attention(params):
+        return aten.scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+    if mask is None and not gqa:
+        ctx.note("CUDA memory-efficient kernel, logsumexp kept for the backward")
+        return aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)[0]
+    ctx.note("math path (a mask or GQA on CUDA's memory-efficient kernel)")
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    return aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)[0]
 
 
 def _math_with_dropout(ctx, q, k, v, mask, p, is_causal, scale, lead):

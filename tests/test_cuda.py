@@ -1,0 +1,174 @@
+"""The same promises on a CUDA device: each model of the batch equals that model alone with stock
+PyTorch on the GPU (float64 where exactness is the point, float32 where the dtype is). Skipped where
+no CUDA device is present (this project's CI machine has none; run them on a GPU machine).
+`MBCOMPILE_TEST_DEVICE=cpu` runs them on the CPU instead, to check the tests themselves."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from _models import BNCNN, MLP, EmbBag, Encoder, ResNetTiny, inputs_for
+
+DEV = os.environ.get("MBCOMPILE_TEST_DEVICE", "cuda")     # "cpu" checks these tests' own logic here
+pytestmark = pytest.mark.skipif(DEV == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _to(xs):
+    return tuple(x.to(DEV) for x in xs)
+
+
+@pytest.mark.parametrize("cls", [MLP, BNCNN, ResNetTiny, Encoder, EmbBag], ids=lambda c: c.__name__)
+def test_training_steps_match_each_model_alone_on_cuda(cls):
+    n = 3
+    models = [cls().double().to(DEV) for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models, strict=True)
+    opt = mbcompile.optimizer(batched, torch.optim.Adam, lr=[1e-3, 1e-2, 3e-2])
+    ref_opts = [torch.optim.Adam(r.parameters(), lr=lr) for r, lr in zip(refs, [1e-3, 1e-2, 3e-2])]
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        x = _to(inputs_for(cls, 4, g))
+        out = batched(*x)
+        out.square().flatten(1).mean(1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (r, o) in enumerate(zip(refs, ref_opts)):
+            ref = r(*x)
+            torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
+            ref.square().mean().backward()
+            o.step()
+            o.zero_grad()
+    for i, r in enumerate(refs):
+        for (name, p), (_, q) in zip(r.named_parameters(), batched.unbatch(i).named_parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=lambda m: f"model {i} {name}: {m}")
+
+
+def test_float32_gradients_are_as_accurate_as_each_model_alone():
+    """Regression: on an H200 (torch 2.11) batched float32 gradients were 14% (of the largest) away
+    from float64 while each model alone was within 3e-7 (docs/benchmarks.md)."""
+    n = 16
+    models = [nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                            nn.Linear(256, 10)).to(DEV) for _ in range(n)]
+    refs = [copy.deepcopy(m).double() for m in models]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 784, generator=g).to(DEV), torch.randint(0, 10, (64,), generator=g).to(DEV)
+    batched = mbcompile.batch(models)
+    mbcompile.loss(F.cross_entropy, batched(x), y).sum().backward()
+    for i, r in enumerate(refs):
+        F.cross_entropy(r(x.double()), y).backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), batched.named_parameters()):
+            err = (q.grad[i].double() - p.grad).abs().max() / p.grad.abs().max()
+            assert err < 1e-4, f"model {i} {name}: float32 gradient off by {err:.1e} of its largest entry"
+
+
+def test_sequential_dropout_masks_match_cuda_eager():
+    seeds = [3, 17]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return F.dropout(self.fc(x), 0.5, self.training)
+
+    models = [Net().double().to(DEV) for _ in seeds]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models, seeds=seeds).train()
+    xs = [torch.randn(6, 8, dtype=torch.float64, device=DEV) for _ in range(2)]
+    outs = [batched(x) for x in xs]
+    for i, r in enumerate(refs):
+        torch.manual_seed(seeds[i])
+        for x, out in zip(xs, outs):
+            ref = r.train()(x)
+            assert torch.equal(out[i] == 0, ref == 0), f"model {i}: another dropout mask than eager CUDA"
+            torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+
+
+def test_lstm_matches_each_model_alone_on_cuda():
+    n = 2
+    models = [nn.LSTM(5, 7, num_layers=2, batch_first=True).double().to(DEV) for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=DEV)
+    out, (h, c) = batched(x)
+    out.sum().backward()
+    for i, r in enumerate(refs):
+        ro, (rh, rc) = r(x)
+        ro.sum().backward()
+        torch.testing.assert_close(out[i], ro, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(h[i], rh, rtol=1e-9, atol=1e-9)
+        for (name, p), (_, q) in zip(r.named_parameters(), batched.named_parameters()):
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def test_float32_transformer_trains_on_cuda():
+    """CUDA's efficient-attention backward once rejected the batched layout ("LSE is not correctly
+    aligned"); float32, where the flash/efficient kernels are used."""
+    n = 4
+    layer = lambda: nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).to(DEV)  # noqa: E731
+    models = [layer() for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models)
+    x = torch.randn(8, 10, 32, device=DEV)
+    out = batched(x)
+    out.square().mean((1, 2, 3)).sum().backward()
+    for i, r in enumerate(refs):
+        ro = r(x)
+        ro.square().mean().backward()
+        torch.testing.assert_close(out[i], ro, rtol=1e-4, atol=1e-4)
+        for (name, p), (_, q) in zip(r.named_parameters(), batched.named_parameters()):
+            scale = p.grad.abs().max()
+            assert (q.grad[i] - p.grad).abs().max() <= 1e-3 * scale, f"model {i} {name}"
+
+
+def test_grad_scaler_matches_torch_on_cuda():
+    n, lrs, inits = 2, [0.1, 0.1], [2.0 ** 10, 2.0 ** 127]   # model 1's scaled loss overflows: it backs off
+    models = [MLP().to(DEV) for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models)
+    opt = mbcompile.optimizer(batched, torch.optim.SGD, lr=lrs)
+    scaler = mbcompile.GradScaler(batched, init_scale=inits, growth_interval=2)
+    ref_opts = [torch.optim.SGD(r.parameters(), lr=lr) for r, lr in zip(refs, lrs)]
+    ref_sc = [torch.amp.GradScaler(DEV, init_scale=s, growth_interval=2) for s in inits]
+    x = torch.randn(4, 10, device=DEV)
+    for _ in range(4):
+        scaler.scale(batched(x).square().mean((1, 2))).sum().backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        for r, o, s in zip(refs, ref_opts, ref_sc):
+            s.scale(r(x).square().mean()).backward()
+            s.step(o)
+            s.update()
+            o.zero_grad()
+    for i, (r, s) in enumerate(zip(refs, ref_sc)):
+        assert float(scaler.get_scale()[i]) == s.get_scale(), f"model {i}: scale"
+        for (name, p), (_, q) in zip(r.named_parameters(), batched.unbatch(i).named_parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6, msg=lambda m: f"model {i} {name}: {m}")
+
+
+def test_compiled_program_and_train_step_equal_eager_on_cuda():
+    n = 3
+    models = [MLP().double().to(DEV) for _ in range(n)]
+    eager = mbcompile.batch(copy.deepcopy(models))
+    comp = mbcompile.batch(copy.deepcopy(models), compile=True)
+    fused = mbcompile.batch(copy.deepcopy(models))
+    lrs = [1e-3, 1e-2, 1e-1]
+    opts = [mbcompile.optimizer(b, torch.optim.AdamW, lr=lrs) for b in (eager, comp, fused)]
+    step = mbcompile.train_step(fused, F.cross_entropy, opts[2])
+    x, y = torch.randn(8, 10, dtype=torch.float64, device=DEV), torch.randint(0, 3, (8,), device=DEV)
+    for _ in range(3):
+        for b, o in zip((eager, comp), opts):
+            mbcompile.loss(F.cross_entropy, b(x), y).sum().backward()
+            o.step()
+            o.zero_grad()
+        step(x, y)
+    for (name, p), (_, q), (_, r) in zip(eager.named_parameters(), comp.named_parameters(),
+                                         fused.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"compile=True {name}: {m}")
+        torch.testing.assert_close(r, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"train_step {name}: {m}")
