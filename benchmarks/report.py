@@ -49,7 +49,8 @@ def markdown(res):
         "- x seq / x vmap: median of sequential eager / median of this method (x vmap: the faster of vmap and "
         "vmap_compiled); %peak: model FLOPs per second over the matmul peak; mem: peak memory above the "
         "process before the method was built (MB); check: after the first step, max |param - sequential's| / max "
-        "relative |grad - sequential's| (FAIL: see docs/benchmarks.md for the criterion); first step s: "
+        "relative |grad - sequential's|, and where float32 disagrees, the float64 re-check's relative |grad "
+        "difference| (FAIL: see docs/benchmarks.md for the criterion); first step s: "
         "wall time of the first step, with mbcompile's (capture/batch/compile) seconds inside it",
         f"- total time {res.get('total_s', 0):.0f} s",
         "",
@@ -74,6 +75,7 @@ def table(res):
             continue
         s, c = r["step_s"], r.get("correctness") or {}
         check = "" if not c else (f"{c['param_max_abs_diff']:.0e} / {c['grad_max_rel_diff']:.0e}"
+                                  + (f"; float64 {c['float64']['grad_max_rel_diff']:.0e}" if "float64" in c else "")
                                   + ("" if c["passed"] else " FAIL"))
         lines.append(
             f"| {r['workload']} | {r['n']} | {r['method']} | {s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}-"

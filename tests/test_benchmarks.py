@@ -68,3 +68,35 @@ def test_quick_mode_defaults():
     assert {"tiny_mlp", "mlp784", "lenet5", "char_lstm"} <= set(a.workloads)
     full = suite.parse([])
     assert full.ns == [1, 4, 16, 64] and full.steps >= 20
+
+
+class _Skewed(suite.Sequential):
+    """Sequential training whose reported gradient is 10% off: in float32 only, or in every dtype."""
+    name, only_float32 = "skewed", True
+
+    def grads(self):
+        gs = super().grads()
+        return {k: g * 1.1 if (g.dtype == torch.float32 or not self.only_float32) else g for k, g in gs.items()}
+
+
+class _Wrong(_Skewed):
+    name, only_float32 = "wrong", False
+
+
+def test_float64_recheck_tells_rounding_from_a_wrong_computation():
+    import argparse
+    from benchmarks.workloads import WORKLOADS
+    wl = WORKLOADS["tiny_mlp"]
+    x, y = wl.data("cpu")
+    models = wl.models(2, "cpu")
+    args = argparse.Namespace(warmup=1, steps=1, budget_s=None)
+    _, ref = suite.run_method(suite.Sequential, wl, models, x, y, "cpu", args, None)
+    rows = {cls.name: suite.run_method(cls, wl, models, x, y, "cpu", args, ref)[0] for cls in (_Skewed, _Wrong)}
+    for name, r in rows.items():
+        c = r["correctness"]
+        assert c["grad_max_rel_diff"] > 0.05, (name, c)       # float32 disagrees in both cases
+        assert "float64" in c
+    assert rows["skewed"]["correctness"]["passed"]           # float64 agrees: rounding, not a bug
+    assert rows["skewed"]["correctness"]["float64"]["grad_max_rel_diff"] < 1e-12
+    assert not rows["wrong"]["correctness"]["passed"]        # float64 disagrees too: a wrong computation
+    assert rows["wrong"]["correctness"]["float64"]["grad_max_rel_diff"] > 0.05
