@@ -106,3 +106,29 @@ def _cuda_dropout_mask(shape, dtype, device, p, state):
     finally:
         torch.cuda.set_rng_state(saved, idx)
     return mask.to(dtype)
+
+
+@torch.library.custom_op("mbcompile::relayout", mutates_args=())
+def relayout(x: Tensor, channels_last: bool) -> Tensor:
+    """``x.contiguous(memory_format=...)`` whose gradient comes back in x's own strides: so the ops
+    on each side of a layout boundary (an NCHW chain meeting a channels-last conv, or a channels-last
+    chain seen as B,n,C,H,W meeting a view to n,B,C*H*W) run their backward in the layout their forward
+    used, instead of mixing layouts (a copy inside every backward kernel)."""
+    return x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@relayout.register_fake
+def _(x, channels_last):
+    return x.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _relayout_ctx(ctx, inputs, output):
+    ctx.like = inputs[0].shape, inputs[0].stride()
+
+
+def _relayout_bwd(ctx, grad):
+    shape, stride = ctx.like
+    return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad), None
+
+
+relayout.register_autograd(_relayout_bwd, setup_context=_relayout_ctx)

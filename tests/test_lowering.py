@@ -75,17 +75,19 @@ def check(cls, mode, per_model_input, n=3, **kw):
 
 
 @pytest.mark.parametrize("mode, per_model_input", [("grouped", False), ("loop", False), ("concat", False),
-                                                   ("grouped", True), ("loop", True), ("unfold", True)])
+                                                   ("concat_nhwc", False), ("grouped", True), ("loop", True),
+                                                   ("unfold", True), ("grouped_nhwc", True)])
 def test_conv_lowerings_agree(mode, per_model_input):
     got = check(CNN, mode, per_model_input)
     conv = [s for s in got if s.startswith("conv")]
     assert len(conv) == 2
     # conv1 sees the shared input only when the input is shared; conv2 always sees per-model input
     first, second = conv
-    offered_first = ("concat", "loop") if not per_model_input else ("grouped", "loop", "unfold")
+    offered_first = ("concat", "concat_nhwc", "loop") if not per_model_input else \
+        ("grouped", "grouped_nhwc", "loop", "unfold")
     if mode in offered_first:
         assert first.startswith(f"conv{'' if per_model_input else '_shared_input'} lowering: {mode} (forced")
-    if mode in ("grouped", "loop", "unfold"):
+    if mode in ("grouped", "grouped_nhwc", "loop", "unfold"):
         assert second.startswith(f"conv lowering: {mode} (forced"), second
 
 
@@ -171,3 +173,41 @@ def test_conv_bn_relu_pool_chain_runs_without_layout_copies(mode):
     e = mbcompile.explain(batched)
     assert e.copies == 0, e.gm.code          # before the layout work: 3 (grouped) / 2 (loop) clones
     assert "0 copies in the batched graph" in str(e)
+
+
+def test_channels_last_chain_matches_each_model_and_keeps_its_layout_in_backward():
+    """concat_nhwc / grouped_nhwc: the conv/bn/relu/pool chain runs channels-last, the flatten before
+    the head is the one layout boundary, and mbcompile::relayout hands gradients back in each side's
+    own layout (no mixed-layout backward)."""
+    models = [Chain().double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with lowering.force(conv="grouped_nhwc", conv_shared_input="concat_nhwc"):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    out.square().sum().backward()
+    params = dict(batched.named_parameters())
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-10)
+        want.square().sum().backward()
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, name=name: f"model {i} {name}: {m}")
+        torch.testing.assert_close(batched.unbatch(i).b2.running_var, ref.b2.running_var, rtol=1e-10, atol=1e-12)
+    code = mbcompile.explain(batched).gm.code
+    assert "relayout" in code and "channels_last" in code, code
+
+
+def test_relayout_gradient_comes_back_in_the_inputs_layout():
+    from mbcompile import ops  # noqa: F401 - registers mbcompile::relayout
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    x.requires_grad_()
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    y = torch.ops.mbcompile.relayout(x, False)
+    assert y.is_contiguous() and torch.equal(y, x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert gx.stride() == x.stride() and torch.equal(gx, g)
+    z = torch.ops.mbcompile.relayout(x.detach().contiguous().requires_grad_(), True)
+    assert z.is_contiguous(memory_format=torch.channels_last)

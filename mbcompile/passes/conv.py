@@ -4,6 +4,7 @@ shared weights:  n,B,C,H,W * O,C,k,k       -> models folded into the batch: (n*B
 per-model weights, lowerings chosen by measurement (lowering.py), all -> B,n,O,H,W (model dim 1):
   grouped: B,(n*C),H,W * (n*O),C/g,k,k  -> one conv, groups = n*g         -> B,(n*O),H,W (a view of B,n,O,H,W)
   concat:  B,C,H,W (shared) * (n*O),C,k,k -> one conv on concatenated weights -> B,(n*O),H,W
+  *_nhwc:  the same on channels-last input (2-d), which keeps the chain after it channels-last
   loop:    n convs B,C,H,W * O,C,k,k     -> stack(1)
   unfold:  im2col (n*B),(C*k*k),L ; n,O,(C*k*k) @ n,(C*k*k),(B*L) -> n,O,B,L   (2-d, groups=1)
 Keeping the model dim next to the channels (B,n,C,H,W = B,(n*C),H,W) lets bn, relu and pooling run on
@@ -39,10 +40,15 @@ def convolution(ctx, args, dims, kwargs):
     bias = None if b is None else front(b, db, n)
     conv = (stride, padding, dilation, transposed, output_padding, groups)
     cands = {}
+    nhwc = w.dim() == 5 and not transposed              # 2-d: a channels-last (NHWC) variant too
     if dx is None and groups == 1 and not transposed:
         cands["concat"] = lambda x, w, bias: _concat(x, w, bias, n, *conv)
+        if nhwc:
+            cands["concat_nhwc"] = lambda x, w, bias: _concat(x, w, bias, n, *conv, nhwc=True)
     else:
         cands["grouped"] = lambda x, w, bias: _grouped(x, dx, w, bias, n, *conv)
+        if nhwc:
+            cands["grouped_nhwc"] = lambda x, w, bias: _grouped(x, dx, w, bias, n, *conv, nhwc=True)
     cands["loop"] = lambda x, w, bias: _loop(x, dx, w, bias, n, *conv)
     if dx is not None and groups == 1 and not transposed and w.dim() == 5:
         cands["unfold"] = lambda x, w, bias: _unfold(x, dx, w, bias, n, *conv)
@@ -57,17 +63,31 @@ def _tup(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def _concat(x, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+def _concat(x, w, bias, n, stride, padding, dilation, transposed, output_padding, groups, nhwc=False):
     """B,C,H,W * (n*O),C,k,k -> B,(n*O),H,W -> B,n,O,H,W."""
-    out = aten.convolution(x, w.flatten(0, 1), None if bias is None else bias.flatten(),
+    w = w.flatten(0, 1)
+    x, w = (_nhwc(x), w.contiguous(memory_format=torch.channels_last)) if nhwc else (x, w)
+    out = aten.convolution(x, w, None if bias is None else bias.flatten(),
                            stride, padding, dilation, False, output_padding, 1)
     return out.unflatten(1, (n, -1))
 
 
-def _grouped(x, dx, w, bias, n, stride, padding, dilation, transposed, output_padding, groups):
+def _nhwc(x):
+    """B,C,H,W in channels-last memory (weights too: oneDNN goes channels-last only when both are).
+    oneDNN's grouped and few-channel convs run several times faster so on CPU; the output is NHWC too,
+    and relu, pooling and batch norm keep that layout through their B,n,C,H,W = B,(n*C),H,W views, so a
+    conv chain stays NHWC until a view needs C,H,W contiguous (views.py). mbcompile::relayout gives
+    the gradient back in x's layout, so the ops before run their backward in their own layout."""
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return torch.ops.mbcompile.relayout(x, True)
+
+
+def _grouped(x, dx, w, bias, n, stride, padding, dilation, transposed, output_padding, groups, nhwc=False):
     """B,(n*C),H,W * (n*O),C/g,k,k, groups=n*g -> B,(n*O),H,W -> B,n,O,H,W."""
-    xf = fold(x, dx, 1, n)
-    out = aten.convolution(xf, w.flatten(0, 1), None if bias is None else bias.flatten(),
+    xf, w = fold(x, dx, 1, n), w.flatten(0, 1)
+    xf, w = (_nhwc(xf), w.contiguous(memory_format=torch.channels_last)) if nhwc else (xf, w)
+    out = aten.convolution(xf, w, None if bias is None else bias.flatten(),
                            stride, padding, dilation, transposed, output_padding, n * groups)
     return out.unflatten(1, (n, -1))
 
