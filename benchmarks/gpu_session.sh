@@ -7,7 +7,7 @@ OUT="${OUT:-results-gpu}"; mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 nvidia-smi -L; $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 echo "== precision probe: relu units that flip between float32 and float64; the same with tanh"
-timeout 120 $PY -m benchmarks.precision_probe --device cuda --workloads "${PROBE_W:-mlp784}" --n 16 --flips \
+[ -n "${PROBE_W-mlp784}" ] && timeout 120 $PY -m benchmarks.precision_probe --device cuda --workloads "${PROBE_W:-mlp784}" --n 16 --flips \
   --smooth ${PROBE_ARGS:-} 2>&1 | grep -v "Warning\|cls.__new__" | tee "$OUT/precision.txt"
 echo "== CUDA tests"
 timeout 180 $PY -m pytest tests/test_cuda.py -q -p no:cacheprovider 2>&1 | tail -n 25 | tee "$OUT/tests.txt"
