@@ -14,9 +14,11 @@ function of the op's tensors. The choice::
 why (``Choice.why``), and the rule passes that to ``explain()`` via ``ctx.note``.
 
 Families and candidates (shapes: n models, B batch):
-    conv                per-model input and weights: grouped (B,(n*C),H,W, groups=n*g) | loop (n convs)
+    conv                per-model input and weights: grouped (B,(n*C),H,W, groups=n*g) | grouped_nhwc (the
+                        same, channels-last; 2-d) | loop (n convs)
                         | unfold (im2col + one batched matmul; 2-d, groups=1)
-    conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) | loop
+    conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) |
+                        concat_nhwc (the same, channels-last; 2-d) | loop
     linear              per-model input and weights: baddbmm | loop (n F.linear)
     linear_shared_input shared input: concat (one matmul on (n*O),I weights) | bmm (input expanded) | loop
 A loop candidate is the sequential computation itself, so the measured choice is never slower than
