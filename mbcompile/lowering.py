@@ -69,6 +69,11 @@ def _setting(family):
     return "measure"
 
 
+def forced(family, name):
+    """Whether MBCOMPILE_LOWERING / force() names candidate ``name`` for ``family``."""
+    return _setting(family) == name
+
+
 @contextlib.contextmanager
 def force(mode=None, **per_family):
     """``with force("default")``, ``force("loop")`` or ``force(conv="unfold")``: override the choice

@@ -53,11 +53,11 @@ def notes(batched):
     return [note for r in mbcompile.explain(batched).records for note in r.notes]
 
 
-def check(cls, mode, per_model_input, n=3, **kw):
+def check(cls, mode, per_model_input, n=3, force=None, **kw):
     """Batched forward and gradients equal each model's own, under lowering mode ``mode``."""
     models = [cls(**kw).double() for _ in range(n)]
     refs = copy.deepcopy(models)
-    with lowering.force(mode):
+    with lowering.force(mode, **(force or {})):
         batched = mbcompile.batch(models, in_dims=0 if per_model_input else None)
         xs = torch.stack([INPUT[cls]() for _ in range(n)]) if per_model_input else INPUT[cls]()
         out = batched(xs)
@@ -211,3 +211,12 @@ def test_relayout_gradient_comes_back_in_the_inputs_layout():
     assert gx.stride() == x.stride() and torch.equal(gx, g)
     z = torch.ops.mbcompile.relayout(x.detach().contiguous().requires_grad_(), True)
     assert z.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_channels_last_chain_is_not_offered_nchw_lowerings():
+    """Once conv1 runs channels-last, conv2 measures only channels-last candidates (and im2col): a
+    per-op measurement cannot see what mixing layouts costs the ops around it."""
+    got = check(CNN, None, False, force={"conv_shared_input": "concat_nhwc"})
+    second = [s for s in got if s.startswith("conv lowering")]
+    assert len(second) == 1 and "grouped_nhwc" in second[0], got
+    assert "loop" not in second[0] and "grouped " not in second[0], second

@@ -53,6 +53,9 @@ def convolution(ctx, args, dims, kwargs):
     if dx is not None and groups == 1 and not transposed and w.dim() == 5:
         cands["unfold"] = lambda x, w, bias: _unfold(x, dx, w, bias, n, *conv)
     family = "conv" if dx is not None else "conv_shared_input"
+    if nhwc and _is_nhwc(x, dx):     # a channels-last chain stays so: mixing layouts costs more than one op gains
+        cands = {k: f for k, f in cands.items()
+                 if k.endswith("_nhwc") or k == "unfold" or lowering.forced(family, k)}
     choice = lowering.choose(family, cands, (x, w, bias), n, extra=(dx,) + tuple(map(_tup, conv)),
                              grad=(lowering.input_needs_grad(ctx), True, True))
     ctx.note(choice.note(family))
@@ -70,6 +73,14 @@ def _concat(x, w, bias, n, stride, padding, dilation, transposed, output_padding
     out = aten.convolution(x, w, None if bias is None else bias.flatten(),
                            stride, padding, dilation, False, output_padding, 1)
     return out.unflatten(1, (n, -1))
+
+
+def _is_nhwc(x, dx):
+    """Whether B,C,H,W (shared) or B,n,C,H,W (model dim 1) input already sits channels-last."""
+    if dx is None:
+        return x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last)
+    return dx == 1 and x.dim() == 5 and x.shape[1] * x.shape[2] > 1 and x.stride(2) == 1 \
+        and x.stride(1) == x.shape[2] and x.stride(4) == x.shape[1] * x.shape[2]
 
 
 def _nhwc(x):
