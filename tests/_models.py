@@ -93,3 +93,16 @@ def inputs_for(cls, b, gen=None):
     if cls is EmbBag:
         return (torch.randint(0, 25, (b, 5), generator=gen),)
     raise KeyError(cls)
+
+
+class BNDropNet(nn.Module):
+    """linear -> batch norm -> relu -> dropout -> linear (the compiled-step tests' model)."""
+
+    def __init__(self, hidden=16, p=0.4):
+        super().__init__()
+        # no bias before batch norm: its gradient is zero up to rounding, which Adam would amplify
+        self.fc1, self.bn = nn.Linear(6, hidden, bias=False), nn.BatchNorm1d(hidden)
+        self.drop, self.fc2 = nn.Dropout(p), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))

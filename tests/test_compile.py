@@ -8,18 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mbcompile
+from _models import BNDropNet
 from mbcompile import backend
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        # no bias before batch norm: its gradient is zero up to rounding, which Adam would amplify
-        self.fc1, self.bn = nn.Linear(6, 16, bias=False), nn.BatchNorm1d(16)
-        self.drop, self.fc2 = nn.Dropout(0.4), nn.Linear(16, 3)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+def Net():
+    return BNDropNet(hidden=16, p=0.4)
 
 
 def train(batched, steps, x, y, model_call=None):

@@ -55,6 +55,11 @@ def notes(batched):
 
 def check(cls, mode, per_model_input, n=3, force=None, **kw):
     """Batched forward and gradients equal each model's own, under lowering mode ``mode``."""
+    return notes(checked(cls, mode, per_model_input, n, force, **kw)[0])
+
+
+def checked(cls, mode, per_model_input, n=3, force=None, **kw):
+    """check(), returning the batched module and the reference models."""
     models = [cls(**kw).double() for _ in range(n)]
     refs = copy.deepcopy(models)
     with lowering.force(mode, **(force or {})):
@@ -71,7 +76,7 @@ def check(cls, mode, per_model_input, n=3, force=None, **kw):
         for name, p in ref.named_parameters():
             torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-9, atol=1e-10,
                                        msg=lambda m, name=name: f"model {i} {name}: {m}")
-    return notes(batched)
+    return batched, refs
 
 
 @pytest.mark.parametrize("mode, per_model_input", [("grouped", False), ("loop", False), ("concat", False),
@@ -159,6 +164,9 @@ class Chain(nn.Module):
         return self.head(x.flatten(1))
 
 
+INPUT[Chain] = lambda: torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("mode", ["grouped", "loop"])
 def test_conv_bn_relu_pool_chain_runs_without_layout_copies(mode):
     models = [Chain().double() for _ in range(3)]
@@ -179,21 +187,8 @@ def test_channels_last_chain_matches_each_model_and_keeps_its_layout_in_backward
     """concat_nhwc / grouped_nhwc: the conv/bn/relu/pool chain runs channels-last, the flatten before
     the head is the one layout boundary, and mbcompile::relayout hands gradients back in each side's
     own layout (no mixed-layout backward)."""
-    models = [Chain().double() for _ in range(3)]
-    refs = copy.deepcopy(models)
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    with lowering.force(conv="grouped_nhwc", conv_shared_input="concat_nhwc"):
-        batched = mbcompile.batch(models)
-        out = batched(x)
-    out.square().sum().backward()
-    params = dict(batched.named_parameters())
+    batched, refs = checked(Chain, None, False, force={"conv": "grouped_nhwc", "conv_shared_input": "concat_nhwc"})
     for i, ref in enumerate(refs):
-        want = ref(x)
-        torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-10)
-        want.square().sum().backward()
-        for name, p in ref.named_parameters():
-            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-9, atol=1e-10,
-                                       msg=lambda m, name=name: f"model {i} {name}: {m}")
         torch.testing.assert_close(batched.unbatch(i).b2.running_var, ref.b2.running_var, rtol=1e-10, atol=1e-12)
     code = mbcompile.explain(batched).gm.code
     assert "relayout" in code and "channels_last" in code, code

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mbcompile
+from _models import BNDropNet
 from mbcompile import backend
 
 N = 3
@@ -17,15 +18,8 @@ SEEDS = [11, 12, 13]
 LRS = [0.05, 0.02, 0.01]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        # no bias before batch norm: its gradient is zero up to rounding, which Adam would amplify
-        self.fc1, self.bn = nn.Linear(6, 12, bias=False), nn.BatchNorm1d(12)
-        self.drop, self.fc2 = nn.Dropout(0.3), nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+def Net():
+    return BNDropNet(hidden=12, p=0.3)
 
 
 @pytest.fixture
