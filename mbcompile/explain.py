@@ -14,10 +14,11 @@ class Explanation:
 
     @property
     def copies(self):
-        """Data movements in the batched graph: clone/copy and views that may materialise."""
+        """Data movements in the batched graph: clone/copy, views that may materialise, and layout
+        switches (mbcompile::relayout)."""
         if self.gm is None:
             return 0
-        names = {"clone", "_to_copy", "copy", "contiguous"}
+        names = {"clone", "_to_copy", "copy", "contiguous", "relayout"}
         return sum(1 for nd in self.gm.graph.nodes if nd.op == "call_function"
                    and getattr(getattr(nd.target, "overloadpacket", None), "__name__", "") in names)
 
