@@ -20,7 +20,8 @@ Families and candidates (shapes: n models, B batch):
     conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) |
                         concat_nhwc (the same, channels-last; 2-d) | loop
     linear              per-model input and weights: baddbmm | loop (n F.linear)
-    linear_shared_input shared input: concat (one matmul on (n*O),I weights) | bmm (input expanded) | loop
+    linear_shared_input shared input: concat (one matmul on (n*O),I weights) | concat_t (the same as
+                        (n*O),I @ I,B: BLAS prefers the tall operand first) | bmm (input expanded) | loop
 A loop candidate is the sequential computation itself, so the measured choice is never slower than
 sequential op by op (up to timing noise).
 """

@@ -104,7 +104,7 @@ def test_grouped_and_transposed_conv_lowerings_agree(mode):
     assert sum(s.startswith(f"conv lowering: {mode} (forced") for s in got) == 2, got
 
 
-@pytest.mark.parametrize("mode", ["baddbmm", "bmm", "loop", "concat"])
+@pytest.mark.parametrize("mode", ["baddbmm", "bmm", "loop", "concat", "concat_t"])
 @pytest.mark.parametrize("per_model_input", [False, True])
 def test_linear_lowerings_agree(mode, per_model_input):
     got = check(MLP, mode, per_model_input)
@@ -112,7 +112,7 @@ def test_linear_lowerings_agree(mode, per_model_input):
     assert len(lin) == 3
     if mode in ("baddbmm", "loop"):      # fc2 and fc3 always see per-model input
         assert all(s.startswith(f"linear lowering: {mode} (forced") for s in lin[1:]), lin
-    if not per_model_input and mode in ("bmm", "loop", "concat"):
+    if not per_model_input and mode in ("bmm", "loop", "concat", "concat_t"):
         assert lin[0].startswith(f"linear_shared_input lowering: {mode} (forced"), lin
 
 
@@ -216,3 +216,23 @@ def test_a_channels_last_chain_is_not_offered_nchw_lowerings():
     second = [s for s in got if s.startswith("conv lowering")]
     assert len(second) == 1 and "grouped_nhwc" in second[0], got
     assert "loop" not in second[0] and "grouped " not in second[0], second
+
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3)], ids=["B", "B,T"])
+def test_concat_t_keeps_leading_dims_and_equals_each_model(lead):
+    """concat_t returns the transposed product as a B..,n,O view: leading dims and bias broadcast right."""
+    n = 3
+    models = [nn.Linear(7, 4).double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(*lead, 7, dtype=torch.float64)
+    with lowering.force(linear_shared_input="concat_t"):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    assert out.shape == (n, *lead, 4)
+    out.square().sum().backward()
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
+        want.square().sum().backward()
+        torch.testing.assert_close(batched.weight.grad[i], ref.weight.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(batched.bias.grad[i], ref.bias.grad, rtol=1e-10, atol=1e-12)
