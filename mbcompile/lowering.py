@@ -20,6 +20,8 @@ Families and candidates (shapes: n models, B batch):
     conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) |
                         concat_nhwc (the same, channels-last; 2-d) | loop
     linear              per-model input and weights: baddbmm | loop (n F.linear)
+    attention           scaled_dot_product_attention without dropout, off CUDA: fused (torch's kernel) |
+                        math (matmul, softmax, matmul)
     linear_shared_input shared input: concat (one matmul on (n*O),I weights) | concat_t (the same as
                         (n*O),I @ I,B: BLAS prefers the tall operand first) | bmm (input expanded) | loop
 A loop candidate is the sequential computation itself, so the measured choice is never slower than
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 DEFAULTS = {"conv": "grouped", "conv_shared_input": "concat", "linear": "baddbmm",
-            "linear_shared_input": "concat"}
+            "linear_shared_input": "concat", "attention": "fused"}
 _CACHE: dict = {}
 _FORCED: dict = {}
 SPENT = {"measure_s": 0.0}    # seconds spent timing candidates in this process

@@ -236,3 +236,40 @@ def test_concat_t_keeps_leading_dims_and_equals_each_model(lead):
         want.square().sum().backward()
         torch.testing.assert_close(batched.weight.grad[i], ref.weight.grad, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(batched.bias.grad[i], ref.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+class Attn(nn.Module):
+    def __init__(self, mask_kind):
+        super().__init__()
+        self.qkv, self.mask_kind = nn.Linear(8, 24), mask_kind
+
+    def forward(self, x):                                  # B,L,8 -> B,2,L,4 heads
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+        L = x.shape[1]
+        if self.mask_kind == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        mask = None
+        if self.mask_kind == "bool":
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        elif self.mask_kind == "float":
+            mask = torch.linspace(-1.0, 0.0, L * L, dtype=x.dtype, device=x.device).view(L, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
+@pytest.mark.parametrize("mode", ["fused", "math"])
+def test_attention_lowerings_agree(mode, mask_kind):
+    n = 3
+    models = [Attn(mask_kind).double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with lowering.force(attention=mode):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    (out * torch.arange(out[0].numel(), dtype=out.dtype).view(out[0].shape)).sum().backward()
+    assert any(s.startswith(f"attention lowering: {mode} (forced") for s in notes(batched))
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-12)
+        (want * torch.arange(want.numel(), dtype=want.dtype).view(want.shape)).sum().backward()
+        torch.testing.assert_close(batched.qkv.weight.grad[i], ref.qkv.weight.grad, rtol=1e-9, atol=1e-10)

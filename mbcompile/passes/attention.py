@@ -1,7 +1,9 @@
 """scaled_dot_product_attention: models fold into the batch dim.
 q,k,v: n,B,H,L,E -> (n*B),H,L,E ; a mask broadcast to n,B,.. and folded the same way.
 With dropout_p > 0 (training), CPU eager runs the math path with at::dropout on the attention
-weights; the rule does the same with the per-model dropout rule, so masks match model by model."""
+weights; the rule does the same with the per-model dropout rule, so masks match model by model.
+Without dropout on CPU, the fused kernel and the math path are both candidates, chosen by measurement:
+for short sequences the flash kernel's blocking costs far more than three small batched matmuls."""
 from __future__ import annotations
 
 import math
@@ -11,6 +13,7 @@ import torch
 from .axes import front, front_padded
 from .registry import aten, rule
 from . import random as _random
+from .. import lowering
 
 mb = torch.ops.mbcompile
 
@@ -47,8 +50,22 @@ def sdpa(ctx, args, dims, kwargs):
     elif qf.device.type == "cuda":
         out = _cuda_sdpa(ctx, qf, kf, vf, mf, is_causal, scale, gqa)
     else:
-        out = aten.scaled_dot_product_attention(qf, kf, vf, mf, 0.0, is_causal, scale=scale, enable_gqa=gqa)
+        cands = {"fused": lambda q, k, v, m: aten.scaled_dot_product_attention(
+                     q, k, v, m, 0.0, is_causal, scale=scale, enable_gqa=gqa),
+                 "math": lambda q, k, v, m: aten._scaled_dot_product_attention_math(
+                     q, k, v, _float_mask(m, q), 0.0, is_causal, scale=scale, enable_gqa=gqa)[0]}
+        choice = lowering.choose("attention", cands, (qf, kf, vf, mf), n, extra=(is_causal, scale, gqa),
+                                 grad=(True, True, True, False))
+        ctx.note(choice.note("attention"))
+        out = cands[choice.name](qf, kf, vf, mf)
     return (out.unflatten(0, (n, -1)) if lead else out), 0
+
+
+def _float_mask(mask, q):
+    """A boolean mask (True: attend) as the additive float mask the math kernel takes."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
 
 
 def _cuda_sdpa(ctx, q, k, v, mask, is_causal, scale, gqa):
@@ -65,9 +82,8 @@ def _cuda_sdpa(ctx, q, k, v, mask, is_causal, scale, gqa):
         ctx.note("CUDA memory-efficient kernel, logsumexp kept for the backward")
         return aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, is_causal, scale=scale)[0]
     ctx.note("math path (a mask or GQA on CUDA's memory-efficient kernel)")
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    return aten._scaled_dot_product_attention_math(q, k, v, mask, 0.0, is_causal, scale=scale, enable_gqa=gqa)[0]
+    return aten._scaled_dot_product_attention_math(q, k, v, _float_mask(mask, q), 0.0, is_causal, scale=scale,
+                                                   enable_gqa=gqa)[0]
 
 
 def _math_with_dropout(ctx, q, k, v, mask, p, is_causal, scale, lead):
