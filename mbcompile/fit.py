@@ -313,7 +313,7 @@ def _losses(fn, out, y, tdim, w):
 # ---- the loop -----------------------------------------------------------------------------------------
 def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, metrics=None, callbacks=(),
         scheduler=None, scheduler_interval="epoch", scaler=None, max_grad_norm=None, progress=True,
-        data="shared", val_data_mode=None, hparams=None, autocast=None, resume=None) -> History:
+        data="shared", val_data_mode=None, hparams=None, autocast=None, resume=None, fused=False) -> History:
     """Train the n models of ``batched`` for ``epochs`` epochs; returns a :class:`History`.
 
     - ``train_data`` / ``val_data``: re-iterable (a DataLoader, a list, :mod:`mbcompile.data` loaders)
@@ -333,6 +333,10 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     - ``callbacks``: :mod:`mbcompile.callbacks`; ``hparams``: extra per-model values for the table.
     - ``resume``: a checkpoint path to continue from, or ``True`` to continue from the
       :class:`~mbcompile.callbacks.Checkpoint` callback's file when it exists.
+    - ``fused=True``: each training step is :func:`mbcompile.train_step` (forward, loss, backward,
+      clipping and the update as one Inductor program; the fast path for small models). Equal to the
+      default loop up to float rounding; ``p.grad`` is not filled; not with ``scaler``/``autocast``,
+      and only for ``data="shared"``/``"per_model"`` with positional inputs.
     """
     n_total = batched.n
     schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
@@ -350,6 +354,10 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     if isinstance(train_data, collections.abc.Iterator):
         raise TypeError("train_data is a one-shot iterator; pass something iterable once per epoch "
                         "(a DataLoader, a list of batches, mbcompile.data.SharedLoader/PerModelLoader)")
+    if fused and (scaler is not None or autocast is not None or data not in ("shared", "per_model")):
+        raise ValueError("fit(fused=True) runs each step as one compiled program (mbcompile.train_step), "
+                         "which takes neither a GradScaler nor autocast, and only data='shared' or "
+                         "'per_model'; pass fused=False for this run")
     metric_fns = _metric_fns(metrics)
     callbacks = list(callbacks)
     callbacks.sort(key=lambda cb: isinstance(cb, Checkpoint))  # checkpoints see the other callbacks' effects
@@ -358,6 +366,7 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     history.batched = batched
     run = Run(batched, optimizer, scaler, schedulers, history, callbacks)
     run.interval = scheduler_interval
+    run.fused = {} if fused else None
     router = _Router(run, data)
     val_router = _Router(run, val_data_mode or data)
     path = _resume_path(resume, callbacks)
@@ -437,9 +446,29 @@ def _epoch_iter(run, train_data):
     return it
 
 
+def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):
+    """(loss [n], samples [n]) of one mbcompile.train_step program (one per target layout and batch)."""
+    if isinstance(x, dict):
+        raise ValueError("fit(fused=True) takes positional inputs (a tensor or a tuple), not a dict")
+    key = (tdim, id(run.batched), id(run.optimizer))
+    step = run.fused.get(key)
+    if step is None:
+        from .backend import train_step
+        step = run.fused[key] = train_step(run.batched, loss_fn, run.optimizer, max_grad_norm=max_grad_norm,
+                                           target_in_dim=tdim)
+    loss = step(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)), y)
+    yy = y if tdim is None else y.movedim(tdim, 0)[0]
+    return loss, torch.full_like(loss, float(yy.shape[0] if yy.dim() else 1), dtype=torch.float64)
+
+
 def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
     batched, opt, scaler = run.batched, run.optimizer, run.scaler
     x, y, tdim, w = router(batch)
+    if run.fused is not None:
+        loss, count = _fused_step(run, x, y, tdim, loss_fn, max_grad_norm)
+        train = ~run.frozen_pos & (count.cpu() > 0)
+        _after_step(run, loss, count, train, interval)
+        return
     opt.zero_grad(set_to_none=True)
     with amp():
         out = _call(batched, x)
@@ -466,6 +495,11 @@ def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
     finally:
         if skip:
             opt.unfreeze(skip)
+    _after_step(run, loss, count, train, interval)
+
+
+def _after_step(run, loss, count, train, interval):
+    """Schedulers, counters, per-model loss bookkeeping, callbacks and history after one step."""
     if interval == "step":
         for s in run.schedulers:
             if not _is_plateau(s):

@@ -309,3 +309,41 @@ def test_grad_scaler_and_clipping_per_model_like_torch_amp():
                 s.update()
         assert float(scaler.get_scale()[i]) == s.get_scale()
         assert_model(batched, i, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("data", ["shared", "per_model"])
+def test_fused_fit_equals_the_default_loop(data):
+    """fit(fused=True) runs every step as one mbcompile.train_step program: same weights, losses and
+    history as the default loop (float64, up to rounding), with per-step schedules, clipping and an
+    early-stopped (frozen) model."""
+    x, y = dataset()
+    ms = models()
+    lrs = [0.3, 0.1, 0.03, 0.01]
+    runs = {}
+    for fused in (False, True):
+        if data == "shared":
+            train, batched = SharedLoader(x[:32], y[:32], batch_size=8, seed=3), mbcompile.batch(copy.deepcopy(ms))
+        else:
+            train = PerModelLoader(x, y, batch_size=12, seeds=[11, 12, 13, 14])
+            batched = mbcompile.batch(copy.deepcopy(ms), in_dims=0)
+        opt = optimizer(batched, torch.optim.Adam, lr=lrs)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        stop = EarlyStopping(monitor="val_loss", patience=0, action="freeze")
+        hist = fit(batched, train, F.cross_entropy, opt, epochs=3, val_data=[(x[32:], y[32:])],
+                   val_data_mode="shared", data=data, scheduler=sched, scheduler_interval="step",
+                   max_grad_norm=0.5, progress=False, callbacks=[stop], fused=fused)
+        runs[fused] = (batched, hist, opt)
+    (b0, h0, o0), (b1, h1, o1) = runs[False], runs[True]
+    for (name, p), (_, q) in zip(b0.named_parameters(), b1.named_parameters()):
+        torch.testing.assert_close(q, p, **TOL, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(h1["loss"], h0["loss"], **TOL, equal_nan=True)
+    torch.testing.assert_close(h1["val_loss"], h0["val_loss"], **TOL, equal_nan=True)
+    assert [g["lr"] for g in o1.param_groups] == [g["lr"] for g in o0.param_groups]
+    assert b1.fc1.weight.grad is None                      # the fused step fills no .grad
+
+
+def test_fused_fit_refuses_what_train_step_cannot_do():
+    batched = mbcompile.batch(models())
+    opt = optimizer(batched, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="fused=False"):
+        fit(batched, [dataset()], F.cross_entropy, opt, scaler=GradScaler(batched), fused=True, progress=False)
