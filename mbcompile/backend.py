@@ -226,7 +226,7 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
         self.last_grad_norms = None
-        self.compiled, self.times, self._pidx, self._hp_cache, self._masks = {}, {}, {}, None, {}
+        self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
 
     # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
     def _hp(self):
@@ -281,7 +281,7 @@ class TrainStep:
         """The host side of ``BatchedOptimizer.step`` (state, step counters, per-model scalars), done
         here; the tensor side (``_apply_all``, as ``step(compile=True)`` runs it) goes into the program,
         its state tensors and scalars as inputs. Returns graph inputs, cache key and the update."""
-        from .optim import _apply_all, _device_state_keys, _pack_scalars, _unpack_scalars
+        from .optim import _apply_all, _device_state_keys, _pack_prepped
         opt = self.opt
         act = opt._active_list(None)
         if act is not None and not any(act):
@@ -290,19 +290,8 @@ class TrainStep:
         dev = params[0].device
         skeys = tuple(_device_state_keys(st) for _, st, _ in prepped)
         states = [st[k] for (_, st, _), keys in zip(prepped, skeys) for k in keys]
-        ids, scs, sidx = {}, [], []
-        for _, _, sc in prepped:                           # params that share one sc share its rows
-            j = ids.get(id(sc))
-            if j is None:
-                j = ids[id(sc)] = len(scs)
-                scs.append(sc)
-            sidx.append(j)
-        layout, floats, bools, extra = _pack_scalars(scs, opt.n, opt._rule.tensor_keys, dev)
-        mkey = (opt.n, None if act is None else tuple(act), dev)
-        mask = self._masks.get(mkey)
-        if mask is None:
-            mask = self._masks[mkey] = torch.tensor([True] * opt.n if act is None else act, dtype=torch.bool,
-                                                    device=dev)
+        layout, floats, bools, extra, sidx = _pack_prepped([sc for _, _, sc in prepped], opt.n,
+                                                           opt._rule.tensor_keys, dev)
         rule, n, ns, ne = opt._rule, opt.n, len(states), len(extra)
 
         def update(ps, grads, tail):
@@ -310,10 +299,9 @@ class TrainStep:
             extra_t, mask_t = list(tail[ns + 2:ns + 2 + ne]), tail[ns + 2 + ne]
             it = iter(st_t)
             sts = [{k: next(it) for k in keys} for keys in skeys]
-            unpacked = _unpack_scalars(layout, floats_t, bools_t, extra_t)
-            _apply_all(rule, n, ps, grads, sts, [unpacked[j] for j in sidx], mask_t)
-        key = (n, skeys, layout, tuple(sidx), tuple((e.shape, e.dtype) for e in extra))
-        return states + [floats, bools] + extra + [mask], key, update
+            _apply_all(rule, n, ps, grads, sts, (layout, floats_t, bools_t, extra_t, sidx), mask_t)
+        key = (n, skeys, layout, sidx, tuple((e.shape, e.dtype) for e in extra))
+        return states + [floats, bools] + extra + [opt._mask(act, dev)], key, update
 
     def _max_norm(self, n):
         if self.max_grad_norm is None:
@@ -402,9 +390,9 @@ class TrainStep:
 def _clip_grad_norm(grads, max_norm):
     """Per-model gradient-norm clipping with ``mbcompile.clip_grad_norm_``'s arithmetic (norm 2):
     returns the clipped gradients and the [n] norms before clipping."""
+    from .clip import total_norms
     n = grads[0].shape[0]
-    norms = [torch.linalg.vector_norm(g.reshape(n, -1), 2.0, dim=1) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack(norms, dim=1), 2.0, dim=1)
+    total = total_norms(grads, n)
     coef = torch.clamp((total + 1e-6).reciprocal() * max_norm.to(total.dtype), max=1.0)
     return [g * coef.to(g.dtype).view(n, *([1] * (g.dim() - 1))) for g in grads], total
 

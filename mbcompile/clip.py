@@ -42,6 +42,13 @@ def _view(t: Tensor, n: int, like: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def total_norms(grads: list[Tensor], n: int, norm_type: float = 2.0) -> Tensor:
+    """[n]: model i's norm over its slices of every stacked gradient (torch's two-level vector_norm);
+    also used inside mbcompile.train_step's program."""
+    norms = [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1) for g in grads]
+    return torch.linalg.vector_norm(torch.stack([nm.to(grads[0].device) for nm in norms], dim=1), norm_type, dim=1)
+
+
 def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach=None) -> Tensor:
     """Clip each model's gradient norm (over all of that model's parameters) to ``max_norm``.
@@ -61,11 +68,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
             raise ValueError(f"gradient of shape {tuple(g.shape)} has no leading model dim of size n={n}")
         if g.is_sparse:
             raise NotImplementedError("per-model clipping does not support sparse gradients")
-    first_device = grads[0].device
-    norms = [torch.linalg.vector_norm(g.reshape(n, -1), norm_type, dim=1) for g in grads]
-    total_norm = torch.linalg.vector_norm(
-        torch.stack([nm.to(first_device) for nm in norms], dim=1), norm_type, dim=1
-    )
+    total_norm = total_norms(grads, n, norm_type)
     if error_if_nonfinite:
         bad = torch.logical_or(total_norm.isnan(), total_norm.isinf())
         if bad.any():

@@ -836,12 +836,15 @@ def supported_optimizers() -> list[type]:
 # --------------------------------------------------------------------------------------------------
 # the optimizer
 # --------------------------------------------------------------------------------------------------
-def _apply_all(rule, n, params, grads, states, scs, mask):
-    """Tensor part of a step over every parameter, in tensor mode (for torch.compile)."""
+def _apply_all(rule, n, params, grads, states, packed, mask):
+    """Tensor part of a step over every parameter, in tensor mode (for torch.compile and
+    mbcompile.train_step): ``packed`` is :func:`_pack_prepped`'s (its layout a constant of the graph)."""
+    layout, floats, bools, extra, sidx = packed
+    unpacked = _unpack_scalars(layout, floats, bools, extra)
     c = _Ctx(n, None, tensor_mode=True)
     c.active = mask  # a bool [n] tensor
-    for p, g, st, sc in zip(params, grads, states, scs):
-        rule.apply(c, p, g, st, sc)
+    for p, g, st, j in zip(params, grads, states, sidx):
+        rule.apply(c, p, g, st, unpacked[j])
 
 
 class BatchedOptimizer(torch.optim.Optimizer):
@@ -897,7 +900,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_compiled"] = None  # compiled functions and scratch space are rebuilt on demand
-        d["_workspace"] = {}
+        d["_workspace"], d["_masks"] = {}, {}
         return d
 
     def __setstate__(self, state: dict) -> None:
@@ -1015,25 +1018,19 @@ class BatchedOptimizer(torch.optim.Optimizer):
             fn = types.FunctionType(code, _apply_all.__globals__, code.co_name)
             self._compiled = torch.compile(fn, dynamic=False)
         dev = todo[0][0].device
-        mask = torch.tensor([True] * self.n if act is None else act, dtype=torch.bool, device=dev)
-        scs, converted = [], {}
-        for p, _, _, sc in todo:
-            key = (id(sc), p.device)
-            d = converted.get(key)
-            if d is None:
-                d = converted[key] = self._tensor_scalars(sc, p.device)
-            scs.append(d)
+        packed = _pack_prepped([t[3] for t in todo], self.n, self._rule.tensor_keys, dev)
         self._compiled(self._rule, self.n, [t[0] for t in todo], [t[1] for t in todo],
-                       [t[2] for t in todo], scs, mask)
+                       [t[2] for t in todo], packed, self._mask(act, dev))
 
-    def _tensor_scalars(self, sc: dict, device) -> dict:
-        """``sc`` for a compiled step: per-model numbers as tensors (:func:`_as_tensor`), the rule's
-        ``tensor_keys`` as bool [n] tensors even when shared; bools and None stay Python constants."""
-        d = {k: _as_tensor(v, self.n, device) for k, v in sc.items()}
-        for k in self._rule.tensor_keys:
-            if isinstance(d.get(k), bool):
-                d[k] = torch.full((self.n,), d[k], dtype=torch.bool, device=device)
-        return d
+    def _mask(self, act, device) -> Tensor:
+        """The bool [n] tensor of the models that step (``act`` from :meth:`_active_list`), cached."""
+        masks = self.__dict__.setdefault("_masks", {})
+        key = (self.n, None if act is None else tuple(act), str(device))
+        m = masks.get(key)
+        if m is None:
+            m = masks[key] = torch.tensor([True] * self.n if act is None else act, dtype=torch.bool,
+                                                device=device)
+        return m
 
     # ---- freezing -----------------------------------------------------------------------------
     def freeze(self, models) -> None:
@@ -1138,7 +1135,7 @@ def _num(v):
 
 
 def _scalar_kind(v) -> str:
-    """How a compiled step takes a value of ``sc``: "tensor" (as it is), "bool" (a per-model bool
+    """How a compiled step (:func:`_pack_scalars`) takes a value of ``sc``: "tensor" (as it is), "bool" (a per-model bool
     list: a bool [n] tensor), "float" (a per-model list or a shared number: a float64 [n] tensor) or
     "const" (a bool or None: structural, a Python constant of the compiled graph)."""
     if isinstance(v, Tensor):
@@ -1150,22 +1147,11 @@ def _scalar_kind(v) -> str:
     return "float"
 
 
-def _as_tensor(v, n, device):
-    kind = _scalar_kind(v)
-    if kind == "tensor" or kind == "const":
-        return v  # a const stays a Python constant in the compiled graph
-    if kind == "bool":
-        return torch.tensor(v, dtype=torch.bool, device=device)
-    if isinstance(v, list):
-        return torch.tensor([float(x) for x in v], dtype=torch.float64, device=device)
-    return torch.full((n,), float(v), dtype=torch.float64, device=device)
-
-
 def _pack_scalars(scs: list, n: int, tensor_keys: tuple, device):
-    """The values of several ``sc`` dicts as a compiled step takes them (:func:`_as_tensor`, and
-    ``tensor_keys`` always tensors, as :meth:`BatchedOptimizer._tensor_scalars`), packed into one
-    float64 ``[F, n]`` and one bool ``[B, n]`` tensor instead of one small tensor per value (a step
-    has dozens).  Returns ``(layout, floats, bools, extra)``: ``layout`` (hashable: the structure and
+    """The values of several ``sc`` dicts as a compiled step takes them (per-model numbers and shared
+    floats as float64 rows, per-model bools and the rule's ``tensor_keys`` as bool rows; bools and None
+    stay constants), packed into one float64 ``[F, n]`` and one bool ``[B, n]`` tensor instead of one
+    small tensor per value (a step has dozens).  Returns ``(layout, floats, bools, extra)``: ``layout`` (hashable: the structure and
     the constants, so it belongs in a compile cache key) says, per dict and key, which row or
     constant; ``extra`` are values that already were tensors.  :func:`_unpack_scalars` inverts it."""
     frows, brows, extra, layout = [], [], [], []
@@ -1192,6 +1178,19 @@ def _pack_scalars(scs: list, n: int, tensor_keys: tuple, device):
     if torch.device(device).type != "cpu":
         floats, bools = floats.to(device), bools.to(device)
     return tuple(layout), floats, bools, extra
+
+
+def _pack_prepped(scs: list, n: int, tensor_keys: tuple, device) -> tuple:
+    """:func:`_pack_scalars` of one step's per-parameter ``sc`` dicts (parameters that share one dict
+    share its rows): ``(layout, floats, bools, extra, sidx)``, ``sidx[i]`` the dict of parameter i."""
+    ids, uniq, sidx = {}, [], []
+    for sc in scs:
+        j = ids.get(id(sc))
+        if j is None:
+            j = ids[id(sc)] = len(uniq)
+            uniq.append(sc)
+        sidx.append(j)
+    return (*_pack_scalars(uniq, n, tensor_keys, device), tuple(sidx))
 
 
 def _unpack_scalars(layout, floats: Tensor, bools: Tensor, extra) -> list[dict]:
