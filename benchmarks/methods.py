@@ -118,27 +118,10 @@ class MBCompile(Method):
         import mbcompile
         self.mb = mbcompile
         self.batched = mbcompile.batch(models, compile=self.compiled)
-        make = getattr(mbcompile, "optimizer", None)
-        if make is None:
-            try:  # written, not yet exported from mbcompile/__init__.py
-                from mbcompile.optim import optimizer as make
-            except ImportError:
-                make = None
-        if make is None:
-            self.opt = torch.optim.Adam(self.batched.parameters(), lr=LR)
-            self.info["optimizer"] = ("torch.optim.Adam over the stacked parameters (fallback: "
-                                      "mbcompile.optimizer not available)")
-            return
         lrs = [LR] * self.n  # a list: per-model learning rates (all equal, to compare with vmap)
-        self.info["optimizer"] = "mbcompile.optimizer(Adam, lr=[per model])"
-        if self.compiled:
-            try:
-                self.opt = make(self.batched, torch.optim.Adam, lr=lrs, compile=True)
-                self.info["optimizer"] += ", compile=True"
-                return
-            except TypeError as e:
-                self.info["optimizer"] += f" (compile=True refused: {e})"
-        self.opt = make(self.batched, torch.optim.Adam, lr=lrs)
+        self.opt = mbcompile.optimizer(self.batched, torch.optim.Adam, lr=lrs, compile=self.compiled)
+        self.info["optimizer"] = "mbcompile.optimizer(Adam, lr=[per model])" + (", compile=True" if self.compiled
+                                                                                 else "")
 
     def step(self, x, y):
         self.opt.zero_grad()
@@ -163,7 +146,7 @@ class MBCompileCompiled(MBCompile):
     name, compiled = "mbcompile_compiled", True
 
 
-class MBCompileStep(Method):
+class MBCompileStep(MBCompile):
     """mbcompile.train_step: forward, per-model loss, backward and the update of
     mbcompile.optimizer(batched, Adam, lr=[per model]) (the mbcompile method's optimizer) as ONE Inductor
     program. p.grad is not filled, so grads() for the correctness check is read back from Adam's first
@@ -171,7 +154,7 @@ class MBCompileStep(Method):
     name, compiled = "mbcompile_step", True
 
     def __init__(self, workload, models):
-        super().__init__(workload, models)
+        Method.__init__(self, workload, models)
         import mbcompile
         self.batched = mbcompile.batch(models)
         self.opt = mbcompile.optimizer(self.batched, torch.optim.Adam, lr=[LR] * self.n)
@@ -181,10 +164,6 @@ class MBCompileStep(Method):
 
     def step(self, x, y):
         self.fn(x, y)
-
-    def params(self):
-        named = dict(self.batched.named_parameters())
-        return {k: named[k].detach() for k in self.names}
 
     def grads(self):
         named = dict(self.batched.named_parameters())
