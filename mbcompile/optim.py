@@ -495,6 +495,17 @@ def _adam_state(opt, p, st):
     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _adam_prep(pm, hp, steps):
+    """The per-model scalars Adam and RAdam share, and their bias corrections (bc1, bc2)."""
+    lr, b1, b2 = hp["lr"], hp["beta1"], hp["beta2"]
+    bc1 = pm(lambda b1, s: 1 - b1**s, b1, steps)
+    bc2 = pm(lambda b2, s: 1 - b2**s, b2, steps)
+    sc = {"maximize": hp["maximize"], **_wd_prep(pm, hp, lr, hp["weight_decay"], hp["decoupled_weight_decay"]),
+          "one_m_b1": pm(lambda b: 1 - b, b1), "b2": b2, "one_m_b2": pm(lambda b: 1 - b, b2),
+          "bc2_sqrt": pm(lambda b: b**0.5, bc2), "eps": hp["eps"]}
+    return sc, bc1, bc2
+
+
 class _Adam(_Rule):
     cls = torch.optim.Adam
     keys = ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
@@ -504,21 +515,9 @@ class _Adam(_Rule):
 
     def prep(self, c, hp, steps):
         pm = c.pm
-        lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
-        bc1 = pm(lambda b1, s: 1 - b1**s, b1, steps)
-        bc2 = pm(lambda b2, s: 1 - b2**s, b2, steps)
-        step_size = pm(lambda lr, bc1: lr / bc1, lr, bc1)
-        return {
-            "maximize": hp["maximize"],
-            **_wd_prep(pm, hp, lr, wd, hp["decoupled_weight_decay"]),
-            "one_m_b1": pm(lambda b: 1 - b, b1),
-            "b2": b2,
-            "one_m_b2": pm(lambda b: 1 - b, b2),
-            "neg_step_size": pm(lambda s: -s, step_size),
-            "bc2_sqrt": pm(lambda b: b**0.5, bc2),
-            "eps": hp["eps"],
-            "amsgrad": hp["amsgrad"],
-        }
+        sc, bc1, _ = _adam_prep(pm, hp, steps)
+        step_size = pm(lambda lr, bc1: lr / bc1, hp["lr"], bc1)
+        return {**sc, "neg_step_size": pm(lambda s: -s, step_size), "amsgrad": hp["amsgrad"]}
 
     def scalar_state(self, c, p, st, sc):
         if not c.is_false(sc["amsgrad"]) and "max_exp_avg_sq" not in st:
@@ -776,9 +775,8 @@ class _RAdam(_Rule):
 
     def prep(self, c, hp, steps):
         pm = c.pm
-        lr, b1, b2, wd = hp["lr"], hp["beta1"], hp["beta2"], hp["weight_decay"]
-        bc1 = pm(lambda b1, s: 1 - b1**s, b1, steps)
-        bc2 = pm(lambda b2, s: 1 - b2**s, b2, steps)
+        b2 = hp["beta2"]
+        sc, bc1, bc2 = _adam_prep(pm, hp, steps)
         rho_inf = pm(lambda b2: 2 / (1 - b2) - 1, b2)
         rho_t = pm(lambda ri, s, b2, bc2: ri - 2 * s * (b2**s) / bc2, rho_inf, steps, b2, bc2)
 
@@ -787,19 +785,8 @@ class _RAdam(_Rule):
                 return 0.0  # not used: this model takes the un-rectified branch
             return ((rt - 4) * (rt - 2) * ri / ((ri - 4) * (ri - 2) * rt)) ** 0.5
 
-        return {
-            "maximize": hp["maximize"],
-            "lr": lr,
-            **_wd_prep(pm, hp, lr, wd, hp["decoupled_weight_decay"]),
-            "one_m_b1": pm(lambda b: 1 - b, b1),
-            "b2": b2,
-            "one_m_b2": pm(lambda b: 1 - b, b2),
-            "bc1": bc1,
-            "bc2_sqrt": pm(lambda b: b**0.5, bc2),
-            "rect_on": pm(lambda rt: rt > 5.0, rho_t),
-            "rect": pm(rect, rho_t, rho_inf),
-            "eps": hp["eps"],
-        }
+        return {**sc, "lr": hp["lr"], "bc1": bc1, "rect_on": pm(lambda rt: rt > 5.0, rho_t),
+                "rect": pm(rect, rho_t, rho_inf)}
 
     def apply(self, c, p, g, st, sc):
         ip = c.ip
