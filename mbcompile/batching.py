@@ -14,6 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, capture
+from . import hostmem
 from .passes import batch_pass
 
 RANDOMNESS = ("sequential", "different", "same")
@@ -107,6 +108,7 @@ class Program:
     user_names: list
     records: list = field(default_factory=list)
     times: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)     # program-level notes (host malloc), for explain()
 
 
 class _RNG:
@@ -397,6 +399,8 @@ class BatchedModule(nn.Module):
         prog = Program(cap, None, None, in_dims, user_names, records)
         vals = self._inputs(prog, leaves)
         device = next(iter(self.parameters()), torch.empty(0)).device
+        if device.type == "cpu":                         # before the lowerings are timed (hostmem.py)
+            prog.notes.append(hostmem.tune())
         states = self._states(device) if mode == "sequential" else torch.empty(0)
         with torch.no_grad():
             example = [v.detach() for v in vals] + [states]

@@ -5,8 +5,8 @@ from collections import Counter
 
 
 class Explanation:
-    def __init__(self, records, times, gm=None, n=None):
-        self.records, self.times, self.gm, self.n = records, times, gm, n
+    def __init__(self, records, times, gm=None, n=None, notes=()):
+        self.records, self.times, self.gm, self.n, self.notes = records, times, gm, n, list(notes)
 
     @property
     def fallbacks(self):
@@ -27,6 +27,7 @@ class Explanation:
                  f"{self.copies} copies in the batched graph"]
         if self.times:
             lines.append("times: " + ", ".join(f"{k}={v * 1e3:.0f} ms" for k, v in self.times.items()))
+        lines += self.notes
         w = max([len(r.op) for r in self.records] + [4])
         for r in self.records:
             extra = ("; " + "; ".join(r.notes)) if r.notes else ""
@@ -44,4 +45,4 @@ def explain(batched):
     prog = getattr(batched, "_last_program", None)
     if prog is None:
         return Explanation([], {}, None, getattr(batched, "n", None))
-    return Explanation(list(prog.records), dict(prog.times), prog.gm, batched.n)
+    return Explanation(list(prog.records), dict(prog.times), prog.gm, batched.n, prog.notes)
