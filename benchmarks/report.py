@@ -41,6 +41,7 @@ def markdown(res):
         f"`{m['device']}`{', ' + m['gpu'] if m.get('gpu') else ''}; torch {m['torch_version']}, "
         f"mbcompile {m.get('mbcompile_version')}; load average at start {_load(m.get('load_average'))}, "
         f"at end {_load(m.get('load_average_end'))}",
+        *([f"- every method ran with: {m['host_malloc']} (mbcompile/hostmem.py)"] if m.get("host_malloc") else []),
         f"- matmul peak (fp32 {peak['size']}^2): {peak['flops_per_s'] / 1e9:.1f} GFLOP/s at start, "
         f"{res.get('peak_matmul_end', peak)['flops_per_s'] / 1e9:.1f} at end",
         f"- one training step = forward + backward + Adam (lr {cfg['lr']}), float32, one shared batch; median "

@@ -100,6 +100,9 @@ def _run(args) -> dict:
         "workloads": {},
         "results": [],
     }
+    if device.type == "cpu":  # every method runs with the malloc setting a process using mbcompile has
+        from mbcompile import hostmem
+        res["machine"]["host_malloc"] = hostmem.tune()
     res["peak_matmul"] = measure.matmul_peak(device, args.peak_size)
     for name in args.workloads:
         if name == "optim_step":

@@ -72,6 +72,11 @@ def _setting(family):
     return "measure"
 
 
+def measured(family):
+    """Whether ``family``'s lowering is chosen by timing (not fixed by "default" or a forced name)."""
+    return _setting(family) == "measure"
+
+
 def forced(family, name):
     """Whether MBCOMPILE_LOWERING / force() names candidate ``name`` for ``family``."""
     return _setting(family) == name

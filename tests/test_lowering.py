@@ -273,3 +273,30 @@ def test_attention_lowerings_agree(mode, mask_kind):
         torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-12)
         (want * torch.arange(want.numel(), dtype=want.dtype).view(want.shape)).sum().backward()
         torch.testing.assert_close(batched.qkv.weight.grad[i], ref.qkv.weight.grad, rtol=1e-9, atol=1e-10)
+
+
+class OneConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.c(x)).flatten(1))
+
+
+INPUT[OneConv] = lambda: torch.randn(4, 3, 8, 8, dtype=torch.float64)
+
+
+def test_a_cpu_conv_chain_starts_channels_last_and_a_lone_conv_measures_both_layouts():
+    """Timing a chain's first conv alone cannot see what its layout costs the ops after it, so on CPU a
+    conv that feeds another conv is offered only channels-last candidates (+ unfold); a conv with no
+    conv after it is measured in both layouts."""
+    lowering.clear_cache()
+    chain = check(Chain, "measure", False)
+    first = next(s for s in chain if s.startswith("conv_shared_input lowering"))
+    assert "concat_nhwc" in first and "concat " not in first.split("(", 1)[1], first
+    assert "loop" not in first.split("(", 1)[1], first
+    second = next(s for s in chain if s.startswith("conv lowering"))
+    assert "grouped_nhwc" in second and "grouped " not in second.split("(", 1)[1], second
+    lone = next(s for s in check(OneConv, "measure", False) if s.startswith("conv_shared_input lowering"))
+    assert all(k in lone for k in ("concat ", "concat_nhwc", "loop")), lone

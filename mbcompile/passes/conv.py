@@ -53,13 +53,31 @@ def convolution(ctx, args, dims, kwargs):
     if dx is not None and groups == 1 and not transposed and w.dim() == 5:
         cands["unfold"] = lambda x, w, bias: _unfold(x, dx, w, bias, n, *conv)
     family = "conv" if dx is not None else "conv_shared_input"
-    if nhwc and _is_nhwc(x, dx):     # a channels-last chain stays so: mixing layouts costs more than one op gains
+    starts_chain = (x.device.type == "cpu" and lowering.measured(family) and lowering.measured("conv")
+                    and _feeds_conv(ctx.node))
+    if nhwc and (_is_nhwc(x, dx) or starts_chain):
+        # a channels-last chain stays so, and on CPU a conv chain starts so: mixing layouts costs more
+        # than one op gains, and timing the first conv alone cannot see what its layout costs the chain
         cands = {k: f for k, f in cands.items()
                  if k.endswith("_nhwc") or k == "unfold" or lowering.forced(family, k)}
     choice = lowering.choose(family, cands, (x, w, bias), n, extra=(dx,) + tuple(map(_tup, conv)),
                              grad=(lowering.input_needs_grad(ctx), True, True))
     ctx.note(choice.note(family))
     return cands[choice.name](x, w, bias), 1
+
+
+def _feeds_conv(node):
+    """Whether another convolution depends on this node's output (the captured graph's users)."""
+    seen, todo = set(), list(node.users) if node is not None else []
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.target is aten.convolution.default:
+            return True
+        todo += list(u.users)
+    return False
 
 
 def _tup(v):
