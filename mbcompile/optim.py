@@ -187,13 +187,13 @@ class _Ctx:
         """v as an operand against `like` ([n, *shape]): a Python scalar stays as it is, a per-model
         list becomes a [n, 1, ...] tensor in like's dtype (as torch casts a Python scalar)."""
         if isinstance(v, Tensor):
-            base = v.to(device=like.device, dtype=self.opdtype(like))
+            base = _h2d(v.to(dtype=self.opdtype(like)), like.device)
         elif isinstance(v, list):
             dtype = self.opdtype(like)
             key = ("f", tuple(v), dtype, like.device)
             base = self._cache.get(key)
             if base is None:
-                base = torch.tensor(v, dtype=torch.float64).to(device=like.device, dtype=dtype)
+                base = _h2d(torch.tensor(v, dtype=torch.float64).to(dtype), like.device)
                 self._cache[key] = base
         else:
             return v
@@ -202,12 +202,12 @@ class _Ctx:
     def mask(self, cond, like: Tensor) -> Tensor:
         """A per-model boolean (list or tensor) as a [n, 1, ...] bool tensor on like's device."""
         if isinstance(cond, Tensor):
-            base = cond.to(device=like.device, dtype=torch.bool)
+            base = _h2d(cond.to(dtype=torch.bool), like.device)
         else:
             key = ("b", tuple(bool(c) for c in cond), like.device)
             base = self._cache.get(key)
             if base is None:
-                base = torch.tensor([bool(c) for c in cond], dtype=torch.bool, device=like.device)
+                base = _h2d(torch.tensor([bool(c) for c in cond], dtype=torch.bool), like.device)
                 self._cache[key] = base
         return base.view(self.n, *([1] * (like.dim() - 1)))
 
@@ -1162,9 +1162,19 @@ def _pack_scalars(scs: list, n: int, tensor_keys: tuple, device):
         layout.append(tuple(ent))
     floats = torch.tensor(frows, dtype=torch.float64).reshape(len(frows), n)
     bools = torch.tensor(brows, dtype=torch.bool).reshape(len(brows), n)
-    if torch.device(device).type != "cpu":
-        floats, bools = floats.to(device), bools.to(device)
-    return tuple(layout), floats, bools, extra
+    return tuple(layout), _h2d(floats, device), _h2d(bools, device), extra
+
+
+def _h2d(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``. A host tensor goes to CUDA through pinned memory, non-blocking: a copy from
+    pageable memory first waits for the stream to drain, so per-step scalars would stall the host
+    behind the GPU every step (no overlap of the next step's Python with this step's kernels)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _pack_prepped(scs: list, n: int, tensor_keys: tuple, device) -> tuple:
