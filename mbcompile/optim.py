@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import math
 import types
 from collections import defaultdict
@@ -106,20 +107,21 @@ def _split_per_model(name: str, value, n: int) -> list:
     return [_to_python(value)] * n
 
 
+_PLAIN = frozenset((float, int, bool, type(None), str))
+
+
 def _same(values: Sequence) -> bool:
-    """True when all values are the same number (bitwise: 0.0 and -0.0 differ, nan never matches)."""
+    """True when all values are the same number (bitwise: 0.0 and -0.0 differ, nan never matches
+    another nan object). Runs every step over n values per hyperparameter, hence list.count."""
     first = values[0]
-    for v in values[1:]:
-        if v is first:
-            continue
-        try:
-            if not (v == first):
-                return False
-        except Exception:  # pragma: no cover - exotic values
+    try:
+        if list(values).count(first) != len(values):       # identity or ==, in C
             return False
-        if isinstance(v, float) or isinstance(first, float):
-            if math.copysign(1.0, float(v)) != math.copysign(1.0, float(first)):
-                return False
+        zero = first == 0
+    except Exception:  # pragma: no cover - exotic values
+        return False
+    if zero:                                                # 0.0 == -0.0: compare the signs
+        return len(set(map(math.copysign, itertools.repeat(1.0, len(values)), values))) == 1
     return True
 
 
@@ -909,9 +911,11 @@ class BatchedOptimizer(torch.optim.Optimizer):
         for key in self._rule.keys:
             if key in ("beta1", "beta2"):
                 j = 0 if key == "beta1" else 1
-                vals = [_num(g["betas"][j]) for g in groups]
+                vals = [g["betas"][j] for g in groups]
             else:
-                vals = [_num(g[key]) for g in groups]
+                vals = [g[key] for g in groups]
+            if not _PLAIN.issuperset(map(type, vals)):        # a tensor hyperparameter: as numbers
+                vals = [_num(v) for v in vals]
             hp[key] = _collapse(vals)
         return hp
 

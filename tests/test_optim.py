@@ -609,3 +609,13 @@ def test_bfloat16_parameters_follow_torch_closely(case):
     batched, refs, opt, _ = run_injected(cls, kwargs, dtype=torch.bfloat16, steps=5)
     assert all(p.dtype == torch.bfloat16 for p in batched.parameters())
     assert_close_all(batched, refs, rtol=1e-2, atol=1e-2)
+
+
+def test_per_model_values_collapse_only_when_bitwise_equal():
+    """The per-step check that a hyperparameter is shared (optim._same): 0.0 and -0.0 differ (they
+    differ as lr * grad signs), the same nan object matches itself, another nan does not."""
+    from mbcompile.optim import _same
+    nan = float("nan")
+    assert _same([1e-3] * 64) and _same([0, 0.0, False]) and _same([nan, nan]) and _same([None, None])
+    assert not _same([0.0, -0.0]) and not _same([0, -0.0]) and not _same([nan, float("nan")])
+    assert not _same([1e-3] * 63 + [2e-3]) and not _same([True, False]) and not _same(["a", "b"])
