@@ -300,3 +300,47 @@ def test_a_cpu_conv_chain_starts_channels_last_and_a_lone_conv_measures_both_lay
     assert "grouped_nhwc" in second and "grouped " not in second.split("(", 1)[1], second
     lone = next(s for s in check(OneConv, "measure", False) if s.startswith("conv_shared_input lowering"))
     assert all(k in lone for k in ("concat ", "concat_nhwc", "loop")), lone
+
+
+def test_a_clear_loser_is_timed_once():
+    """_measure re-times only candidates within LOSER_RATIO of the best warm-up (or small ones)."""
+    import time as _time
+    calls = {"fast": 0, "slow": 0}
+
+    def fast(x):
+        calls["fast"] += 1
+        return x * 2
+
+    def slow(x):
+        calls["slow"] += 1
+        _time.sleep(0.05)
+        return x * 2
+
+    t = lowering._measure({"fast": fast, "slow": slow}, (torch.randn(8),), (True,))
+    assert calls["slow"] == 1 and calls["fast"] >= 2, calls
+    assert t["slow"] >= 0.05 > t["fast"]
+
+
+class BigConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+def test_unfold_is_not_timed_when_its_im2col_is_huge_unless_forced():
+    # n=4 models, per-model input 8 x 16 x 64 x 64: im2col 4 * 8 * 144 * 4096 floats = 75.5 MB, past the CPU cap
+    models = [BigConv() for _ in range(4)]
+    x = torch.randn(4, 8, 16, 64, 64)
+    lowering.clear_cache()
+    b = mbcompile.batch(models, in_dims=0)
+    b(x)
+    note = next(s for s in notes(b) if s.startswith("conv lowering"))
+    assert "unfold" not in note and "grouped" in note, note
+    with lowering.force(conv="unfold"):
+        b2 = mbcompile.batch(models, in_dims=0)
+        out = b2(x)
+    assert any(s.startswith("conv lowering: unfold (forced") for s in notes(b2))
+    torch.testing.assert_close(out[2], models[2](x[2]), rtol=1e-4, atol=1e-4)

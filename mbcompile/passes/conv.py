@@ -50,7 +50,8 @@ def convolution(ctx, args, dims, kwargs):
         if nhwc:
             cands["grouped_nhwc"] = lambda x, w, bias: _grouped(x, dx, w, bias, n, *conv, nhwc=True)
     cands["loop"] = lambda x, w, bias: _loop(x, dx, w, bias, n, *conv)
-    if dx is not None and groups == 1 and not transposed and w.dim() == 5:
+    if dx is not None and groups == 1 and not transposed and w.dim() == 5 and (
+            _im2col_fits(x, w, conv) or lowering.forced("conv", "unfold")):
         cands["unfold"] = lambda x, w, bias: _unfold(x, dx, w, bias, n, *conv)
     family = "conv" if dx is not None else "conv_shared_input"
     starts_chain = (x.device.type == "cpu" and lowering.measured(family) and lowering.measured("conv")
@@ -64,6 +65,21 @@ def convolution(ctx, args, dims, kwargs):
                              grad=(lowering.input_needs_grad(ctx), True, True))
     ctx.note(choice.note(family))
     return cands[choice.name](x, w, bias), 1
+
+
+IM2COL_MAX_BYTES = {"cpu": 64 << 20}      # other devices: 512 MiB
+
+
+def _im2col_fits(x, w, conv):
+    """Whether unfold's im2col buffer, n,(C*k*k),(B*L), is small enough to be worth timing: a big
+    one is never the fastest (ResNet-8's 3x3 convs at n=16: 302 MB, 255 ms against grouped's 34 ms)
+    and its one timed run would cost more than the whole measurement of the others."""
+    stride, padding, dilation = conv[0], conv[1], conv[2]
+    n, _, c, kh, kw = w.shape                        # n,O,C,kh,kw
+    numel = x.numel() // max(1, x.shape[-1] * x.shape[-2] * c) * c * kh * kw   # n*B*C*k*k
+    for size, k, st, pd, dl in zip(x.shape[-2:], (kh, kw), stride, padding, dilation):
+        numel *= max(0, (size + 2 * pd - dl * (k - 1) - 1) // st + 1)
+    return numel * x.element_size() <= IM2COL_MAX_BYTES.get(x.device.type, 512 << 20)
 
 
 def _feeds_conv(node):
