@@ -5,7 +5,9 @@ function of the op's tensors. The choice::
 
     MBCOMPILE_LOWERING unset or "measure"   time forward+backward of every candidate once, on real
                                             tensors of the op's shapes and strides, on the op's device;
-                                            the fastest wins; cached per signature for the process
+                                            the fastest wins; cached per signature for the process;
+                                            a candidate whose warm-up took 3x the best's (and > 20 ms)
+                                            keeps that time and is not run again
     MBCOMPILE_LOWERING="default"            a fixed choice per family (DEFAULTS), no timing: deterministic
     MBCOMPILE_LOWERING="loop"               force a candidate name wherever a family has it
     MBCOMPILE_LOWERING="conv=loop,linear=baddbmm"    force per family
@@ -16,7 +18,8 @@ why (``Choice.why``), and the rule passes that to ``explain()`` via ``ctx.note``
 Families and candidates (shapes: n models, B batch):
     conv                per-model input and weights: grouped (B,(n*C),H,W, groups=n*g) | grouped_nhwc (the
                         same, channels-last; 2-d) | loop (n convs)
-                        | unfold (im2col + one batched matmul; 2-d, groups=1)
+                        | unfold (im2col + one batched matmul; 2-d, groups=1; offered when its buffer
+                        fits conv.IM2COL_MAX_BYTES: 64 MB on CPU)
     conv_shared_input   shared input, per-model weights: concat (one conv, weights (n*O),C,k,k) |
                         concat_nhwc (the same, channels-last; 2-d) | loop
     linear              per-model input and weights: baddbmm | loop (n F.linear)
