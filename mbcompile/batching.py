@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, capture
-from . import hostmem
+from . import chunking, hostmem
 from .passes import batch_pass
 
 RANDOMNESS = ("sequential", "different", "same")
@@ -108,7 +108,7 @@ class Program:
     user_names: list
     records: list = field(default_factory=list)
     times: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)     # program-level notes (host malloc), for explain()
+    notes: list = field(default_factory=list)     # program-level notes (host malloc, chunks), for explain()
 
 
 class _RNG:
@@ -413,6 +413,22 @@ class BatchedModule(nn.Module):
         if self._compile:                                # compiled at first call; adds times["compile_s"]
             from .backend import compile_program
             prog.call = compile_program(gm, prog.times)
+        elif chunking.why_not(prog, device, n, consts, mode) is None:
+            def trace(sizes, vals, recs):                # n models as chunks of sizes[i], one graph
+                def chunked_forward(*vals):
+                    *vals, states = vals
+                    parts = [v.split(sizes) if d == 0 else [v] * len(sizes) for v, d in zip(vals, in_dims)]
+                    sts = states.split(sizes) if states.numel() else [states] * len(sizes)
+                    outs = []
+                    for i, k in enumerate(sizes):       # n,... -> k,... per chunk; outs k,... -> n,...
+                        outs.append(batch_pass.run(cap.gm, k, [p[i] for p in parts], in_dims, strict=strict,
+                                                   consts=consts, rng=_RNG(mode, sts[i]),
+                                                   records=recs if i == 0 else []))
+                    return [torch.cat(col) if isinstance(col[0], torch.Tensor) else col[0] for col in zip(*outs)]
+                with torch.no_grad():
+                    return make_fx(chunked_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(
+                        *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
+            prog.call = chunking.Chooser(prog, n, trace, self.training)
         return prog
 
 

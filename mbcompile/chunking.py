@@ -1,0 +1,164 @@
+"""Program-level lowering: run the batched program over groups of models ("chunks") when that is faster.
+
+Per-op measurement (lowering.py) cannot see what happens *between* ops. On a CPU, once a batched
+activation is several times the last-level cache, bn, relu and the residual adds stream every tensor
+from DRAM, and grouped convs over many groups lose locality. Measured (2-core EPYC, 32 MB L3, glibc
+malloc tuned by hostmem.py, ResNet-8, batch 32, forward+backward): at n=16 (largest batched tensor
+32 MB) one batch 205 ms, 4 chunks of 4 205 ms: no gain; at n=64 (128 MB) one batch 1253 ms, 4 chunks
+of 16 891 ms, 8 of 8 916 ms, 64 models one after another 1084 ms.
+
+So when a CPU program's largest batched activation is at least MIN_BYTES, its first eager call with
+gradients times the whole program against chunks whose largest activation is about TARGET_BYTES
+(forward+backward on the call's own inputs, detached; the user's .grad and random streams untouched)
+and keeps the faster. A chunked program is one traced graph: inputs split along the model dim, the
+batched graph once per chunk (n=k, with the lowerings chosen for size k), outputs concatenated; the
+split's backward is one cat per parameter. Model i computes what it computes in the whole program,
+and the sequential random streams (states[i]) are per model, so chunking changes no result beyond the
+floating-point summation order of the lowerings chosen for size k.
+
+Not chunked: compiled programs and ``train_step`` (they use ``Program.gm``, the whole program),
+programs with fallbacks, per-model constants (lists of n values baked into the graph), random ops
+outside ``randomness="sequential"``, and other devices. ``MBCOMPILE_LOWERING=default`` never chunks;
+``MBCOMPILE_LOWERING=program=chunks4`` forces chunks of 4 (where chunking is allowed), ``program=whole``
+never chunks.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from . import lowering
+
+MIN_BYTES = 64 << 20       # consider chunking when the largest batched activation is at least this big
+TARGET_BYTES = 32 << 20    # the chunk size timed: its largest activation about this big
+
+
+def chunk_sizes(n, k):
+    """[k, k, ..., rest]: n models in chunks of at most k."""
+    return [k] * (n // k) + ([n % k] if n % k else [])
+
+
+def largest_activation(gm):
+    """Bytes of the largest tensor the traced program computes (from make_fx's fake values)."""
+    best = 0
+    for nd in gm.graph.nodes:
+        v = nd.meta.get("val")
+        vals = v if isinstance(v, (list, tuple)) else [v]
+        for t in vals:
+            if isinstance(t, torch.Tensor):
+                best = max(best, t.numel() * t.element_size())
+    return best
+
+
+def candidate(n, biggest):
+    """The chunk size to time: its largest activation nearest TARGET_BYTES, preferring divisors of n
+    (all chunks then share one program shape); an uneven last chunk when no divisor is near."""
+    want = max(1.0, n * TARGET_BYTES / biggest)
+    divs = [d for d in range(1, n // 2 + 1) if n % d == 0]
+    k0 = min(divs, key=lambda d: abs(math.log(d / want)))
+    if abs(math.log(k0 / want)) > math.log(2) and round(want) <= n // 2:
+        k0 = int(round(want))
+    return k0
+
+
+def why_not(prog, device, n, consts, randomness):
+    """The reason this program is never chunked, or None."""
+    if n < 2:
+        return "n < 2"
+    if device.type != "cpu":
+        return f"device {device.type}"
+    if any(r.how.startswith("FALLBACK") for r in prog.records):
+        return "the program has fallbacks"
+    if consts:
+        return "per-model constants"
+    if randomness != "sequential" and _has_random(prog.gm):
+        return f'random ops with randomness="{randomness}"'
+    return None
+
+
+def _has_random(gm):
+    return any(nd.op == "call_function" and (torch.Tag.nondeterministic_seeded in getattr(nd.target, "tags", ())
+                                             or "draw" in str(nd.target))
+               for nd in gm.graph.nodes)
+
+
+class Chooser:
+    """``Program.call`` until the first eager call with gradients (or in eval mode) has measured."""
+
+    def __init__(self, prog, n, trace, training):
+        self.prog, self.n, self.trace, self.training = prog, n, trace, training
+
+    def __call__(self, *vals):
+        grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
+        if self.training and not grad:                 # measure where backward runs: not yet
+            return self.prog.gm(*vals)
+        self.prog.call = self._decide(vals, backward=grad)
+        return self.prog.call(*vals)
+
+    def _decide(self, vals, backward):
+        prog, n = self.prog, self.n
+        gm = prog.gm
+        setting = lowering._setting("program")
+        if setting == "default" or setting == "whole":
+            return gm
+        forced = int(setting[6:]) if setting.startswith("chunks") and setting[6:].isdigit() else None
+        if forced is not None and forced >= n:
+            return gm
+        biggest = largest_activation(gm)
+        if forced is None and biggest < MIN_BYTES:
+            return gm
+        t0 = time.perf_counter()
+        ks = [forced] if forced else [candidate(n, biggest)]
+        progs = {n: gm}
+        recs = {}
+        for k in ks:
+            recs[k] = []
+            progs[k] = self.trace(chunk_sizes(n, k), vals, recs[k])
+        if forced:
+            best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
+        else:
+            timings = _measure(progs, vals, backward)
+            best = min(timings, key=timings.get)
+            what = "fwd+bwd" if backward else "fwd"
+            why = f"measured {what} on cpu: " + ", ".join(
+                f"{_label(n, k)} {timings[k] * 1e3:.3g} ms" for k in sorted(timings, key=timings.get))
+        prog.times["chunk_s"] = time.perf_counter() - t0
+        prog.notes.append(f"program: {_label(n, best)} ({why}; largest batched activation "
+                          f"{biggest / 2**20:.1f} MB)")
+        if best != n:
+            prog.records[:] = recs[best]                 # explain() shows the ops of one chunk
+        return progs[best]
+
+
+def _label(n, k):
+    if k == n:
+        return "whole"
+    sizes = chunk_sizes(n, k)
+    return f"{len(sizes)} chunks of {k}" + (f" (last {sizes[-1]})" if sizes[-1] != k else "")
+
+
+def _measure(progs, vals, backward, rounds=2):
+    """Seconds per call (+ backward) of each program, best of interleaved rounds after a warm-up,
+    on detached copies of the inputs (the user's .grad and random streams are not touched)."""
+    def run(gm):
+        xs = [v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in vals]
+        xs[-1] = xs[-1].clone()                        # the per-model random states, advanced in place
+        with torch.enable_grad() if backward else torch.no_grad():
+            t0 = time.perf_counter()
+            outs = gm(*xs)
+            if backward:
+                loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor) and o.requires_grad)
+                if isinstance(loss, torch.Tensor):
+                    loss.backward()
+            return time.perf_counter() - t0
+
+    best = {k: run(gm) for k, gm in progs.items()}                  # warm-up
+    total = sum(best.values())
+    if total < 5.0:                                                 # a few seconds at most
+        best = {k: float("inf") for k in progs}
+        for _ in range(rounds if total < 1.0 else 1):
+            for k, gm in progs.items():
+                best[k] = min(best[k], run(gm))
+    return best

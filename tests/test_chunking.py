@@ -1,0 +1,127 @@
+"""Program-level chunking (mbcompile/chunking.py): a chunked program computes what each model alone
+computes (outputs, gradients, batch-norm buffers, sequential dropout masks), over two steps; the
+measurement leaves .grad and the random streams alone; the cases that must not chunk do not."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+from mbcompile import chunking, lowering
+
+SEEDS = [5, 6, 7, 8, 9]
+
+
+class Net(nn.Module):
+    def __init__(self, p=0.3):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.drop = nn.Dropout(p)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = F.relu(self.b1(self.c1(x)))
+        h = F.max_pool2d(h + self.c2(h), 2)
+        return self.head(self.drop(h.flatten(1)))
+
+
+def _run(batched, refs, x, per_model, steps=2):
+    """Two SGD steps of the batched models and of each model alone (same seeds); compares everything."""
+    opt = torch.optim.SGD(batched.parameters(), lr=0.1)
+    ropts = [torch.optim.SGD(r.parameters(), lr=0.1) for r in refs]
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS[:len(refs)]]
+    for _ in range(steps):
+        opt.zero_grad()
+        out = batched(x)
+        out.square().sum().backward()
+        for i, (r, ro) in enumerate(zip(refs, ropts)):
+            ro.zero_grad()
+            with torch.random.fork_rng():
+                torch.set_rng_state(gens[i].get_state())
+                o = r(x[i] if per_model else x)
+                gens[i].set_state(torch.get_rng_state())
+            o.square().sum().backward()
+            torch.testing.assert_close(out[i], o, rtol=1e-10, atol=1e-10)
+            for name, p in r.named_parameters():
+                torch.testing.assert_close(dict(batched.named_parameters())[name].grad[i], p.grad,
+                                           rtol=1e-9, atol=1e-10)
+        opt.step()
+        for ro in ropts:
+            ro.step()
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(batched.unbatch(i).b1.running_var, r.b1.running_var, rtol=1e-10, atol=1e-12)
+
+
+def _notes(batched):
+    return mbcompile.explain(batched).notes
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+@pytest.mark.parametrize("k", [2, 3])                 # 5 models: chunks 2,2,1 and 3,2 (uneven last chunk)
+def test_forced_chunks_match_each_model_alone(per_model, k):
+    models = [Net().double() for _ in SEEDS]
+    refs = copy.deepcopy(models)
+    x = torch.randn(*((5,) if per_model else ()), 2, 3, 8, 8, dtype=torch.float64)
+    with lowering.force(program=f"chunks{k}"):
+        b = mbcompile.batch(models, in_dims=0 if per_model else None, seeds=SEEDS)
+        _run(b, refs, x, per_model)
+    sizes = chunking.chunk_sizes(5, k)
+    assert any(s.startswith(f"program: {len(sizes)} chunks of {k}") and "forced" in s for s in _notes(b)), _notes(b)
+
+
+def test_measured_choice_leaves_grads_and_random_streams_alone(monkeypatch):
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)       # every program is "big": the chooser measures
+    monkeypatch.setattr(chunking, "TARGET_BYTES", 1)    # and times chunks of 1
+    models = [Net().double() for _ in SEEDS]
+    refs = copy.deepcopy(models)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    b = mbcompile.batch(models, seeds=SEEDS)
+    _run(b, refs, x, False)                              # the first forward measures, then runs for real
+    note = next(s for s in _notes(b) if s.startswith("program:"))
+    assert "measured fwd+bwd on cpu" in note and "chunks of 1" in note and "whole" in note, note
+    assert "chunk_s" in mbcompile.explain(b).times
+
+
+def test_a_training_program_first_called_without_grad_decides_later(monkeypatch):
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)
+    b = mbcompile.batch([Net().double() for _ in range(3)])
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        b(x)
+    assert not any(s.startswith("program:") for s in _notes(b))
+    b(x).sum().backward()
+    assert any(s.startswith("program:") and "fwd+bwd" in s for s in _notes(b))
+
+
+@pytest.mark.parametrize("case", ["per_model_p", "different", "compiled", "default"])
+def test_never_chunked(case, monkeypatch):
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)
+    ps = [0.1, 0.2, 0.3] if case == "per_model_p" else [0.3] * 3
+    kw = {"randomness": "different"} if case == "different" else {}
+    models = [Net(p).double() for p in ps]
+    b = mbcompile.batch(models, **kw)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    if case == "compiled":
+        prog_call = mbcompile.batch(models, compile=True)
+        prog_call(x)
+        assert not isinstance(prog_call._last_program.call, chunking.Chooser)
+        return
+    if case == "default":
+        with lowering.force("default"):
+            b(x).sum().backward()
+        assert not any(s.startswith("program:") for s in _notes(b))
+        return
+    b(x).sum().backward()
+    assert not any(s.startswith("program:") for s in _notes(b))
+    assert not isinstance(b._last_program.call, chunking.Chooser)
+
+
+def test_candidate_prefers_a_divisor_near_the_target():
+    mb = 1 << 20
+    assert chunking.candidate(64, 128 * mb) == 16        # 32 MB per chunk
+    assert chunking.candidate(16, 128 * mb) == 4
+    assert chunking.candidate(7, 70 * mb) == 3           # no divisor near 3.2: an uneven last chunk
+    assert chunking.chunk_sizes(7, 3) == [3, 3, 1]
