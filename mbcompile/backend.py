@@ -359,6 +359,11 @@ class TrainStep:
         from .loss import loss as per_model_loss
         nv = len(flat) - n_tail - 1
         loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
+        from . import chunking
+        k = chunking.compiled_chunk(prog, self.batched.n)
+        if k is not None:                            # big CPU program: chunks, as the eager chooser times
+            gm = prog.chunked(chunking.chunk_sizes(self.batched.n, k), flat[:nv], [])
+            self.times["chunks"] = k
 
         def joint(*a):
             vals, tail, target = list(a[:nv]), a[nv:nv + n_tail], a[-1]

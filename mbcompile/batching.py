@@ -109,6 +109,7 @@ class Program:
     records: list = field(default_factory=list)
     times: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)     # program-level notes (host malloc, chunks), for explain()
+    chunked: object = None    # (sizes, vals, records) -> the program traced over chunks (chunking.py), or None
 
 
 class _RNG:
@@ -428,6 +429,7 @@ class BatchedModule(nn.Module):
                 with torch.no_grad():
                     return make_fx(chunked_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(
                         *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
+            prog.chunked = trace
             prog.call = chunking.Chooser(prog, n, trace, self.training)
         return prog
 

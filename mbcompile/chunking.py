@@ -78,6 +78,19 @@ def why_not(prog, device, n, consts, randomness):
     return None
 
 
+def compiled_chunk(prog, n):
+    """The chunk size ``train_step`` compiles a big CPU program with (not timed: that would mean
+    compiling both), or None: the eager chooser's candidate, under the same conditions."""
+    if prog.chunked is None or lowering._setting("program") in ("default", "whole"):
+        return None
+    setting = lowering._setting("program")
+    if setting.startswith("chunks") and setting[6:].isdigit():
+        k = int(setting[6:])
+        return k if k < n else None
+    biggest = largest_activation(prog.gm)
+    return candidate(n, biggest) if biggest >= MIN_BYTES else None
+
+
 def _has_random(gm):
     return any(nd.op == "call_function" and (torch.Tag.nondeterministic_seeded in getattr(nd.target, "tags", ())
                                              or "draw" in str(nd.target))

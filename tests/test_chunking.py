@@ -17,7 +17,7 @@ SEEDS = [5, 6, 7, 8, 9]
 class Net(nn.Module):
     def __init__(self, p=0.3):
         super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)  # a bias before bn: Adam on noise
         self.c2 = nn.Conv2d(4, 4, 3, padding=1)
         self.drop = nn.Dropout(p)
         self.head = nn.Linear(4 * 4 * 4, 3)
@@ -125,3 +125,26 @@ def test_candidate_prefers_a_divisor_near_the_target():
     assert chunking.candidate(16, 128 * mb) == 4
     assert chunking.candidate(7, 70 * mb) == 3           # no divisor near 3.2: an uneven last chunk
     assert chunking.chunk_sizes(7, 3) == [3, 3, 1]
+
+
+def test_train_step_compiles_the_chunked_program_and_trains_as_the_normal_loop():
+    torch.manual_seed(0)
+    models = [Net(0.0).double() for _ in range(4)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,))
+    ref = mbcompile.batch(copy.deepcopy(models))
+    ropt = mbcompile.optimizer(ref, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
+    with lowering.force(program="chunks3"):             # chunks 3,1
+        b = mbcompile.batch(copy.deepcopy(models))
+        opt = mbcompile.optimizer(b, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
+        step = mbcompile.train_step(b, F.cross_entropy, opt)
+        for _ in range(2):
+            step(x, y)
+    for _ in range(2):
+        ropt.zero_grad()
+        mbcompile.loss(F.cross_entropy, ref(x), y).sum().backward()
+        ropt.step()
+    assert step.times.get("chunks") == 3
+    for (name, p), (_, q) in zip(b.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(b.b1.running_mean, ref.b1.running_mean, rtol=1e-10, atol=1e-12)
