@@ -16,7 +16,9 @@ split's backward is one cat per parameter. Model i computes what it computes in 
 and the sequential random streams (states[i]) are per model, so chunking changes no result beyond the
 floating-point summation order of the lowerings chosen for size k.
 
-Not chunked: compiled programs and ``train_step`` (they use ``Program.gm``, the whole program),
+``train_step`` compiles the chunked trace of such a program with the size this would time
+(``compiled_chunk``; not timed, which would mean compiling both). Not chunked: ``compile=True`` and
+``torch.compile(batched)`` (they use ``Program.gm``, the whole program),
 programs with fallbacks, per-model constants (lists of n values baked into the graph), random ops
 outside ``randomness="sequential"``, and other devices. ``MBCOMPILE_LOWERING=default`` never chunks;
 ``MBCOMPILE_LOWERING=program=chunks4`` forces chunks of 4 (where chunking is allowed), ``program=whole``
