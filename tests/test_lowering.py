@@ -344,3 +344,15 @@ def test_unfold_is_not_timed_when_its_im2col_is_huge_unless_forced():
         out = b2(x)
     assert any(s.startswith("conv lowering: unfold (forced") for s in notes(b2))
     torch.testing.assert_close(out[2], models[2](x[2]), rtol=1e-4, atol=1e-4)
+
+
+def test_concat_t_returns_a_contiguous_model_major_result():
+    """concat_t's GEMM yields (n*O),B; handing on its transposed view made every elementwise op after it
+    (and its backward against the next bmm's contiguous gradient) run strided."""
+    from mbcompile.passes.linalg import _linear_concat_t
+    x = torch.randn(5, 7, dtype=torch.float64)
+    w, b = torch.randn(3, 4, 7, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    out = _linear_concat_t(x, w, b)
+    assert out.shape == (3, 5, 4) and out.is_contiguous()
+    for i in range(3):
+        torch.testing.assert_close(out[i], F.linear(x, w[i], b[i]), rtol=1e-12, atol=1e-12)

@@ -1,7 +1,7 @@
 """Linear layers and matrix products.
 
 linear, shared input:     B,I  x  n,O,I   -> concat: one matmul on (n*O),I weights -> B,n,O
-                                            | concat_t: (n*O),I @ I,B, transposed  -> B,n,O (a view)
+                                            | concat_t: (n*O),I @ I,B, transposed  -> n,B,O (a copy)
                                             | bmm: input expanded to n,B,I         -> n,B,O
                                             | loop: n linears                      -> n,B,O
 linear, per-model input:  n,B,I  x  n,O,I -> baddbmm | loop                        -> n,B,O
@@ -44,7 +44,7 @@ def linear(ctx, args, dims, kwargs):
                              grad=(lowering.input_needs_grad(ctx), True, True))
     ctx.note(choice.note(family))
     out = cands[choice.name](x, w, bias)
-    return out, (x.dim() - 1 if choice.name in ("concat", "concat_t") else 0)
+    return out, (x.dim() - 1 if choice.name == "concat" else 0)
 
 
 def _linear_concat(x, w, bias):
@@ -55,13 +55,15 @@ def _linear_concat(x, w, bias):
 
 
 def _linear_concat_t(x, w, bias):
-    """The same product with the weights as the tall left operand: (n*O),I @ I,(B..) -> (n*O),(B..),
-    returned as its transpose, a B..,n,O view (model dim at -2). BLAS runs a tall-skinny GEMM faster
-    than a short-wide one on CPU (MLP 784's fc1 at n=16: 2.1 vs 3.0 ms)."""
+    """The same product with the weights as the tall left operand: (n*O),I @ I,(B..) -> (n*O),(B..);
+    BLAS runs a tall-skinny GEMM faster than a short-wide one on CPU (MLP 784's fc1 at n=16: 2.1 vs
+    3.0 ms). Returned as a contiguous n,B..,O (model dim 0): as a transposed view its innermost stride
+    is B, so every elementwise op after it, and its backward against the next bmm's contiguous
+    gradient, ran strided (relu's backward 5x slower at n=64); the copy is part of what is timed."""
     n, o, i = w.shape
     x2, w2 = x.reshape(-1, i).t(), w.reshape(n * o, i)            # I,(B..) ; (n*O),I
     out = torch.mm(w2, x2) if bias is None else torch.addmm(bias.reshape(n * o, 1), w2, x2)
-    return out.t().reshape(*x.shape[:-1], n, o)
+    return out.view(n, o, -1).transpose(1, 2).contiguous().view(n, *x.shape[:-1], o)   # n,O,B -> n,B,O
 
 
 def _linear_bmm(x, dx, w, bias, n):
