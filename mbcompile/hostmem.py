@@ -11,7 +11,9 @@ blocks kept in the heap; 16 models one after another 224-228 ms either way.
 are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB, the most mallopt takes (freed heap is kept, as PyTorch's
 CUDA caching allocator keeps device memory). It is process-wide, so mbcompile calls it once, when it
 first builds a CPU program (before any lowering is timed, so the timings see the memory behaviour the
-program will run with), says so in ``explain()``, and never with ``MBCOMPILE_MALLOC=0`` (or off glibc).
+program will run with), says so in ``explain()``, and never with ``MBCOMPILE_MALLOC=0`` (or off glibc). The cost: freed blocks stay
+resident (holes in the heap are not returned to the OS); ``release()`` (glibc's ``malloc_trim``) hands
+free pages back, e.g. between two sweeps in one process.
 """
 from __future__ import annotations
 
@@ -45,3 +47,13 @@ def tune() -> str:
     _STATE["done"] = note
     return note
 
+
+
+def release() -> bool:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim(0)``); False where unavailable."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -38,7 +38,15 @@ notes = mbcompile.explain(b).notes
 after = mmapped_blocks_for_big_tensor()
 b2 = mbcompile.batch([nn.Linear(3, 2) for _ in range(2)])
 b2(torch.randn(4, 3))
-print(json.dumps({"before": before, "after": after, "notes": notes, "notes2": mbcompile.explain(b2).notes}))
+from mbcompile import hostmem
+big = torch.ones(256 << 20, dtype=torch.uint8)      # 256 MiB from the heap, then freed: stays resident
+del big
+held = libc.mallinfo2().fordblks                      # free bytes held by malloc
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+rss_held = rss()
+released = hostmem.release()
+print(json.dumps({"before": before, "after": after, "notes": notes, "notes2": mbcompile.explain(b2).notes,
+                  "held": held, "released": released, "rss_drop": rss_held - rss()}))
 """
 
 
@@ -61,6 +69,8 @@ def test_first_cpu_program_stops_big_blocks_being_mmapped():
     assert r["after"] == 0                       # after mbcompile built a CPU program: from the heap
     assert any("M_MMAP_MAX=0" in s for s in r["notes"])
     assert r["notes2"] == r["notes"]             # applied once; later programs report the same
+    assert r["held"] >= 256 << 20 and r["released"]   # freed heap is kept; release() hands it back
+    assert r["rss_drop"] >= 200 << 20, r["rss_drop"]
 
 
 @pytest.mark.skipif(not _has_mallinfo2(), reason="mallinfo2 needs glibc >= 2.33")
