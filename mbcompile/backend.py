@@ -341,8 +341,8 @@ class TrainStep:
         fn = self.compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
-            fn = self.compiled[key] = self._compile(prog, pidx, [v.detach() for v in flat], len(tail), update,
-                                                    max_norm is not None)
+            example = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]
+            fn = self.compiled[key] = self._compile(prog, pidx, example, len(tail), update, max_norm is not None)
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)

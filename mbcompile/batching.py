@@ -323,7 +323,7 @@ class BatchedModule(nn.Module):
         return out
 
     def _inputs(self, prog, leaves):
-        users = iter([x for x in leaves if isinstance(x, torch.Tensor)])
+        users = iter(_user_leaves(prog.captured, leaves))
         vals = []
         for kind, target in prog.captured.inputs:
             if kind == "param":
@@ -347,7 +347,7 @@ class BatchedModule(nn.Module):
                     self.get_parameter(target).data.copy_(v.detach())
             elif kind == "user_mutation":
                 with torch.no_grad():
-                    src = [x for x in leaves if isinstance(x, torch.Tensor)][prog.user_names.index(target)]
+                    src = _user_leaves(prog.captured, leaves)[prog.user_names.index(target)]
                     src.copy_(v if v.shape == src.shape else v[0])
             else:
                 user.append(v)
@@ -376,7 +376,7 @@ class BatchedModule(nn.Module):
         t0 = time.perf_counter()
         cap = capture(self._template, uargs, ukwargs, self._consts)
         t1 = time.perf_counter()
-        tdims = iter([d for x, d in zip(leaves, dims) if isinstance(x, torch.Tensor)])
+        tdims = iter([d for x, d in zip(leaves, dims) if any(x is u for u in _user_leaves(cap, leaves))])
         in_dims, user_names = [], []
         for kind, target in cap.inputs:
             if kind in ("param", "buffer"):
@@ -404,7 +404,7 @@ class BatchedModule(nn.Module):
             prog.notes.append(hostmem.tune())
         states = self._states(device) if mode == "sequential" else torch.empty(0)
         with torch.no_grad():
-            example = [v.detach() for v in vals] + [states]
+            example = [v.detach() if isinstance(v, torch.Tensor) else v for v in vals] + [states]
             gm = make_fx(batched_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
         t2 = time.perf_counter()
         prog.gm = gm
@@ -432,6 +432,14 @@ class BatchedModule(nn.Module):
             prog.chunked = trace
             prog.call = chunking.Chooser(prog, n, trace, self.training)
         return prog
+
+
+def _user_leaves(cap, leaves):
+    """The input leaves behind the captured graph's user placeholders: every leaf where export gave
+    each one a placeholder (Python numbers too: their values are baked into the graph, and the
+    program's key), else the tensors."""
+    n_user = sum(1 for kind, _ in cap.inputs if kind == "user")
+    return list(leaves) if n_user == len(leaves) else [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
 _NO_STATES = torch.empty(0, dtype=torch.uint8)     # the RNG-states input when randomness != "sequential"
