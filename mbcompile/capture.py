@@ -120,6 +120,7 @@ def capture(template, args, kwargs, consts) -> Captured:
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
+    _detach_no_grad_regions(ep.graph_module)
     _prepass(ep.graph_module, consts)
     ep = ep.run_decompositions(decomposition_table())
     _undetach_renorm(ep.graph_module)
@@ -165,6 +166,23 @@ def _undetach_renorm(gm):
             src = node.args[0]
             if isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.detach.default:
                 node.replace_input_with(src, src.args[0])
+    gm.recompile()
+
+
+def _detach_no_grad_regions(gm):
+    """``with torch.no_grad():`` inside forward is a wrap_with_set_grad_enabled(False, submod, ...) in
+    export's graph, and run_decompositions inlines it as ordinary ops: gradients would flow through
+    what eager computed without them. Detach the region's outputs first (detach is kept)."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    g = gm.graph
+    for node in list(g.nodes):
+        if hop is None or node.op != "call_function" or node.target is not hop or node.args[0] is not False:
+            continue
+        for user in list(node.users):               # getitem(region, i)
+            with g.inserting_after(user):
+                det = g.call_function(aten.detach.default, (user,))
+            det.meta = dict(user.meta)
+            user.replace_all_uses_with(det, delete_user_cb=lambda u, d=det: u is not d)
     gm.recompile()
 
 

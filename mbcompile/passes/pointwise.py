@@ -81,5 +81,9 @@ def copy(ctx, args, dims, kwargs):
     """copy(self, src): self's shape and dtype, src's values (broadcast).  n,... <- n,1..,s"""
     x, src = args[0], args[1]
     rank = x.dim() - (dims[0] is not None)
-    out = aten.copy(front(x, dims[0], ctx.n), front_padded(src, dims[1], rank, ctx.n), *args[2:], **kwargs)
+    xf = front(x, dims[0], ctx.n)               # shared: an expanded view; empty_like makes it dense
+    # functional aten.copy has no autograd formula in eager mode (circular padding's backward failed):
+    # copy_ into a fresh tensor like self has one (gradient to src; self's values are overwritten)
+    out = torch.empty_like(xf)
+    out.copy_(front_padded(src, dims[1], rank, ctx.n), *args[2:], **kwargs)
     return out, 0

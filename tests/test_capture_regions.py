@@ -1,0 +1,62 @@
+"""Graph regions whose autograd meaning export's decomposition drops: a no_grad block inside forward
+(its values must carry no gradient) and circular padding on a computed tensor (functional aten.copy,
+which has no eager derivative). Both against each model alone, float64."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mbcompile
+
+
+class NoGradCentering(nn.Module):
+    """Subtracts a statistic computed under no_grad (as EMA targets, centering or contrastive heads do)."""
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        with torch.no_grad():
+            c = h.mean(0)
+            self.ema.mul_(0.9).add_(0.1 * c)
+        return self.fc2(h - c) + (h * self.ema).sum(-1, keepdim=True)
+
+
+class CircularConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="circular")
+        self.c3 = nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect")
+
+    def forward(self, x):
+        return self.c3(F.elu(self.c2(F.elu(self.c1(x)))))
+
+
+@pytest.mark.parametrize("cls,shape", [(NoGradCentering, (4, 6)), (CircularConv, (2, 3, 8, 8))])
+@pytest.mark.parametrize("per_model", [False, True])
+def test_matches_each_model_alone(cls, shape, per_model):
+    n = 3
+    models = [cls().double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(*((n,) if per_model else ()), *shape, dtype=torch.float64)
+    b = mbcompile.batch(models, in_dims=0 if per_model else None)
+    for _ in range(2):                                    # the second step sees the updated buffer
+        b.zero_grad()
+        out = b(x)
+        out.square().sum().backward()
+        for i, r in enumerate(refs):
+            r.zero_grad()
+            o = r(x[i] if per_model else x)
+            o.square().sum().backward()
+            torch.testing.assert_close(out[i], o, rtol=1e-10, atol=1e-12)
+            for name, p in r.named_parameters():
+                torch.testing.assert_close(dict(b.named_parameters())[name].grad[i], p.grad, rtol=1e-9,
+                                           atol=1e-12, msg=name)
+            for name, buf in r.named_buffers():
+                torch.testing.assert_close(dict(b.named_buffers())[name][i], buf, rtol=1e-10, atol=1e-12)
+    assert not mbcompile.explain(b).fallbacks
