@@ -80,23 +80,31 @@ def why_not(prog, device, n, consts, randomness):
     return None
 
 
-def compiled_chunk(prog, n):
-    """The chunk size ``train_step`` compiles a big CPU program with (not timed: that would mean
-    compiling both), or None: the eager chooser's candidate, under the same conditions."""
-    if prog.chunked is None or lowering._setting("program") in ("default", "whole"):
-        return None
+def _plan(n):
+    """What MBCOMPILE_LOWERING / lowering.force say: ("whole", None), ("forced", k) or ("measure", None)."""
     setting = lowering._setting("program")
     if setting.startswith("chunks") and setting[6:].isdigit():
         k = int(setting[6:])
-        return k if k < n else None
+        return ("forced", k) if k < n else ("whole", None)
+    return ("whole", None) if setting in ("default", "whole") else ("measure", None)
+
+
+def compiled_chunk(prog, n):
+    """The chunk size ``train_step`` compiles a big CPU program with (not timed: that would mean
+    compiling both), or None: the eager chooser's candidate, under the same conditions."""
+    how, k = _plan(n)
+    if prog.chunked is None or how == "whole":
+        return None
+    if how == "forced":
+        return k
     biggest = largest_activation(prog.gm)
     return candidate(n, biggest) if biggest >= MIN_BYTES else None
 
 
 def _has_random(gm):
-    return any(nd.op == "call_function" and (torch.Tag.nondeterministic_seeded in getattr(nd.target, "tags", ())
-                                             or "draw" in str(nd.target))
-               for nd in gm.graph.nodes)
+    def random(nd):
+        return torch.Tag.nondeterministic_seeded in getattr(nd.target, "tags", ()) or "draw" in str(nd.target)
+    return any(nd.op == "call_function" and random(nd) for nd in gm.graph.nodes)
 
 
 class Chooser:
@@ -115,22 +123,15 @@ class Chooser:
     def _decide(self, vals, backward):
         prog, n = self.prog, self.n
         gm = prog.gm
-        setting = lowering._setting("program")
-        if setting == "default" or setting == "whole":
-            return gm
-        forced = int(setting[6:]) if setting.startswith("chunks") and setting[6:].isdigit() else None
-        if forced is not None and forced >= n:
+        how, forced = _plan(n)
+        if how == "whole":
             return gm
         biggest = largest_activation(gm)
         if forced is None and biggest < MIN_BYTES:
             return gm
         t0 = time.perf_counter()
-        ks = [forced] if forced else [candidate(n, biggest)]
-        progs = {n: gm}
-        recs = {}
-        for k in ks:
-            recs[k] = []
-            progs[k] = self.trace(chunk_sizes(n, k), vals, recs[k])
+        k, recs = forced or candidate(n, biggest), []
+        progs = {n: gm, k: self.trace(chunk_sizes(n, k), vals, recs)}
         if forced:
             best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
         else:
@@ -143,7 +144,7 @@ class Chooser:
         prog.notes.append(f"program: {_label(n, best)} ({why}; largest batched activation "
                           f"{biggest / 2**20:.1f} MB)")
         if best != n:
-            prog.records[:] = recs[best]                 # explain() shows the ops of one chunk
+            prog.records[:] = recs                       # explain() shows the ops of one chunk
         return progs[best]
 
 
