@@ -11,9 +11,9 @@ blocks kept in the heap; 16 models one after another 224-228 ms either way.
 are reused) and ``M_TRIM_THRESHOLD`` to 2 GiB, the most mallopt takes (freed heap is kept, as PyTorch's
 CUDA caching allocator keeps device memory). It is process-wide, so mbcompile calls it once, when it
 first builds a CPU program (before any lowering is timed, so the timings see the memory behaviour the
-program will run with), says so in ``explain()``, and never with ``MBCOMPILE_MALLOC=0`` (or off glibc). The cost: freed blocks stay
-resident (holes in the heap are not returned to the OS); ``release()`` (glibc's ``malloc_trim``) hands
-free pages back, e.g. between two sweeps in one process.
+program will run with), says so in ``explain()``, and never with ``MBCOMPILE_MALLOC=0`` (or off
+glibc). The cost: freed blocks stay resident (holes in the heap are not returned to the OS);
+``release()`` (glibc's ``malloc_trim``) hands free pages back, e.g. between two sweeps in one process.
 """
 from __future__ import annotations
 
