@@ -355,7 +355,7 @@ class TrainStep:
 
     def _compile(self, prog, pidx, flat, n_tail, update, clip):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-        from torch.fx.experimental.proxy_tensor import make_fx
+        from .batching import _trace
         from .loss import loss as per_model_loss
         nv = len(flat) - n_tail - 1
         loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
@@ -384,8 +384,7 @@ class TrainStep:
                 update([a[i] for i in pidx], list(grads), tail)
             return [o.detach() for o in outs] + [losses.detach()] + extra
 
-        with torch.no_grad():
-            traced = make_fx(joint, tracing_mode="fake", _allow_non_fake_inputs=True)(*flat)
+        traced = _trace(joint, flat)
         STATS["backend_calls"] += 1
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
             return compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table

@@ -323,7 +323,7 @@ class BatchedModule(nn.Module):
         return out
 
     def _inputs(self, prog, leaves):
-        users = iter(_user_leaves(prog.captured, leaves))
+        users = iter([leaves[i] for i in _user_leaves(prog.captured, leaves)])
         vals = []
         for kind, target in prog.captured.inputs:
             if kind == "param":
@@ -347,7 +347,7 @@ class BatchedModule(nn.Module):
                     self.get_parameter(target).data.copy_(v.detach())
             elif kind == "user_mutation":
                 with torch.no_grad():
-                    src = _user_leaves(prog.captured, leaves)[prog.user_names.index(target)]
+                    src = leaves[_user_leaves(prog.captured, leaves)[prog.user_names.index(target)]]
                     src.copy_(v if v.shape == src.shape else v[0])
             else:
                 user.append(v)
@@ -376,7 +376,7 @@ class BatchedModule(nn.Module):
         t0 = time.perf_counter()
         cap = capture(self._template, uargs, ukwargs, self._consts)
         t1 = time.perf_counter()
-        tdims = iter([d for x, d in zip(leaves, dims) if any(x is u for u in _user_leaves(cap, leaves))])
+        tdims = iter([dims[i] for i in _user_leaves(cap, leaves)])
         in_dims, user_names = [], []
         for kind, target in cap.inputs:
             if kind in ("param", "buffer"):
@@ -403,9 +403,7 @@ class BatchedModule(nn.Module):
         if device.type == "cpu":                         # before the lowerings are timed (hostmem.py)
             prog.notes.append(hostmem.tune())
         states = self._states(device) if mode == "sequential" else torch.empty(0)
-        with torch.no_grad():
-            example = [v.detach() if isinstance(v, torch.Tensor) else v for v in vals] + [states]
-            gm = make_fx(batched_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(*example)
+        gm = _trace(batched_forward, vals + [states])
         t2 = time.perf_counter()
         prog.gm = gm
         prog.call = gm
@@ -414,7 +412,7 @@ class BatchedModule(nn.Module):
         if self._compile:                                # compiled at first call; adds times["compile_s"]
             from .backend import compile_program
             prog.call = compile_program(gm, prog.times)
-        elif chunking.why_not(prog, device, n, consts, mode) is None:
+        elif chunking.allowed(prog, device, n, consts, mode):
             def trace(sizes, vals, recs):                # n models as chunks of sizes[i], one graph
                 def chunked_forward(*vals):
                     *vals, states = vals
@@ -426,20 +424,26 @@ class BatchedModule(nn.Module):
                                                    consts=consts, rng=_RNG(mode, sts[i]),
                                                    records=recs if i == 0 else []))
                     return [torch.cat(col) if isinstance(col[0], torch.Tensor) else col[0] for col in zip(*outs)]
-                with torch.no_grad():
-                    return make_fx(chunked_forward, tracing_mode="fake", _allow_non_fake_inputs=True)(
-                        *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
+                return _trace(chunked_forward, vals)
             prog.chunked = trace
-            prog.call = chunking.Chooser(prog, n, trace, self.training)
+            prog.call = chunking.Chooser(prog, n, self.training)
         return prog
 
 
 def _user_leaves(cap, leaves):
-    """The input leaves behind the captured graph's user placeholders: every leaf where export gave
-    each one a placeholder (Python numbers too: their values are baked into the graph, and the
-    program's key), else the tensors."""
-    n_user = sum(1 for kind, _ in cap.inputs if kind == "user")
-    return list(leaves) if n_user == len(leaves) else [x for x in leaves if isinstance(x, torch.Tensor)]
+    """Indices of the input leaves behind the captured graph's user placeholders: every leaf where
+    export gave each one a placeholder (Python numbers too: their values are baked into the graph,
+    and the program's key), else the tensors."""
+    if sum(1 for kind, _ in cap.inputs if kind == "user") == len(leaves):
+        return range(len(leaves))
+    return [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+
+
+def _trace(fn, vals):
+    """``fn`` traced by make_fx on fake copies of ``vals`` (under no_grad: the graph's ops, not autograd's)."""
+    with torch.no_grad():
+        return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
 
 
 _NO_STATES = torch.empty(0, dtype=torch.uint8)     # the RNG-states input when randomness != "sequential"

@@ -174,9 +174,11 @@ def _detach_no_grad_regions(gm):
     export's graph, and run_decompositions inlines it as ordinary ops: gradients would flow through
     what eager computed without them. Detach the region's outputs first (detach is kept)."""
     hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    if hop is None:
+        return
     g = gm.graph
     for node in list(g.nodes):
-        if hop is None or node.op != "call_function" or node.target is not hop or node.args[0] is not False:
+        if node.op != "call_function" or node.target is not hop or node.args[0] is not False:
             continue
         for user in list(node.users):               # getitem(region, i)
             with g.inserting_after(user):

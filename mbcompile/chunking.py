@@ -65,19 +65,11 @@ def candidate(n, biggest):
     return k0
 
 
-def why_not(prog, device, n, consts, randomness):
-    """The reason this program is never chunked, or None."""
-    if n < 2:
-        return "n < 2"
-    if device.type != "cpu":
-        return f"device {device.type}"
-    if any(r.how.startswith("FALLBACK") for r in prog.records):
-        return "the program has fallbacks"
-    if consts:
-        return "per-model constants"
-    if randomness != "sequential" and _has_random(prog.gm):
-        return f'random ops with randomness="{randomness}"'
-    return None
+def allowed(prog, device, n, consts, randomness):
+    """Whether this program may run in chunks: CPU, n >= 2, no fallbacks, no per-model constants
+    (lists of n values baked into the graph), random ops only with per-model sequential streams."""
+    return (n >= 2 and device.type == "cpu" and not any(r.how.startswith("FALLBACK") for r in prog.records)
+            and not consts and (randomness == "sequential" or not _has_random(prog.gm)))
 
 
 def _plan(n):
@@ -110,8 +102,8 @@ def _has_random(gm):
 class Chooser:
     """``Program.call`` until the first eager call with gradients (or in eval mode) has measured."""
 
-    def __init__(self, prog, n, trace, training):
-        self.prog, self.n, self.trace, self.training = prog, n, trace, training
+    def __init__(self, prog, n, training):
+        self.prog, self.n, self.training = prog, n, training
 
     def __call__(self, *vals):
         grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
@@ -131,7 +123,7 @@ class Chooser:
             return gm
         t0 = time.perf_counter()
         k, recs = forced or candidate(n, biggest), []
-        progs = {n: gm, k: self.trace(chunk_sizes(n, k), vals, recs)}
+        progs = {n: gm, k: prog.chunked(chunk_sizes(n, k), vals, recs)}
         if forced:
             best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
         else:

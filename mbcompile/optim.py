@@ -1126,8 +1126,8 @@ def _num(v):
 
 
 def _scalar_kind(v) -> str:
-    """How a compiled step (:func:`_pack_scalars`) takes a value of ``sc``: "tensor" (as it is), "bool" (a per-model bool
-    list: a bool [n] tensor), "float" (a per-model list or a shared number: a float64 [n] tensor) or
+    """How a compiled step (:func:`_pack_scalars`) takes a value of ``sc``: "tensor" (as it is),
+    "bool" (a per-model bool list: a bool [n] tensor), "float" (a per-model list or a shared number: a float64 [n] tensor) or
     "const" (a bool or None: structural, a Python constant of the compiled graph)."""
     if isinstance(v, Tensor):
         return "tensor"
@@ -1142,9 +1142,9 @@ def _pack_scalars(scs: list, n: int, tensor_keys: tuple, device):
     """The values of several ``sc`` dicts as a compiled step takes them (per-model numbers and shared
     floats as float64 rows, per-model bools and the rule's ``tensor_keys`` as bool rows; bools and None
     stay constants), packed into one float64 ``[F, n]`` and one bool ``[B, n]`` tensor instead of one
-    small tensor per value (a step has dozens).  Returns ``(layout, floats, bools, extra)``: ``layout`` (hashable: the structure and
-    the constants, so it belongs in a compile cache key) says, per dict and key, which row or
-    constant; ``extra`` are values that already were tensors.  :func:`_unpack_scalars` inverts it."""
+    small tensor per value (a step has dozens).  Returns ``(layout, floats, bools, extra)``:
+    ``layout`` (hashable: the structure and the constants, so it belongs in a compile cache key) says,
+    per dict and key, which row or constant; ``extra`` are values that already were tensors.  :func:`_unpack_scalars` inverts it."""
     frows, brows, extra, layout = [], [], [], []
     for sc in scs:
         ent = []

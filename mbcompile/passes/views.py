@@ -3,6 +3,7 @@ model dim where it is when the op cannot move it: transpose, select, slice)."""
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_impls import _compute_stride   # ATen's computeStride
 
 from .axes import front, front_padded, pdim
 from .registry import aten, rule
@@ -18,29 +19,11 @@ def view(ctx, args, dims, kwargs):
     whose gradient keeps the input's layout, e.g. B,n,C,H,W channels-last from a conv chain)."""
     x = front(args[0], dims[0], ctx.n)
     shape = torch._prims_common.infer_size((ctx.n, *args[1]), x.numel())
-    if not _viewable(x.shape, x.stride(), shape) and torch._prims_common.is_non_overlapping_and_dense_or_false(x):
+    # a failed view inside make_fx would leave its node in the graph: ask computeStride first
+    if _compute_stride(x.shape, x.stride(), shape) is None and \
+            torch._prims_common.is_non_overlapping_and_dense_or_false(x):
         x = torch.ops.mbcompile.relayout(x, False)
     return x.reshape(shape), 0
-
-
-def _viewable(old, stride, new):
-    """Whether x.view(new) works on sizes ``old`` / ``stride`` (ATen's computeStride, without
-    raising: a failed view inside make_fx would leave its node in the graph)."""
-    if 0 in old:
-        return True
-    j, base = len(new) - 1, stride[-1]
-    tensor_numel = view_numel = 1
-    for k in range(len(old) - 1, -1, -1):
-        tensor_numel *= old[k]
-        if k == 0 or (old[k - 1] != 1 and stride[k - 1] != tensor_numel * base):
-            while j >= 0 and (view_numel < tensor_numel or new[j] == 1):
-                view_numel *= new[j]
-                j -= 1
-            if view_numel != tensor_numel:
-                return False
-            if k > 0:
-                base, tensor_numel, view_numel = stride[k - 1], 1, 1
-    return j == -1
 
 
 @rule(aten.permute)
