@@ -74,21 +74,23 @@ def _time(fn, device, warmup, repeat):
 
 
 def run(n=16, sizes=(784, 256, 256, 10), optim="adam", device="cpu", dtype=torch.float32, warmup=5,
-        repeat=30, per_model_lr=True, compile=False, threads=None):
+        repeat=30, per_model_lr=True, compile=False, threads=None, fused=False):
     if threads:
         torch.set_num_threads(threads)
     cls, extra = OPTIMS[optim]
     torch.manual_seed(0)
     models = [mlp(sizes).to(device=device, dtype=dtype) for _ in range(n)]
     lrs = [1e-3 * (1 + i) / n for i in range(n)] if per_model_lr else 1e-3
-    # baseline: n stock optimizers, foreach=True (the fastest stock setting that accepts a float lr)
-    refs = [cls(m.parameters(), lr=(lrs[i] if per_model_lr else lrs), foreach=True, **extra)
+    # baseline: n stock optimizers, foreach=True (the fastest stock setting that accepts a float lr), or
+    # fused=True against mbcompile's fused=True (Adam, AdamW)
+    impl = {"fused": True} if fused else {"foreach": True}
+    refs = [cls(m.parameters(), lr=(lrs[i] if per_model_lr else lrs), **impl, **extra)
             for i, m in enumerate(models)]
     for m in models:
         for p in m.parameters():
             p.grad = torch.randn_like(p) * 1e-2
     stacked = StackedParams(models)
-    opt = per_model_optimizer(stacked, cls, lr=lrs, compile=compile, **extra)
+    opt = per_model_optimizer(stacked, cls, lr=lrs, compile=compile, **({"fused": True} if fused else {}), **extra)
     for name, p in stacked.named_parameters():
         p.grad = torch.stack([m.get_parameter(name).grad for m in models])
 
@@ -111,6 +113,8 @@ def run(n=16, sizes=(784, 256, 256, 10), optim="adam", device="cpu", dtype=torch
         "threads": torch.get_num_threads(),
         "per_model_lr": per_model_lr,
         "compile": compile,
+        "fused": fused,
+        "baseline": f"{n} x torch.optim.{cls.__name__}({next(iter(impl))}=True)",
         "mbcompile_ms": ours_ms,
         "mbcompile_min_ms": ours_min,
         "torch_foreach_ms": base_ms,
@@ -132,16 +136,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shared-lr", action="store_true", help="one lr for every model (default: one per model)")
     ap.add_argument("--compile", action="store_true", help="run the per-model step through torch.compile")
+    ap.add_argument("--fused", action="store_true",
+                    help="fused=True for both (Adam, AdamW: torch's fused kernel per model)")
     ap.add_argument("--json", default=None, help="also write the result to this file")
     args = ap.parse_args(argv)
     res = run(n=args.n, sizes=tuple(int(s) for s in args.sizes.split(",")), optim=args.optim,
               device=args.device, dtype=getattr(torch, args.dtype), warmup=args.warmup, repeat=args.repeat,
-              per_model_lr=not args.shared_lr, compile=args.compile, threads=args.threads)
+              per_model_lr=not args.shared_lr, compile=args.compile, threads=args.threads,
+              fused=args.fused)
     print(f"optimizer step, {res['optimizer']}, n={res['n']} MLPs {res['sizes']} ({res['params_per_model']} "
           f"params each), {res['dtype']} on {res['device']} ({res['device_name']}, {res['threads']} threads)")
-    print(f"  mbcompile.optimizer (one vectorised step{', compiled' if res['compile'] else ''}, "
+    how = ", compiled" if res["compile"] else ", fused=True" if res["fused"] else ""
+    print(f"  mbcompile.optimizer (one vectorised step{how}, "
           f"{'per-model' if res['per_model_lr'] else 'shared'} lr): {res['mbcompile_ms']:8.3f} ms median")
-    print(f"  {res['n']} x torch.optim.{res['optimizer']}(foreach=True):{' ' * 13}{res['torch_foreach_ms']:8.3f} ms median")
+    print(f"  {res['baseline']}:{' ' * 13}{res['torch_foreach_ms']:8.3f} ms median")
     print(f"  speedup (torch / mbcompile): {res['speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:

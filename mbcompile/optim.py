@@ -63,6 +63,10 @@ _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 # --------------------------------------------------------------------------------------------------
 # hyperparameter handling
 # --------------------------------------------------------------------------------------------------
+def _listed(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
 def _model_count(batched) -> int:
     n = getattr(batched, "n", None)
     if not isinstance(n, int) or n < 1:
@@ -817,6 +821,9 @@ _RULES: dict[type, _Rule] = {
 }
 
 
+_FUSED = (torch.optim.Adam, torch.optim.AdamW)   # fused=True: torch's fused kernel per model (CPU)
+
+
 def supported_optimizers() -> list[type]:
     """The torch.optim classes mbcompile.optimizer accepts."""
     return list(_RULES)
@@ -959,6 +966,10 @@ class BatchedOptimizer(torch.optim.Optimizer):
             grads.append(g)
         if not params:
             return loss
+        if self.param_groups[0].get("fused") and params[0].device.type == "cpu" \
+                and all(p.is_contiguous() for p in params):
+            self._fused_step(params, grads, act)
+            return loss
         c, prepped = self._host_prep(params, act)
         todo = [(p, g, st, sc) for (p, st, sc), g in zip(prepped, grads)]
         if self._compile:
@@ -967,6 +978,37 @@ class BatchedOptimizer(torch.optim.Optimizer):
             for p, g, st, sc in todo:
                 self._rule.apply(c, p, g, st, sc)
         return loss
+
+    def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None):
+        """``fused=True`` on CPU: torch's own fused kernel (``torch._fused_adam_`` / ``_fused_adamw_``,
+        what ``torch.optim.Adam(fused=True)`` runs) on each model's slices, one call per set of models
+        that share every hyperparameter. Model i's update is bit for bit that of its own fused optimizer."""
+        hp = self._gather_hparams()
+        keys = self._rule.keys                 # lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled
+        sts = []
+        for p in params:
+            st = self.state[p]
+            if len(st) == 0:
+                self._rule.init_state(self, p, st, hp)
+            if "max_exp_avg_sq" not in st and any(_listed(hp["amsgrad"])):
+                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1 if act is None else torch.tensor(act, dtype=st["step"].dtype)
+            sts.append(st)
+        sets: dict = {}
+        for i in range(self.n):
+            if act is None or act[i]:
+                sets.setdefault(tuple(v[i] if isinstance(v, list) else v for v in map(hp.get, keys)), []).append(i)
+        for vals, models in sets.items():
+            h = dict(zip(keys, vals))
+
+            def each(ts, contiguous=False):     # model after model, as n separate optimizers would see them
+                return [t[i].contiguous() if contiguous else t[i] for i in models for t in ts]
+
+            fn = torch._fused_adamw_ if h["decoupled_weight_decay"] else torch._fused_adam_
+            fn(each(params), each(grads, contiguous=True), each([st["exp_avg"] for st in sts]),
+               each([st["exp_avg_sq"] for st in sts]), each([st["max_exp_avg_sq"] for st in sts]) if h["amsgrad"] else [],
+               [st["step"][i:i + 1] for i in models for st in sts], lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
+               weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=h["amsgrad"], maximize=h["maximize"])
 
     def _host_prep(self, params: list[Tensor], act: list | None):
         """The host-side part of a step over ``params`` (the parameters that have a gradient), for the
@@ -1268,10 +1310,16 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) 
             vals = per_key[k]
             if not _same(vals):
                 raise UnsupportedOptimizerError(f"{k!r} selects torch's implementation and must be shared")
-            if k != "foreach" and vals[0]:
+            if k == "fused" and vals[0] and optim_cls in _FUSED:
+                if compile:
+                    raise UnsupportedOptimizerError(
+                        "fused=True and compile=True both choose how the step runs: pass one of them")
+            elif k != "foreach" and vals[0]:
+                fused = ", ".join(f"torch.optim.{c.__name__}" for c in _FUSED)
                 raise UnsupportedOptimizerError(
-                    f"{k}=True is not supported by the per-model optimizer (its step is already one "
-                    f"vectorised update; use compile=True to run it through torch.compile)"
+                    f"{k}=True is not supported by the per-model optimizer of torch.optim.{optim_cls.__name__} "
+                    f"(fused=True is, for {fused}); its step is already one vectorised update; use "
+                    f"compile=True to run it through torch.compile"
                 )
     if "betas" in per_key:
         for i, b in enumerate(per_key["betas"]):

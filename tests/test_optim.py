@@ -558,9 +558,13 @@ def test_clear_errors():
 
     with pytest.raises(UnsupportedOptimizerError, match="MySGD"):
         optimizer(batched, MySGD, lr=0.1)
-    for opt_kw in (dict(fused=True), dict(capturable=True), dict(differentiable=True)):
+    for opt_kw in (dict(capturable=True), dict(differentiable=True)):
         with pytest.raises(UnsupportedOptimizerError, match=list(opt_kw)[0]):
             optimizer(batched, torch.optim.Adam, lr=1e-3, **opt_kw)
+    with pytest.raises(UnsupportedOptimizerError, match="fused=True is, for torch.optim.Adam"):
+        optimizer(batched, torch.optim.SGD, lr=1e-3, fused=True)
+    with pytest.raises(UnsupportedOptimizerError, match="pass one of them"):
+        optimizer(batched, torch.optim.Adam, lr=1e-3, fused=True, compile=True)
     with pytest.raises(UnsupportedOptimizerError, match="betaz"):
         optimizer(batched, torch.optim.Adam, lr=1e-3, betaz=(0.9, 0.99))
     with pytest.raises(ValueError, match="n=4"):
@@ -577,6 +581,42 @@ def test_clear_errors():
     with pytest.raises(UnsupportedOptimizerError, match="add_param_group"):
         opt.add_param_group({"params": [torch.zeros(N, 2, requires_grad=True)]})
     assert issubclass(UnsupportedOptimizerError, ValueError)
+
+
+FUSED_CASES = [c for c in sorted(CASES) if CASES[c][0] in (torch.optim.Adam, torch.optim.AdamW)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_matches_n_fused_torch_optimizers_bit_for_bit(case, dtype):
+    """fused=True runs torch's fused kernel on each model's slices: bit for bit n Adam(fused=True), the
+    state included, also when models sit out steps (active) and after a state_dict round trip."""
+    cls, kwargs = CASES[case]
+    kwargs = dict(kwargs, fused=True)
+    models = make_models(dtype=dtype)
+    refs = copy.deepcopy(models)
+    batched = make_batched(models)
+    opt = optimizer(batched, cls, **kwargs)
+    ref_opts = [cls(r.parameters(), **per_model(kwargs, i)) for i, r in enumerate(refs)]
+    masks = [None, [True, False, True, True], None, [False, True, True, False], None]
+    for k, ((x, y), act) in enumerate(zip(batches(len(masks), dtype), masks)):
+        ref_backward(refs, x, y)
+        inject_grads(batched, refs)
+        if k == 2:                                           # resume from a saved state
+            sd = copy.deepcopy(opt.state_dict())
+            opt = optimizer(batched, cls, **kwargs)
+            opt.load_state_dict(sd)
+        opt.step(active=act)
+        for i, o in enumerate(ref_opts):
+            if act is None or act[i]:
+                o.step()
+    assert_exact(batched, refs)
+    params = dict(batched.named_parameters())
+    for i, (r, o) in enumerate(zip(refs, ref_opts)):
+        for name, p in r.named_parameters():
+            for key, want in o.state[p].items():
+                got = opt.state[params[name]][key][i]
+                assert torch.equal(got.to(want.dtype).reshape(want.shape), want), (i, name, key)
 
 
 def test_compiled_step_matches_torch():
