@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .optim import _check_keep, _model_count, _split_per_model
+from .errors import InvalidInputError, InvalidTypeError, NotSupportedError, StateError
 
 __all__ = ["GradScaler"]
 
@@ -55,9 +56,9 @@ class GradScaler:
         if self._enabled:
             for i in range(n):
                 if not self._growth_factor[i] > 1.0:
-                    raise ValueError(f"model {i}: the growth factor must be > 1.0.")
+                    raise InvalidInputError(f"model {i}: the growth factor must be > 1.0.")
                 if not self._backoff_factor[i] < 1.0:
-                    raise ValueError(f"model {i}: the backoff factor must be < 1.0.")
+                    raise InvalidInputError(f"model {i}: the backoff factor must be < 1.0.")
         self._init_growth_tracker = [0] * n
         self._scale: Tensor | None = None  # float32 [n]
         self._growth_tracker: Tensor | None = None  # int32 [n]
@@ -70,7 +71,7 @@ class GradScaler:
 
     def _check(self, funcname: str):
         if self._scale is None:
-            raise RuntimeError(
+            raise StateError(
                 f"Attempted {funcname} but the scale is not initialised. This may indicate your script did "
                 "not use scaler.scale(loss or outputs) earlier in the iteration."
             )
@@ -92,7 +93,7 @@ class GradScaler:
         def apply(val):
             if isinstance(val, Tensor):
                 if val.dim() == 0 or val.shape[0] != self.n:
-                    raise ValueError(
+                    raise InvalidInputError(
                         f"GradScaler.scale needs per-model outputs with a leading model dim of size n={self.n} "
                         f"(e.g. the [n] loss from mbcompile.loss), got shape {tuple(val.shape)}"
                     )
@@ -104,7 +105,7 @@ class GradScaler:
                 if isinstance(val, (list, tuple)):
                     return type(val)(it)
                 return it
-            raise ValueError("outputs must be a Tensor or an iterable of Tensors")
+            raise InvalidInputError("outputs must be a Tensor or an iterable of Tensors")
 
         return apply(outputs)
 
@@ -118,11 +119,12 @@ class GradScaler:
             if g is None:
                 continue
             if g.is_sparse:
-                raise NotImplementedError("the per-model GradScaler does not support sparse gradients")
+                raise NotSupportedError("the per-model GradScaler does not support sparse gradients")
             if (not allow_fp16) and g.dtype == torch.float16:
-                raise ValueError("Attempting to unscale FP16 gradients.")
+                raise InvalidInputError("Attempting to unscale FP16 gradients.")
             if g.dim() == 0 or g.shape[0] != self.n:
-                raise ValueError(f"gradient of shape {tuple(g.shape)} has no leading model dim of size n={self.n}")
+                raise InvalidInputError(f"gradient of shape {tuple(g.shape)} has no leading model dim of size "
+                                        f"n={self.n}")
             seen = True
             bad = ~torch.isfinite(g).reshape(self.n, -1).all(dim=1)
             found = torch.maximum(found, bad.to(device=found.device, dtype=found.dtype))
@@ -139,9 +141,9 @@ class GradScaler:
         self._check("unscale_")
         st = self._per_optimizer_states[id(optimizer)]
         if st["stage"] is _Stage.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
+            raise StateError("unscale_() has already been called on this optimizer since the last update().")
         if st["stage"] is _Stage.STEPPED:
-            raise RuntimeError("unscale_() is being called after step().")
+            raise StateError("unscale_() is being called after step().")
         inv_scale = self._scale.double().reciprocal().float()
         st["found_inf"] = self._unscale_grads_(optimizer, inv_scale, allow_fp16=False)
         st["stage"] = _Stage.UNSCALED
@@ -151,16 +153,16 @@ class GradScaler:
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs:
-            raise RuntimeError("Closure use is not currently supported if GradScaler is enabled.")
+            raise StateError("Closure use is not currently supported if GradScaler is enabled.")
         if not getattr(optimizer, "_mbcompile_per_model", False):
-            raise TypeError(
+            raise InvalidTypeError(
                 "mbcompile.GradScaler.step needs a per-model optimizer (mbcompile.optimizer(...)) so that it can "
                 f"skip only the models that overflowed; got {type(optimizer).__name__}"
             )
         self._check("step")
         st = self._per_optimizer_states[id(optimizer)]
         if st["stage"] is _Stage.STEPPED:
-            raise RuntimeError("step() has already been called since the last update().")
+            raise StateError("step() has already been called since the last update().")
         if st["stage"] is _Stage.READY:
             self.unscale_(optimizer)
         found = st["found_inf"]
@@ -181,7 +183,7 @@ class GradScaler:
             else:
                 new_scale = torch.as_tensor(new_scale, dtype=torch.float32, device=scale.device)
                 if new_scale.numel() not in (1, self.n) or new_scale.requires_grad:
-                    raise ValueError("new_scale must be a float, or a 1- or n-element tensor without grad")
+                    raise InvalidInputError("new_scale must be a float, or a 1- or n-element tensor without grad")
                 scale.copy_(new_scale.expand(self.n) if new_scale.numel() == 1 else new_scale.reshape(self.n))
         else:
             founds = [s["found_inf"] for s in self._per_optimizer_states.values() if s["found_inf"] is not None]
@@ -263,11 +265,11 @@ class GradScaler:
         if not self._enabled:
             return
         if len(state_dict) == 0:
-            raise RuntimeError("The source state dict is empty, possibly because it was saved from a disabled "
+            raise StateError("The source state dict is empty, possibly because it was saved from a disabled "
                                "instance of GradScaler.")
         n = state_dict.get("n", self.n)
         if n != self.n:
-            raise ValueError(f"state dict is for n={n} models, this scaler has n={self.n}")
+            raise InvalidInputError(f"state dict is for n={n} models, this scaler has n={self.n}")
         self._init_scale = [float(v) for v in _split_per_model("scale", state_dict["scale"], self.n)]
         self._growth_factor = [float(v) for v in _split_per_model("growth_factor", state_dict["growth_factor"], self.n)]
         self._backoff_factor = [float(v) for v in _split_per_model("backoff_factor", state_dict["backoff_factor"], self.n)]

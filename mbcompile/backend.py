@@ -22,6 +22,7 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+from .errors import InvalidInputError
 
 STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
 GRAPH_PASSES: list = []           # fn(gm) -> bool (changed); run in order before Inductor
@@ -191,36 +192,39 @@ class TrainStep:
     rounding (Inductor fuses the update), not bit for bit; ``p.grad`` is not filled, and the
     optimizer's step hooks do not run. Batch-norm buffers and "sequential" RNG streams advance as in
     eager. Not supported: a GradScaler (mixed-precision loss scaling), closure-based optimizers
-    (LBFGS), other optimizers. Returns the per-model losses, shape [n] (detached)."""
+    (LBFGS), other optimizers. As in the normal loop, a tied parameter is updated once with the sum of its
+    uses' gradients, and one the loss does not depend on (grad None there) is skipped: no update, no
+    optimizer state. Returns the per-model losses, shape [n] (detached)."""
 
     def __init__(self, batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
         from .amp import GradScaler
         self.batched, self.loss_fn, self.opt, self.loss_kwargs = batched, loss_fn, optimizer, loss_kwargs
         for k, v in loss_kwargs.items():
             if k in ("scaler", "grad_scaler") or isinstance(v, (GradScaler, torch.amp.GradScaler)):
-                raise ValueError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
+                raise InvalidInputError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
                                  "per model on the host); use the normal loop with mbcompile.GradScaler")
             if k == "closure":
-                raise ValueError("mbcompile.train_step computes the loss itself and takes no closure")
+                raise InvalidInputError("mbcompile.train_step computes the loss itself and takes no closure")
         self.per_model = bool(getattr(optimizer, "_mbcompile_per_model", False))
         kind = type(optimizer).__name__
         if self.per_model:
             if optimizer.n != batched.n:
-                raise ValueError(f"the optimizer is for n={optimizer.n} models, the batch has n={batched.n}")
+                raise InvalidInputError(f"the optimizer is for n={optimizer.n} models, the batch has n={batched.n}")
             kind = optimizer._optim_cls.__name__
         else:
             if isinstance(optimizer, torch.optim.LBFGS):
-                raise ValueError("mbcompile.train_step does not support closure-based optimizers (LBFGS "
+                raise InvalidInputError("mbcompile.train_step does not support closure-based optimizers (LBFGS "
                                  "re-evaluates the model several times per step)")
             if kind not in ("SGD", "Adam", "AdamW") or len(optimizer.param_groups) != 1:
                 from .optim import supported_optimizers
                 names = ", ".join(c.__name__ for c in supported_optimizers())
-                raise ValueError(f"mbcompile.train_step supports mbcompile.optimizer(batched, torch.optim.X, ...) "
-                                 f"for X in {names}, or torch.optim.SGD/Adam/AdamW with one param group over "
-                                 f"the batched parameters; got {kind} with {len(optimizer.param_groups)} groups")
+                raise InvalidInputError(
+                    f"mbcompile.train_step supports mbcompile.optimizer(batched, torch.optim.X, ...) for X in {names}, "
+                    f"or torch.optim.SGD/Adam/AdamW with one param group over the batched parameters; got {kind} "
+                    f"with {len(optimizer.param_groups)} groups")
             g = optimizer.param_groups[0]
             if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
-                raise ValueError("mbcompile.train_step with a torch.optim optimizer does not support amsgrad, "
+                raise InvalidInputError("mbcompile.train_step with a torch.optim optimizer does not support amsgrad, "
                                  "maximize or differentiable (mbcompile.optimizer(batched, ...) supports them)")
         self.kind = kind
         self.max_grad_norm = max_grad_norm
@@ -229,14 +233,14 @@ class TrainStep:
         self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
 
     # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
-    def _hp(self):
+    def _hp(self, params):
         g = self.opt.param_groups[0]
         if self.kind == "SGD":
             vals = (g["lr"], g["momentum"], g["dampening"], g["weight_decay"])
             flags = (g["momentum"] != 0, bool(g["nesterov"]), g["weight_decay"] != 0)
         else:                                    # bias corrections in Python floats, as torch.optim does
             lr, (b1, b2) = float(g["lr"]), g["betas"]
-            st = self.opt.state.get(self.opt.param_groups[0]["params"][0], {}).get("step")
+            st = self.opt.state.get(params[0], {}).get("step")      # a parameter that steps
             step = (float(st) if st is not None else 0.0) + 1
             vals = (lr, b1, b2, g["eps"], g["weight_decay"], lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5)
             flags = (g["weight_decay"] != 0,)
@@ -268,7 +272,7 @@ class TrainStep:
 
     def _torch_update(self, params):
         """Graph inputs, cache key and in-graph update for a torch.optim optimizer."""
-        hp, flags = self._hp()
+        hp, flags = self._hp(params)
         opt_t, first = self._opt_tensors(params, flags)
         kind, n_opt = self.kind, len(opt_t)
 
@@ -316,19 +320,18 @@ class TrainStep:
         *inputs, target = args
         b = self.batched
         prog, vals, leaves = b._prepare(tuple(inputs), {})
-        pidx = self._pidx.get(id(prog))
-        if pidx is None:
-            kinds = [k for k, _ in prog.captured.inputs]
-            pidx = [i for i, k in enumerate(kinds) if k == "param" and vals[i].requires_grad]
-            if self.per_model:
-                mine = {id(p) for p in self.opt._params}
-                if any(id(vals[i]) not in mine for i in pidx):
-                    raise ValueError("mbcompile.train_step: the optimizer does not hold every trainable "
-                                     "parameter of the batched module")
-            self._pidx[id(prog)] = pidx
-        params = [vals[i] for i in pidx]
-        if not params:
-            raise ValueError("mbcompile.train_step: the batched module has no parameter that requires grad")
+        flat, slot, seen = [], [], {}           # a tensor at several inputs (tied weights) is one input
+        for v in vals:
+            j = seen.setdefault(id(v), len(flat))
+            if j == len(flat):
+                flat.append(v)
+            slot.append(j)
+        slot = tuple(slot)
+        hit = self._pidx.get((id(prog), slot))  # holds prog: its id is not reused for another program
+        if hit is None:
+            hit = self._pidx[(id(prog), slot)] = (prog, self._trained(prog, vals, flat, slot, target))
+        pidx = hit[1]
+        params = [flat[i] for i in pidx]
         if self.per_model:
             tail, okey, update = self._per_model_update(params)
         else:
@@ -336,13 +339,14 @@ class TrainStep:
         max_norm = self._max_norm(b.n)
         if max_norm is not None:
             tail = tail + [max_norm.to(params[0].device)]
-        flat = vals + tail + [target]
-        key = (id(prog), tuple(pidx), self.per_model, okey, max_norm is not None, target.shape, target.dtype)
+        flat = flat + tail + [target]
+        key = (id(prog), slot, tuple(pidx), self.per_model, okey, max_norm is not None, target.shape, target.dtype)
         fn = self.compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
             example = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]
-            fn = self.compiled[key] = self._compile(prog, pidx, example, len(tail), update, max_norm is not None)
+            fn = self.compiled[key] = self._compile(prog, slot, pidx, example, len(tail), update,
+                                                    max_norm is not None)
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
@@ -353,28 +357,44 @@ class TrainStep:
             b._outputs(prog, res[:-1], leaves)         # batch-norm buffers, mutated inputs
         return res[-1]
 
-    def _compile(self, prog, pidx, flat, n_tail, update, clip):
+    def _trained(self, prog, vals, flat, slot, target):
+        """Indices into ``flat`` of the parameters the step updates: every trainable parameter once (a
+        tied one is one tensor, its gradient the sum over its uses), less those the loss does not depend
+        on. Autograd decides that, on fake tensors, as in the normal loop, where such a parameter keeps
+        grad None and the optimizer skips it (no update, no state, no weight decay)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        cand = sorted({slot[i] for i, (k, _) in enumerate(prog.captured.inputs)
+                       if k == "param" and vals[i].requires_grad})
+        if not cand:
+            raise InvalidInputError("mbcompile.train_step: the batched module has no parameter that requires grad")
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
+            grads = _forward_backward(prog, prog.gm, self.loss_fn, self.loss_kwargs, fake, slot, cand,
+                                      mode.from_tensor(target))[2]
+        pidx = [i for i, g in zip(cand, grads) if g is not None]
+        if not pidx:
+            raise InvalidInputError("mbcompile.train_step: the loss depends on no parameter that requires grad")
+        if self.per_model:
+            mine = {id(p) for p in self.opt._params}
+            if any(id(flat[i]) not in mine for i in pidx):
+                raise InvalidInputError("mbcompile.train_step: the optimizer does not hold every trainable "
+                                 "parameter of the batched module")
+        return pidx
+
+    def _compile(self, prog, slot, pidx, flat, n_tail, update, clip):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         from .batching import _trace
-        from .loss import loss as per_model_loss
         nv = len(flat) - n_tail - 1
         loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
         from . import chunking
         k = chunking.compiled_chunk(prog, self.batched.n)
         if k is not None:                            # big CPU program: chunks, as the eager chooser times
-            gm = prog.chunked(chunking.chunk_sizes(self.batched.n, k), flat[:nv], [])
+            gm = prog.chunked(chunking.chunk_sizes(self.batched.n, k), [flat[s] for s in slot], [])
             self.times["chunks"] = k
 
         def joint(*a):
-            vals, tail, target = list(a[:nv]), a[nv:nv + n_tail], a[-1]
-            with torch.enable_grad():
-                ps = [vals[i].detach().requires_grad_() for i in pidx]
-                for j, i in enumerate(pidx):
-                    vals[i] = ps[j]
-                outs = gm(*vals)
-                user = [o for (k, _), o in zip(prog.captured.outputs, outs) if k == "user"]
-                losses = per_model_loss(loss_fn, user[0], target, **kw)
-                grads = torch.autograd.grad(losses.sum(), ps)
+            tail = a[nv:nv + n_tail]
+            outs, losses, grads = _forward_backward(prog, gm, loss_fn, kw, a[:nv], slot, pidx, a[-1])
             extra = []
             if clip:
                 tail, max_norm = tail[:-1], tail[-1]
@@ -389,6 +409,21 @@ class TrainStep:
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
             return compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
                               decompositions=_decompositions(False))
+
+
+def _forward_backward(prog, gm, loss_fn, kw, a, slot, pidx, target):
+    """The batched forward ``gm`` (its inputs ``a[s] for s in slot``), the per-model losses and the
+    gradients of the parameters ``a[i]``, i in ``pidx`` (None where the loss does not depend on one)."""
+    from .loss import loss as per_model_loss
+    with torch.enable_grad():
+        a = list(a)
+        ps = [a[i].detach().requires_grad_() for i in pidx]
+        for i, p in zip(pidx, ps):
+            a[i] = p
+        outs = gm(*[a[s] for s in slot])
+        user = [o for (k, _), o in zip(prog.captured.outputs, outs) if k == "user"]
+        losses = per_model_loss(loss_fn, user[0], target, **kw)
+        return outs, losses, torch.autograd.grad(losses.sum(), ps, allow_unused=True)
 
 
 def _clip_grad_norm(grads, max_norm):

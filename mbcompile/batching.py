@@ -16,6 +16,7 @@ from torch.utils import _pytree as pytree
 from .capture import _PER_MODEL_SCALARS, Captured, capture
 from . import chunking, hostmem
 from .passes import batch_pass
+from .errors import InvalidInputError, OutOfRangeError
 
 RANDOMNESS = ("sequential", "different", "same")
 
@@ -26,19 +27,22 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
     module whose outputs carry a leading model dim. See CONTRACT.md for every argument."""
     if isinstance(models, nn.Module):
         if n is None:
-            raise ValueError("mbcompile.batch(model, n=...) needs n, the number of copies (or pass a list of models)")
+            raise InvalidInputError("mbcompile.batch(model, n=...) needs n, the number of copies (or pass a list of "
+                                    "models)")
+        if int(n) < 1:
+            raise InvalidInputError(f"mbcompile.batch needs n >= 1 models, got n={n}")
         models = [models] * int(n)
     else:
         models = list(models)
         if not models or not all(isinstance(m, nn.Module) for m in models):
-            raise ValueError("mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules")
+            raise InvalidInputError("mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules")
         if n is not None and n != len(models):
-            raise ValueError(f"n={n} but {len(models)} models were given")
+            raise InvalidInputError(f"n={n} but {len(models)} models were given")
     if randomness not in RANDOMNESS:
-        raise ValueError(f"randomness must be one of {RANDOMNESS}, got {randomness!r}")
+        raise InvalidInputError(f"randomness must be one of {RANDOMNESS}, got {randomness!r}")
     if in_dims not in (None, 0) and not (isinstance(in_dims, tuple) and all(d in (None, 0) for d in in_dims)):
-        raise ValueError(f"in_dims must be None, 0 or a tuple of 0/None per positional input (the model dim "
-                         f"leads each per-model input), got {in_dims!r}")
+        raise InvalidInputError(f"in_dims must be None, 0 or a tuple of 0/None per positional input (the model dim "
+                                f"leads each per-model input), got {in_dims!r}")
     consts = check_same_architecture(models)
     return BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
                          compile=compile, consts=consts)
@@ -56,26 +60,32 @@ def check_same_architecture(models):
         mods = dict(m.named_modules(remove_duplicate=False))
         if mods.keys() != ref_mods.keys():
             extra = sorted(set(mods) ^ set(ref_mods))
-            raise ValueError(f"model {i} has a different module tree than model 0: first difference at "
-                             f"{extra[0]!r}")
+            raise InvalidInputError(f"model {i} has a different module tree than model 0: first difference at "
+                                    f"{extra[0]!r}")
         for path, a in ref_mods.items():
             b = mods[path]
             where = path or "<root>"
             if type(a) is not type(b) and not _same_parametrized_class(a, b):
-                raise ValueError(f"model {i} differs from model 0 at {where!r}: {type(b).__name__} vs "
-                                 f"{type(a).__name__}")
+                raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: {type(b).__name__} vs "
+                                        f"{type(a).__name__}")
             for kind in ("_parameters", "_buffers"):
                 ta, tb = getattr(a, kind), getattr(b, kind)
                 if ta.keys() != tb.keys() or any((ta[k] is None) != (tb[k] is None) for k in ta):
-                    raise ValueError(f"model {i} differs from model 0 at {where!r}: {kind[1:]} "
-                                     f"{sorted(k for k in tb if tb[k] is not None)} vs "
-                                     f"{sorted(k for k in ta if ta[k] is not None)}")
+                    raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: {kind[1:]} "
+                                            f"{sorted(k for k in tb if tb[k] is not None)} vs "
+                                            f"{sorted(k for k in ta if ta[k] is not None)}")
                 for k in ta:
                     if ta[k] is not None and (ta[k].shape != tb[k].shape or ta[k].dtype != tb[k].dtype):
-                        raise ValueError(f"model {i} differs from model 0 at '{path}.{k}': shape/dtype "
-                                         f"{tuple(tb[k].shape)} {tb[k].dtype} vs {tuple(ta[k].shape)} {ta[k].dtype}")
+                        raise InvalidInputError(
+                            f"model {i} differs from model 0 at '{path}.{k}': shape/dtype {tuple(tb[k].shape)} "
+                            f"{tb[k].dtype} vs {tuple(ta[k].shape)} {ta[k].dtype}")
                     if kind == "_parameters" and ta[k] is not None and ta[k].requires_grad != tb[k].requires_grad:
-                        raise ValueError(f"model {i} differs from model 0 at '{path}.{k}': requires_grad")
+                        raise InvalidInputError(f"model {i} differs from model 0 at '{path}.{k}': requires_grad")
+            if a.training != b.training:
+                mode = lambda m: "train" if m.training else "eval"  # noqa: E731
+                raise InvalidInputError(f"model {i} is in {mode(b)} mode at {where!r} but model 0 is in {mode(a)} "
+                                        f"mode; batched models share each module's mode: call .train() / .eval() "
+                                        f"on them alike")
             for attr, va in vars(a).items():
                 if attr.startswith("_") or attr == "training":
                     continue
@@ -85,7 +95,7 @@ def check_same_architecture(models):
                         consts.setdefault(path, {}).setdefault(attr, [getattr(mm.get_submodule(path), attr)
                                                                       for mm in models])
                     else:
-                        raise ValueError(
+                        raise InvalidInputError(
                             f"model {i} differs from model 0 in '{where}.{attr}' ({type(a).__name__}): "
                             f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p, "
                             f"LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
@@ -133,11 +143,12 @@ class BatchedModule(nn.Module):
             seeds = torch.randint(0, 2**62, (n,)).tolist()
         seeds = [int(s) for s in seeds]
         if len(seeds) != n:
-            raise ValueError(f"seeds has {len(seeds)} entries, expected n={n}")
+            raise InvalidInputError(f"seeds has {len(seeds)} entries, expected n={n}")
         self._seeds = seeds
         object.__setattr__(self, "_rng_states", {})
         self._build_tree(models)
-        self.train(base.training)
+        self.training = base.training                  # each submodule keeps its own mode (a frozen bn.eval())
+        object.__setattr__(self, "_shells", list(self.modules()))
 
     # ---- structure -------------------------------------------------------------------------------
     def _build_tree(self, models):
@@ -171,6 +182,10 @@ class BatchedModule(nn.Module):
                 stacked[id(b)] = torch.stack([m.get_buffer(name).detach() for m in models]).clone()
             shells[parent].register_buffer(leaf, stacked[id(b)], persistent=persistent)
 
+    def _modes(self):
+        """Every module's train/eval flag: a program is captured per combination."""
+        return tuple([m.training for m in self._shells])
+
     @property
     def n(self) -> int:
         return self._n
@@ -185,7 +200,7 @@ class BatchedModule(nn.Module):
     def unbatch(self, i: int) -> nn.Module:
         """Model i as a plain module of the original class, with its own copy of weights and buffers."""
         if not -self._n <= i < self._n:
-            raise IndexError(f"model index {i} out of range for n={self._n}")
+            raise OutOfRangeError(f"model index {i} out of range for n={self._n}")
         m = copy.deepcopy(self._template)
         with torch.no_grad():
             for name, p in self.named_parameters(remove_duplicate=False):
@@ -195,7 +210,9 @@ class BatchedModule(nn.Module):
                 parent, _, leaf = name.rpartition(".")
                 m.get_submodule(parent)._buffers[leaf] = b[i].detach().clone()
         _retie(m, self._template)
-        return m.train(self.training)
+        for mod, shell in zip(m.modules(), self._shells):
+            mod.training = shell.training
+        return m
 
     # ---- randomness ------------------------------------------------------------------------------
     def _states(self, device):
@@ -220,7 +237,7 @@ class BatchedModule(nn.Module):
         """Keep only models ``keep`` (indices): parameters keep their identity, so optimizers stay valid."""
         keep = [int(k) for k in keep]
         if not keep or any(not 0 <= k < self._n for k in keep) or len(set(keep)) != len(keep):
-            raise ValueError(f"keep must list distinct model indices in [0, {self._n}), got {keep}")
+            raise InvalidInputError(f"keep must list distinct model indices in [0, {self._n}), got {keep}")
         idx = torch.tensor(keep)
         with torch.no_grad():
             for p in self.parameters():
@@ -247,7 +264,8 @@ class BatchedModule(nn.Module):
             per_arg, kw = [0] * len(args), 0
         else:
             if len(in_dims) != len(args):
-                raise ValueError(f"in_dims has {len(in_dims)} entries but forward got {len(args)} positional inputs")
+                raise InvalidInputError(f"in_dims has {len(in_dims)} entries but forward got {len(args)} positional "
+                                        "inputs")
             per_arg, kw = list(in_dims), None
         dims = []
         for a, d in zip(args, per_arg):
@@ -268,7 +286,7 @@ class BatchedModule(nn.Module):
         stacked params/buffers, constants, user tensors, then the per-model RNG states."""
         fast = not kwargs and all(type(a) is torch.Tensor for a in args)
         if fast:                                     # positional tensors only: one dict lookup per call
-            fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self.training, self._randomness,
+            fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self._modes(), self._randomness,
                     self._n, self._in_dims, _autocast_key())
             cache = self.__dict__.setdefault("_fast_programs", {})
             hit = cache.get(fkey)
@@ -286,11 +304,11 @@ class BatchedModule(nn.Module):
         for k, (x, d) in enumerate(zip(leaves, dims)):
             if d is not None and (x.dim() == 0 or x.shape[0] != self._n):
                 got = "a 0-dim tensor" if x.dim() == 0 else f"leading size {x.shape[0]} (shape {tuple(x.shape)})"
-                raise ValueError(f"input {k} is per-model (in_dims), so its leading dim must be n={self._n}; "
-                                 f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
+                raise InvalidInputError(f"input {k} is per-model (in_dims), so its leading dim must be n={self._n}; "
+                                        f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
         device = next(iter(self.parameters()), torch.empty(0)).device
         key = (spec, tuple((tuple(x.shape), x.dtype, x.device, d) if isinstance(x, torch.Tensor) else ("c", repr(x))
-                           for x, d in zip(leaves, dims)), self.training, self._randomness, self._n,
+                           for x, d in zip(leaves, dims)), self._modes(), self._randomness, self._n,
                _autocast_key())
         prog = self._programs.get(key)
         if prog is None:

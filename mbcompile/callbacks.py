@@ -24,6 +24,7 @@ import os
 import torch
 
 from .history import default_mode
+from .errors import InvalidInputError, NotFoundError
 
 
 class Callback:
@@ -50,7 +51,7 @@ class EarlyStopping(Callback):
     def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode=None, action="drop",
                  start_epoch=0):
         if action not in ("drop", "freeze"):
-            raise ValueError(f"action must be 'drop' or 'freeze', got {action!r}")
+            raise InvalidInputError(f"action must be 'drop' or 'freeze', got {action!r}")
         self.monitor, self.patience, self.min_delta = monitor, int(patience), float(min_delta)
         self.mode, self.action, self.start_epoch = mode or default_mode(monitor), action, int(start_epoch)
         self.best, self.wait = None, None
@@ -63,8 +64,8 @@ class EarlyStopping(Callback):
 
     def on_epoch_end(self, run, logs):
         if self.monitor not in logs:
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r} but the epoch logged only "
-                           f"{sorted(logs)}; pass val_data to fit or monitor 'loss'")
+            raise NotFoundError(f"EarlyStopping monitors {self.monitor!r} but the epoch logged only "
+                                f"{sorted(logs)}; pass val_data to fit or monitor 'loss'")
         v = logs[self.monitor].to(torch.float64)
         live = run.training_mask()
         better = (v < self.best - self.min_delta) if self.mode == "min" else (v > self.best + self.min_delta)
@@ -91,7 +92,7 @@ class NaNGuard(Callback):
 
     def __init__(self, action="drop"):
         if action not in ("drop", "freeze"):
-            raise ValueError(f"action must be 'drop' or 'freeze', got {action!r}")
+            raise InvalidInputError(f"action must be 'drop' or 'freeze', got {action!r}")
         self.action = action
 
     def on_step_end(self, run, logs):
@@ -154,5 +155,5 @@ class Lambda(Callback):
     def __init__(self, **hooks):
         for name, fn in hooks.items():
             if not hasattr(Callback, name):
-                raise ValueError(f"unknown hook {name!r}")
+                raise InvalidInputError(f"unknown hook {name!r}")
             setattr(self, name, fn)

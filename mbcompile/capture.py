@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
-from .errors import CaptureError
+from . import ops
+from .errors import CaptureError, InvalidInputError, source_line
 from .passes import RULES
-from .passes.registry import per_model_const
+from .passes.registry import module_path, per_model_const
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -36,6 +38,10 @@ _DRAWS = {
     aten.normal_.default: ("normal", 1, 2, 0.0, 1.0, None, True),
     aten.uniform_.default: ("uniform", 1, 2, 0.0, 1.0, None, True),
 }
+# Any other random op with one tensor output becomes mbcompile.random_call (replayed per model), except
+# differentiable ones (left to the fallback) and ops with a rule of their own:
+_NOT_GENERIC = {"_standard_gamma", "rrelu_with_noise", "rrelu_with_noise_", "rrelu_with_noise_functional"}
+_UNTAGGED = {"random", "random_"}        # seeded, but not tagged nondeterministic_seeded (torch 2.13)
 _PER_MODEL_SCALARS = {  # module attribute that may differ per model -> the aten op and arg it feeds
     ("Dropout", "p"), ("Dropout1d", "p"), ("Dropout2d", "p"), ("Dropout3d", "p"), ("AlphaDropout", "p"),
     ("FeatureAlphaDropout", "p"), ("LeakyReLU", "negative_slope"),
@@ -86,6 +92,59 @@ def _data_dependent(e):
                                    "Could not guard", "Could not extract specialized integer"))
 
 
+def _check_per_model_consts(template, args, kwargs, ep, consts):
+    """A scalar that differs per model (Dropout.p, ...) is batched where its own module uses it; forward may
+    also read it elsewhere (``F.dropout(x, self.drop.p)``, HF attention's ``dropout_p=self.dropout.p``), where
+    export bakes model 0's value. Export again with another model's values: every op whose arguments change
+    must run inside the module that owns the value, else refuse (never model 0's value for all)."""
+    if not consts:
+        return
+    saved, what = [], []
+    for path, attrs in consts.items():
+        mod = template.get_submodule(path)
+        for attr, vals in attrs.items():
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, next(v for v in vals if v != vals[0]))
+            what.append(f"{path}.{attr}")
+    try:
+        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template):
+            other = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+    finally:
+        for mod, attr, v in saved:
+            setattr(mod, attr, v)
+    a_nodes, b_nodes = list(ep.graph.nodes), list(other.graph.nodes)
+
+    def names(nd):
+        return fx.node.map_arg(nd.args, lambda x: x.name), fx.node.map_arg(nd.kwargs, lambda x: x.name)
+
+    if len(a_nodes) != len(b_nodes) or any(a.target != b.target for a, b in zip(a_nodes, b_nodes)):
+        raise InvalidInputError(f"the models differ in {', '.join(what)}, which changes what forward computes (not "
+                                f"only a value); give the models the same values or batch them apart")
+    for a, b in zip(a_nodes, b_nodes):
+        idle = a.target in _DROPOUTS and not (a.args[2] if len(a.args) > 2 else a.kwargs.get("train", True))
+        if a.op == "call_function" and names(a) != names(b) and module_path(a) not in consts and not idle:
+            raise InvalidInputError(
+                f"the models differ in {', '.join(what)}, and forward also passes that value to {a.target} "
+                f"outside its module, at {source_line(a)}; mbcompile batches it per model only where its own "
+                f"module (Dropout, LeakyReLU, LSTM/GRU/RNN) uses it, and never gives every model model 0's "
+                f"value: give the models the same values or batch them apart")
+
+
+def _refuse_data_dependent_shapes(gm, template):
+    """Export takes every input size as fixed, so a symbolic size can only come from the data (x[mask],
+    nonzero, unique, masked_select): each model would get its own size, which one batched graph cannot hold."""
+    for nd in gm.graph.nodes:
+        v = nd.meta.get("val")
+        for t in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(t, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in t.shape):
+                raise CaptureError(
+                    f"{type(template).__name__}.forward makes a tensor whose shape depends on the data "
+                    f"({nd.target} -> shape {tuple(t.shape)}), at {source_line(nd)}: each model could get its own "
+                    f"size, which one batched graph cannot hold. Keep shapes fixed: mask with torch.where or a "
+                    f"multiplication instead of indexing with a boolean mask (the data-dependent counterpart of "
+                    f"torch.cond for control flow).")
+
+
 def _user_frame(e, model):
     import inspect
     try:
@@ -100,12 +159,45 @@ def _user_frame(e, model):
     return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
 
 
+@contextlib.contextmanager
+def _dataclass_outputs(template):
+    """A plain @dataclass in the output (not registered with pytree) is registered as one when forward
+    returns it, so that export can flatten it (as it does a transformers ModelOutput)."""
+    import dataclasses
+
+    def register(mod, args, out):
+        for v in pytree.tree_flatten(out)[0]:
+            if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v) not in pytree.SUPPORTED_NODES:
+                pytree.register_dataclass(type(v))
+                register(mod, args, v)
+
+    handle = template.register_forward_hook(register)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _no_causal_mask_detection():
+    """nn.Transformer{Encoder,Decoder} given a mask and no is_causal compare the mask with a causal one,
+    ``bool((mask == causal).all())``, a data-dependent branch. is_causal is only a hint that the mask is
+    causal: during capture the mask is used as it is (same result, no branch)."""
+    tr = torch.nn.modules.transformer
+    saved = tr._detect_is_causal_mask
+    tr._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
+    try:
+        yield
+    finally:
+        tr._detect_is_causal_mask = saved
+
+
 def capture(template, args, kwargs, consts) -> Captured:
     """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
     import time
     t0 = time.perf_counter()
     try:
-        with _cumulative_batch_norm(template):
+        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template):
             ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
@@ -120,9 +212,15 @@ def capture(template, args, kwargs, consts) -> Captured:
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
+    _refuse_data_dependent_shapes(ep.graph_module, template)
+    _check_per_model_consts(template, args, kwargs, ep, consts)
     _detach_no_grad_regions(ep.graph_module)
     _prepass(ep.graph_module, consts)
-    ep = ep.run_decompositions(decomposition_table())
+    try:
+        ep = ep.run_decompositions(decomposition_table())
+    except Exception as e:  # noqa: BLE001 - torch's own limits (e.g. a tied weight renormalised in place)
+        raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
+                           f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
     _undetach_renorm(ep.graph_module)
     sig = ep.graph_signature
     inputs = []
@@ -225,7 +323,61 @@ def _prepass(gm, consts):
                 new = g.call_function(mb.draw.default, (like, kind, float(a), float(b), list(val.shape),
                                                         list(val.stride()), val.dtype, val.device))
             _replace(g, node, new, order, inplace=inplace)
+        elif t in (aten.rrelu.default, aten.rrelu_.default) and _arg(node, 4, "generator", None) is None:
+            x, val = node.args[0], node.meta["val"]
+            lower, upper = _arg(node, 1, "lower", 1 / 8), _arg(node, 2, "upper", 1 / 3)
+            with g.inserting_before(node):
+                if not _arg(node, 3, "training", False):      # eager: leaky_relu with the mean slope
+                    new = g.call_function(aten.leaky_relu.default, (x, (lower + upper) / 2))
+                else:                                          # x * noise, noise drawn as eager does
+                    det = g.call_function(aten.detach.default, (x,))
+                    det.meta = dict(x.meta)
+                    noise = _random_call(g, ops.rrelu_noise, (det, lower, upper), {}, False, val.device)
+                    noise.meta = dict(node.meta)
+                    new = g.call_function(aten.mul.Tensor, (x, noise))
+            _replace(g, node, new, order, inplace=t is aten.rrelu_.default)
+        elif _generic_random(t, node):
+            with g.inserting_before(node):
+                new = _random_call(g, t, node.args, node.kwargs, t._schema.name.endswith("_"),
+                                   node.meta["val"].device)
+            _replace(g, node, new, order, inplace=t._schema.name.endswith("_"))
     gm.recompile()
+
+
+def _arg(node, i, name, default):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _generic_random(t, node):
+    """A random op with one tensor output that mutates at most self and takes no explicit generator."""
+    if not isinstance(t, torch._ops.OpOverload):
+        return False
+    s = t._schema
+    name = s.name.split("::")[-1]
+    if name in _NOT_GENERIC or (torch.Tag.nondeterministic_seeded not in t.tags and
+                                not (s.name.startswith("aten::") and name in _UNTAGGED)):
+        return False
+    if t in RULES and torch.Tag.pointwise not in t.tags:    # its own rule draws per model (attention)
+        return False
+    writes = [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
+    return (len(s.returns) == 1 and str(s.returns[0].type) == "Tensor" and writes in ([], ["self"])
+            and isinstance(node.meta.get("val"), torch.Tensor)
+            and not any(isinstance(a, torch.Generator) for a in (*node.args, *node.kwargs.values())))
+
+
+def _random_call(g, target, args, kwargs, inplace, device):
+    """mbcompile.random_call(key, tensors): the call registered with each tensor argument a slot."""
+    tensors = []
+
+    def slot(a):
+        val = a.meta.get("val")
+        dense = isinstance(val, torch.Tensor) and torch._prims_common.is_non_overlapping_and_dense_or_false(val)
+        tensors.append(a)
+        return ops.Slot(len(tensors) - 1, (tuple(val.shape), tuple(val.stride())) if dense else None)
+
+    args, kwargs = fx.node.map_arg(tuple(args), slot), fx.node.map_arg(dict(kwargs), slot)
+    key = ops.register_random_call(target, args, kwargs, inplace, device)
+    return g.call_function(mb.random_call.default, (key, tensors))
 
 
 def _replace(g, node, new, order, inplace=False):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .optim import _split_per_model
+from .errors import InvalidInputError, NotSupportedError, StateError
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_"]
 
@@ -65,15 +66,15 @@ def clip_grad_norm_(parameters, max_norm, norm_type: float = 2.0, error_if_nonfi
         return torch.zeros(n or 0)
     for g in grads:
         if g.dim() == 0 or g.shape[0] != n:
-            raise ValueError(f"gradient of shape {tuple(g.shape)} has no leading model dim of size n={n}")
+            raise InvalidInputError(f"gradient of shape {tuple(g.shape)} has no leading model dim of size n={n}")
         if g.is_sparse:
-            raise NotImplementedError("per-model clipping does not support sparse gradients")
+            raise NotSupportedError("per-model clipping does not support sparse gradients")
     total_norm = total_norms(grads, n, norm_type)
     if error_if_nonfinite:
         bad = torch.logical_or(total_norm.isnan(), total_norm.isinf())
         if bad.any():
             models = torch.nonzero(bad).flatten().tolist()
-            raise RuntimeError(
+            raise StateError(
                 f"The total norm of order {norm_type} for gradients of models {models} is non-finite, so it "
                 "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
                 "anyway, set `error_if_nonfinite=False`"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 
 import torch
+from .errors import InvalidInputError
 
 MODES = ("shared", "per_model", "weights", "mask")
 
@@ -63,10 +64,11 @@ class _Loader:
     def __init__(self, tensors, batch_size, drop_last):
         self.tensors = tuple(tensors)
         if not self.tensors:
-            raise ValueError("a loader needs at least one tensor")
+            raise InvalidInputError("a loader needs at least one tensor")
         self.num_samples = self.tensors[0].shape[0]
         if any(t.shape[0] != self.num_samples for t in self.tensors):
-            raise ValueError(f"all tensors must have the same first size, got {[t.shape[0] for t in self.tensors]}")
+            sizes = [t.shape[0] for t in self.tensors]
+            raise InvalidInputError(f"all tensors must have the same first size, got {sizes}")
         self.batch_size, self.drop_last, self.epoch = int(batch_size), drop_last, 0
 
     def set_epoch(self, epoch: int):
@@ -89,7 +91,7 @@ class SharedLoader(_Loader):
         super().__init__(tensors, batch_size, drop_last)
         self.shuffle, self.seed, self.weights = shuffle, int(seed), weights
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_samples):
-            raise ValueError(f"weights must be [n, {self.num_samples}], got {tuple(weights.shape)}")
+            raise InvalidInputError(f"weights must be [n, {self.num_samples}], got {tuple(weights.shape)}")
 
     def __iter__(self):
         order = (torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch)))

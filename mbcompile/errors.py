@@ -13,6 +13,31 @@ class UnsupportedOpError(MBCompileError):
     """An op has no batching rule and the fallback is off (``strict=True``)."""
 
 
+# Bad input of the usual kinds: each is also the builtin exception a caller would expect.
+class InvalidInputError(MBCompileError, ValueError):
+    """A wrong value: sizes, mismatched models, options."""
+
+
+class InvalidTypeError(MBCompileError, TypeError):
+    """An argument of the wrong type."""
+
+
+class OutOfRangeError(MBCompileError, IndexError):
+    """A model index outside 0..n-1."""
+
+
+class NotFoundError(MBCompileError, KeyError):
+    """A name (metric, model) that is not there."""
+
+
+class StateError(MBCompileError, RuntimeError):
+    """A call at the wrong time or on the wrong state (as torch's RuntimeErrors for the same misuse)."""
+
+
+class NotSupportedError(MBCompileError, NotImplementedError):
+    """A documented limit (sparse gradients, ...)."""
+
+
 def source_line(node) -> str:
     """The source line that produced an FX node: the innermost frame of the user's own code, else the
     innermost torch.nn frame (a library layer), never mbcompile's or torch's machinery."""

@@ -27,6 +27,7 @@ from .callbacks import Checkpoint
 from .data import MODES, weighted_losses
 from .history import History
 from .loss import loss as per_model_loss
+from .errors import InvalidInputError, InvalidTypeError
 
 
 def accuracy(out, target):
@@ -51,8 +52,8 @@ def _metric_fns(metrics):
     for name, fn in items:
         if isinstance(fn, str):
             if fn not in METRICS:
-                raise ValueError(f"unknown metric {fn!r}; built in: {sorted(METRICS)}, or pass a function "
-                                 f"fn(out_i, y_i) -> scalar")
+                raise InvalidInputError(f"unknown metric {fn!r}; built in: {sorted(METRICS)}, or pass a function "
+                                        f"fn(out_i, y_i) -> scalar")
             fn = METRICS[fn]
         out[name] = fn
     return out
@@ -65,7 +66,7 @@ def _hparams_of(optimizer, n, extra):
     for k, v in (extra or {}).items():
         v = v.tolist() if isinstance(v, torch.Tensor) else list(v)
         if len(v) != n:
-            raise ValueError(f"hparams[{k!r}] has {len(v)} values, expected one per model (n={n})")
+            raise InvalidInputError(f"hparams[{k!r}] has {len(v)} values, expected one per model (n={n})")
         hp[k] = v
     groups = getattr(optimizer, "param_groups", [])
     if len(groups) == n:
@@ -198,13 +199,13 @@ class Run:
             if self.scaler is not None and s["scaler"] is not None:
                 self.scaler.load_state_dict(s["scaler"])
             if len(s["schedulers"]) != len(self.schedulers):
-                raise ValueError(f"the checkpoint has {len(s['schedulers'])} schedulers, this run "
-                                 f"{len(self.schedulers)}")
+                raise InvalidInputError(f"the checkpoint has {len(s['schedulers'])} schedulers, this run "
+                                        f"{len(self.schedulers)}")
             for sch, st in zip(self.schedulers, s["schedulers"]):
                 sch.load_state_dict(st)
             if len(s["callbacks"]) != len(self.callbacks):
-                raise ValueError(f"the checkpoint has state for {len(s['callbacks'])} callbacks, this run "
-                                 f"has {len(self.callbacks)}; pass the same callbacks in the same order")
+                raise InvalidInputError(f"the checkpoint has state for {len(s['callbacks'])} callbacks, this run "
+                                        f"has {len(self.callbacks)}; pass the same callbacks in the same order")
             for cb, st in zip(self.callbacks, s["callbacks"]):
                 cb.load_state_dict(st)
         except (ValueError, RuntimeError, KeyError) as e:
@@ -251,17 +252,17 @@ class _Router:
 
     def __init__(self, run, mode):
         if mode not in MODES:
-            raise ValueError(f"data must be one of {MODES}, got {mode!r}")
+            raise InvalidInputError(f"data must be one of {MODES}, got {mode!r}")
         self.run, self.mode = run, "weights" if mode == "mask" else mode
         self.expand = self.mode != "per_model" and getattr(run.batched, "_in_dims", None) == 0
         if self.mode == "per_model" and getattr(run.batched, "_in_dims", 0) is None:
-            raise ValueError("data='per_model' feeds inputs of shape [n, B, ...]: build the batch with "
+            raise InvalidInputError("data='per_model' feeds inputs of shape [n, B, ...]: build the batch with "
                              "mbcompile.batch(..., in_dims=0)")
 
     def __call__(self, batch):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
-            raise ValueError(f"each batch must be (inputs, target) or, with data='weights', (inputs, target, "
-                             f"weights [n, B]); got {type(batch).__name__}"
+            raise InvalidInputError(f"each batch must be (inputs, target) or, with data='weights', (inputs, target, "
+                                    f"weights [n, B]); got {type(batch).__name__}"
                              + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
         run = self.run
         rows = run.rows
@@ -271,18 +272,18 @@ class _Router:
             x = _expand(x, run.n)
         if self.mode == "weights":
             if w is None:
-                raise ValueError("data='weights' needs batches (inputs, target, weights) with weights [n, B] "
+                raise InvalidInputError("data='weights' needs batches (inputs, target, weights) with weights [n, B] "
                                  "(bool mask or float weights)")
             if w.dim() != 2 or w.shape[0] not in (run.n_total, run.n):
-                raise ValueError(f"weights must be [n, B] with n={run.n_total}, got {tuple(w.shape)}")
+                raise InvalidInputError(f"weights must be [n, B] with n={run.n_total}, got {tuple(w.shape)}")
             return x, y, None, _select(w, rows, run.n_total, run.n)
         if w is not None:
-            raise ValueError("a batch has 3 entries (inputs, target, weights): pass data='weights' to fit")
+            raise InvalidInputError("a batch has 3 entries (inputs, target, weights): pass data='weights' to fit")
         if self.mode == "per_model":
             x, y = _select(x, rows, run.n_total, run.n), _select(y, rows, run.n_total, run.n)
             if isinstance(y, torch.Tensor) and (y.dim() == 0 or y.shape[0] != run.n):
-                raise ValueError(f"data='per_model' needs per-model targets [n, B, ...] with n={run.n_total}, "
-                                 f"got {tuple(y.shape)}")
+                raise InvalidInputError(f"data='per_model' needs per-model targets [n, B, ...] with n={run.n_total}, "
+                                        f"got {tuple(y.shape)}")
             return x, y, 0, None
         return x, y, None, None
 
@@ -342,20 +343,20 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
     for s in schedulers:
         if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            raise TypeError("torch's ReduceLROnPlateau compares one number for all models; use "
+            raise InvalidTypeError("torch's ReduceLROnPlateau compares one number for all models; use "
                             "mbcompile.optim.ReduceLROnPlateau(opt, ...), which keeps one per model")
     if scheduler_interval not in ("epoch", "step"):
-        raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
+        raise InvalidInputError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     if not getattr(optimizer, "_mbcompile_per_model", False):
-        raise TypeError(f"fit needs a per-model optimizer, mbcompile.optimizer(batched, torch.optim.X, ...), "
-                        f"got {type(optimizer).__name__}")
+        raise InvalidTypeError(f"fit needs a per-model optimizer, mbcompile.optimizer(batched, torch.optim.X, ...), "
+                               f"got {type(optimizer).__name__}")
     if optimizer.n != n_total:
-        raise ValueError(f"the optimizer is for {optimizer.n} models, the batch has {n_total}")
+        raise InvalidInputError(f"the optimizer is for {optimizer.n} models, the batch has {n_total}")
     if isinstance(train_data, collections.abc.Iterator):
-        raise TypeError("train_data is a one-shot iterator; pass something iterable once per epoch "
+        raise InvalidTypeError("train_data is a one-shot iterator; pass something iterable once per epoch "
                         "(a DataLoader, a list of batches, mbcompile.data.SharedLoader/PerModelLoader)")
     if fused and (scaler is not None or autocast is not None or data not in ("shared", "per_model")):
-        raise ValueError("fit(fused=True) runs each step as one compiled program (mbcompile.train_step), "
+        raise InvalidInputError("fit(fused=True) runs each step as one compiled program (mbcompile.train_step), "
                          "which takes neither a GradScaler nor autocast, and only data='shared' or "
                          "'per_model'; pass fused=False for this run")
     metric_fns = _metric_fns(metrics)
@@ -409,7 +410,7 @@ def _resume_path(resume, callbacks):
     if resume is True:
         cps = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
         if not cps:
-            raise ValueError("resume=True resumes from the Checkpoint callback's file, but no Checkpoint "
+            raise InvalidInputError("resume=True resumes from the Checkpoint callback's file, but no Checkpoint "
                              "callback was given; pass resume=path instead")
         return cps[0].path if os.path.exists(cps[0].path) else None
     return os.fspath(resume)
@@ -439,8 +440,8 @@ def _epoch_iter(run, train_data):
     it = iter(train_data)
     for k in range(run.step_in_epoch):
         if next(it, None) is None:
-            raise ValueError(f"resuming epoch {run.epoch + 1} at batch {run.step_in_epoch}, but the training "
-                             f"data has only {k} batches now")
+            raise InvalidInputError(f"resuming epoch {run.epoch + 1} at batch {run.step_in_epoch}, but the training "
+                                    f"data has only {k} batches now")
     torch.set_rng_state(run.resume_rng)
     run.resume_rng = None
     return it
@@ -449,7 +450,7 @@ def _epoch_iter(run, train_data):
 def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):
     """(loss [n], samples [n]) of one mbcompile.train_step program (one per target layout and batch)."""
     if isinstance(x, dict):
-        raise ValueError("fit(fused=True) takes positional inputs (a tensor or a tuple), not a dict")
+        raise InvalidInputError("fit(fused=True) takes positional inputs (a tensor or a tuple), not a dict")
     key = (tdim, id(run.batched), id(run.optimizer))
     step = run.fused.get(key)
     if step is None:

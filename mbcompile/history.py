@@ -12,6 +12,7 @@ import math
 import os
 
 import torch
+from .errors import InvalidInputError, NotFoundError
 
 _MAX_WORDS = ("acc", "accuracy", "f1", "auc", "auroc", "r2", "score", "precision", "recall", "iou")
 
@@ -72,7 +73,7 @@ class History:
     # ---- reading ---------------------------------------------------------------------------------
     def __getitem__(self, name) -> torch.Tensor:
         if name not in self.metrics:
-            raise KeyError(f"no metric {name!r}; recorded: {sorted(self.metrics)}")
+            raise NotFoundError(f"no metric {name!r}; recorded: {sorted(self.metrics)}")
         return torch.tensor(self.metrics[name], dtype=torch.float64).reshape(len(self.epochs), self.n)
 
     def __contains__(self, name):
@@ -94,7 +95,7 @@ class History:
             if name in self.metrics:
                 return name
         if not self.metrics:
-            raise ValueError("the history is empty")
+            raise InvalidInputError("the history is empty")
         return next(iter(self.metrics))
 
     def final(self, name: str) -> torch.Tensor:
@@ -143,7 +144,7 @@ class History:
         """Model i (or ``"best"``) as a plain module of the original class."""
         i = self.best_model() if i == "best" else int(i)
         if self.batched is None:
-            raise ValueError("this history is not attached to a batch (history.batched is None); "
+            raise InvalidInputError("this history is not attached to a batch (history.batched is None); "
                              "use mbcompile.export_model(batched, i, path) instead")
         if i in self.active:
             return self.batched.unbatch(self.active.index(i))
@@ -151,7 +152,7 @@ class History:
             m = self.batched.unbatch(0)
             m.load_state_dict(self.retired[i])
             return m
-        raise KeyError(f"model {i} is neither in the batch nor among the retired models")
+        raise NotFoundError(f"model {i} is neither in the batch nor among the retired models")
 
     def export(self, path, i: int | str = "best", *, module: bool = False):
         """Save model i (default: the best by the monitor metric) as a plain state_dict file (or the whole
@@ -267,7 +268,7 @@ class History:
                               "(or pip install matplotlib); the history itself is in to_csv()/to_json()") from e
         names = [m for m in (metrics or self.metrics) if m in self.metrics]
         if not names:
-            raise ValueError("nothing to plot: the history has no metrics yet")
+            raise InvalidInputError("nothing to plot: the history has no metrics yet")
         best = self.best_model() if self.metrics else None
         fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
         cmap = plt.get_cmap("viridis")

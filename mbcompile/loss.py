@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from .errors import InvalidInputError
 
 
 def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
@@ -17,15 +18,12 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
         else:
             b = out.shape[1] if out.dim() > 1 else None
             lead = target.shape[0]
-            if lead == n and lead == b and target.dim() == out.dim() - (0 if target.is_floating_point() else 1):
-                raise ValueError(f"mbcompile.loss: the target's leading size {lead} equals both n and the batch "
-                                 f"size; say which it is with target_in_dim=0 (per model) or None (shared)")
-            if lead == n and lead == b:
-                target_in_dim = 0 if target.dim() == out.dim() - (0 if target.is_floating_point() else 1) else None
-            else:
-                target_in_dim = 0 if lead == n and lead != b else None
+            if lead == n and lead == b:                 # as the contract says: never guessed
+                raise InvalidInputError(f"mbcompile.loss: the target's leading size {lead} equals both n and the batch "
+                                        f"size; say which it is with target_in_dim=0 (per model) or None (shared)")
+            target_in_dim = 0 if lead == n else None
     if target_in_dim not in (None, 0):
-        raise ValueError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
+        raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
     fast = _FAST.get(fn)
     if fast is not None and not kwargs and isinstance(target, torch.Tensor):
         res = fast(out, target, target_in_dim)

@@ -3,10 +3,11 @@ constant) into these, so that run_decompositions keeps them whole and the batchi
 each model its own random stream. Unbatched, each behaves exactly like the aten op it replaced."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
+from .errors import InvalidInputError
 
 _DROPOUT = {"plain": torch.dropout, "feature": torch.feature_dropout,
             "alpha": torch.alpha_dropout, "feature_alpha": torch.feature_alpha_dropout}
@@ -56,7 +57,7 @@ def draw_one(like, kind, a, b, shape, stride, dtype, device, gen):
         return t.uniform_(a, b, generator=gen)
     if kind == "normal":
         return t.normal_(a, b, generator=gen)
-    raise ValueError(f"unknown random kind {kind!r}")
+    raise InvalidInputError(f"unknown random kind {kind!r}")
 
 
 def _gen(device, state):
@@ -106,6 +107,116 @@ def _cuda_dropout_mask(shape, dtype, device, p, state):
     finally:
         torch.cuda.set_rng_state(saved, idx)
     return mask.to(dtype)
+
+
+# ---- any other random op: the pre-pass registers the call (op, args with tensor slots), and model i
+# replays it on its own slices with its own stream swapped into the device's default generator.
+_CALLS: list = []                     # key -> (target, args, kwargs, inplace, device)
+_KEYS: dict = {}
+
+
+class Slot:
+    """Where tensors[i] goes in a registered call; ``like``: the (shape, stride) eager saw, or None."""
+    __slots__ = ("i", "like")
+
+    def __init__(self, i, like):
+        self.i, self.like = i, like
+
+    def __repr__(self):
+        return f"Slot({self.i}, {self.like})"
+
+
+def register_random_call(target, args, kwargs, inplace, device) -> int:
+    entry = (target, tuple(args), dict(kwargs), inplace, torch.device(device))
+    k = repr(entry)
+    if k not in _KEYS:
+        _KEYS[k] = len(_CALLS)
+        _CALLS.append(entry)
+    return _KEYS[k]
+
+
+def call_device(key):
+    return _CALLS[key][4]
+
+
+def random_call_one(key, tensors):
+    """The registered op on ``tensors``, as eager runs it (an in-place op fills a copy of self)."""
+    target, args, kwargs, inplace, _ = _CALLS[key]
+
+    def fill(a):
+        if not isinstance(a, Slot):
+            return a
+        t = tensors[a.i]
+        if a.like is not None and (a.i == 0 and inplace or t.stride() != a.like[1]):  # eager's layout
+            return torch.empty_strided(*a.like, dtype=t.dtype, device=t.device).copy_(t)
+        return t.clone() if a.i == 0 and inplace else t
+
+    return target(*torch.utils._pytree.tree_map(fill, args), **torch.utils._pytree.tree_map(fill, kwargs))
+
+
+def rrelu_noise(x, lower, upper):
+    """The noise eager rrelu(training=True) draws: uniform(lower, upper) where x <= 0, else 1."""
+    noise = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.aten.rrelu_with_noise(x, noise, lower, upper, True)
+    return noise
+
+
+@torch.library.custom_op("mbcompile::random_call", mutates_args=())
+def random_call(key: int, tensors: List[Tensor]) -> Tensor:
+    return random_call_one(key, tensors)
+
+
+@random_call.register_fake
+def _(key, tensors):
+    return random_call_one(key, tensors)
+
+
+def default_generator(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if device.type == "cpu":
+        return torch.default_generator
+    raise NotImplementedError(f"random ops on {device} have no per-model stream")
+
+
+@torch.library.custom_op("mbcompile::random_call_per_model", mutates_args=())
+def random_call_per_model(key: int, tensors: List[Tensor], mapped: List[bool],
+                          states: Tensor) -> Tuple[Tensor, Tensor]:
+    """(n,*out, advanced states): model i runs the registered op on its slices of the mapped tensors
+    with the device's default generator set to ``states[i]``; the global state is restored.
+    Functional (the caller copies the states back) so that it can have torch's zero gradients."""
+    g = default_generator(call_device(key))
+    saved, outs, states = g.get_state(), [], states.clone()
+    try:
+        for i in range(states.shape[0]):
+            g.set_state(states[i].clone())
+            outs.append(random_call_one(key, [t[i] if m else t for t, m in zip(tensors, mapped)]))
+            states[i].copy_(g.get_state())
+    finally:
+        g.set_state(saved)
+    return torch.stack(outs), states
+
+
+@random_call_per_model.register_fake
+def _(key, tensors, mapped, states):
+    out = random_call_one(key, [t[0] if m else t for t, m in zip(tensors, mapped)])
+    return out.new_empty((states.shape[0], *out.shape)), torch.empty_like(states)
+
+
+def _zero_grad_ctx(ctx, inputs, output):
+    ctx.likes = [(t.shape, t.dtype, t.device) if t.is_floating_point() or t.is_complex() else None
+                 for t in inputs[1]]
+    ctx.extra = (None,) * (len(inputs) - 2)
+
+
+def _zero_grad(ctx, *grads):   # torch's own formulas for these ops: zeros for every tensor input
+    return (None, [None if m is None else torch.zeros(m[0], dtype=m[1], device=m[2]) for m in ctx.likes],
+            *ctx.extra)
+
+
+random_call.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
+random_call_per_model.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
 
 
 @torch.library.custom_op("mbcompile::relayout", mutates_args=())

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError, StateError
 
 try:  # the core package defines the common base class
     from .errors import MBCompileError
@@ -70,7 +71,7 @@ def _listed(v) -> list:
 def _model_count(batched) -> int:
     n = getattr(batched, "n", None)
     if not isinstance(n, int) or n < 1:
-        raise TypeError(
+        raise InvalidTypeError(
             "expected a batched module (from mbcompile.batch) with an integer attribute `n`, got "
             f"{type(batched).__name__}"
         )
@@ -81,7 +82,7 @@ def _to_python(v):
     """A hyperparameter value as torch would store it for one model (tensors -> Python numbers)."""
     if isinstance(v, Tensor):
         if v.numel() != 1:
-            raise ValueError(f"expected a single number, got a tensor of shape {tuple(v.shape)}")
+            raise InvalidInputError(f"expected a single number, got a tensor of shape {tuple(v.shape)}")
         return v.item()
     if isinstance(v, list):  # one model's betas given as [b1, b2]
         return tuple(_to_python(x) for x in v)
@@ -92,19 +93,23 @@ def _to_python(v):
 
 def _split_per_model(name: str, value, n: int) -> list:
     """n values of one hyperparameter: a list / 1-D tensor of length n is per model, anything else shared."""
+    kind = "list"
     if isinstance(value, Tensor) and value.dim() == 1:
-        value = value.tolist()
+        value, kind = value.tolist(), "1-D tensor"
     elif not isinstance(value, Tensor) and getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
-        value = value.tolist()  # a 1-D numpy array
+        value, kind = value.tolist(), "1-D array"  # numpy
+    if isinstance(value, tuple) and name != "betas" and all(isinstance(v, (int, float)) for v in value):
+        raise InvalidTypeError(f"hyperparameter {name!r} is a tuple {value!r}; per-model values are a list (or a "
+                               f"1-D tensor) of n={n} values, a shared value is one number")
     if isinstance(value, list):
         if len(value) != n:
-            raise ValueError(
-                f"hyperparameter {name!r} is a list of {len(value)} values; a per-model hyperparameter "
+            raise InvalidInputError(
+                f"hyperparameter {name!r} is a {kind} of {len(value)} values; a per-model hyperparameter "
                 f"needs one value per model (n={n})"
             )
         return [_to_python(v) for v in value]
     if isinstance(value, Tensor) and value.dim() > 1:
-        raise ValueError(
+        raise InvalidInputError(
             f"hyperparameter {name!r}: expected a number, a list or a 1-D tensor of length n={n}, got a "
             f"tensor of shape {tuple(value.shape)}"
         )
@@ -910,7 +915,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         """Every hyperparameter the rule reads: a shared value, or a list with one value per model."""
         groups = self.param_groups
         if len(groups) != self.n:
-            raise RuntimeError(
+            raise StateError(
                 f"the per-model optimizer has {len(groups)} param groups but {self.n} models; param "
                 "groups must not be added or removed (use mbcompile.shrink_ to drop models)"
             )
@@ -931,13 +936,13 @@ class BatchedOptimizer(torch.optim.Optimizer):
         if active is not None:
             if isinstance(active, Tensor):
                 if active.shape != (self.n,):
-                    raise ValueError(f"active must be a bool tensor of shape [n] (n={self.n}), got "
-                                     f"{tuple(active.shape)}")
+                    raise InvalidInputError(f"active must be a bool tensor of shape [n] (n={self.n}), got "
+                                            f"{tuple(active.shape)}")
                 extra = [bool(a) for a in active.tolist()]
             else:
                 extra = [bool(a) for a in active]
                 if len(extra) != self.n:
-                    raise ValueError(f"active must have one entry per model (n={self.n}), got {len(extra)}")
+                    raise InvalidInputError(f"active must have one entry per model (n={self.n}), got {len(extra)}")
             act = [a and b for a, b in zip(act, extra)]
         return None if all(act) else act
 
@@ -957,9 +962,9 @@ class BatchedOptimizer(torch.optim.Optimizer):
             if g is None:
                 continue
             if g.is_sparse:
-                raise RuntimeError(f"{self._optim_cls.__name__} (per model) does not support sparse gradients")
+                raise StateError(f"{self._optim_cls.__name__} (per model) does not support sparse gradients")
             if g.shape != p.shape:
-                raise RuntimeError(
+                raise StateError(
                     f"gradient of shape {tuple(g.shape)} for a stacked parameter of shape {tuple(p.shape)}"
                 )
             params.append(p)
@@ -1005,8 +1010,9 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 return [t[i].contiguous() if contiguous else t[i] for i in models for t in ts]
 
             fn = torch._fused_adamw_ if h["decoupled_weight_decay"] else torch._fused_adam_
+            mx = each([st["max_exp_avg_sq"] for st in sts]) if h["amsgrad"] else []
             fn(each(params), each(grads, contiguous=True), each([st["exp_avg"] for st in sts]),
-               each([st["exp_avg_sq"] for st in sts]), each([st["max_exp_avg_sq"] for st in sts]) if h["amsgrad"] else [],
+               each([st["exp_avg_sq"] for st in sts]), mx,
                [st["step"][i:i + 1] for i in models for st in sts], lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
                weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=h["amsgrad"], maximize=h["maximize"])
 
@@ -1116,17 +1122,18 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 state_dict = out
         meta = state_dict.get("mbcompile")
         if meta is None:
-            raise ValueError("not a state dict of a per-model optimizer (no 'mbcompile' entry)")
+            raise InvalidInputError("not a state dict of a per-model optimizer (no 'mbcompile' entry)")
         if meta["n"] != self.n:
-            raise ValueError(f"state dict is for n={meta['n']} models, this optimizer has n={self.n}")
+            raise InvalidInputError(f"state dict is for n={meta['n']} models, this optimizer has n={self.n}")
         if meta["optimizer"] != self._optim_cls.__name__:
-            raise ValueError(f"state dict is for {meta['optimizer']}, this optimizer is {self._optim_cls.__name__}")
+            raise InvalidInputError(f"state dict is for {meta['optimizer']}, this optimizer is "
+                                    f"{self._optim_cls.__name__}")
         shapes = [tuple(s) for s in meta.get("shapes", [])]
         if shapes and shapes != [tuple(p.shape) for p in self._params]:
-            raise ValueError("state dict parameter shapes differ from this optimizer's parameters")
+            raise InvalidInputError("state dict parameter shapes differ from this optimizer's parameters")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError("state dict has a different number of param groups")
+            raise InvalidInputError("state dict has a different number of param groups")
         state: defaultdict = defaultdict(dict)
         for idx, st in state_dict["state"].items():
             p = self._params[int(idx)]
@@ -1264,7 +1271,7 @@ def _indices(models, n) -> list[int]:
     for i in models:
         i = int(i)
         if not -n <= i < n:
-            raise IndexError(f"model index {i} out of range for n={n}")
+            raise OutOfRangeError(f"model index {i} out of range for n={n}")
         out.append(i % n)
     return out
 
@@ -1272,9 +1279,9 @@ def _indices(models, n) -> list[int]:
 def _check_keep(keep, n) -> list[int]:
     keep = _indices(keep, n)
     if len(keep) == 0:
-        raise ValueError("shrink_ needs at least one model to keep")
+        raise InvalidInputError("shrink_ needs at least one model to keep")
     if len(set(keep)) != len(keep):
-        raise ValueError(f"shrink_: duplicate model indices in keep={keep}")
+        raise InvalidInputError(f"shrink_: duplicate model indices in keep={keep}")
     return keep
 
 
@@ -1324,7 +1331,7 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) 
     if "betas" in per_key:
         for i, b in enumerate(per_key["betas"]):
             if not (isinstance(b, tuple) and len(b) == 2):
-                raise ValueError(
+                raise InvalidInputError(
                     f"betas for model {i} is {b!r}; per-model betas are a list of n={n} (beta1, beta2) tuples"
                 )
     groups = []
@@ -1334,7 +1341,7 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) 
         try:
             ref = optim_cls([dummy], **kw)  # torch's own validation and defaults
         except (ValueError, TypeError, RuntimeError) as e:
-            raise type(e)(f"model {i}: {e}") from e
+            raise (InvalidTypeError if isinstance(e, TypeError) else InvalidInputError)(f"model {i}: {e}") from e
         g = dict(ref.defaults)
         if "betas" in g:
             g["betas"] = tuple(_num(b) for b in g["betas"])
@@ -1346,7 +1353,8 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) 
     params = [p for _, p in named]
     for name, p in named:
         if p.dim() == 0 or p.shape[0] != n:
-            raise ValueError(f"parameter {name!r} of shape {tuple(p.shape)} has no leading model dim of size n={n}")
+            raise InvalidInputError(f"parameter {name!r} of shape {tuple(p.shape)} has no leading model dim of size "
+                                    f"n={n}")
     return BatchedOptimizer(params, n, optim_cls, groups, compile=compile,
                             param_names=[name for name, _ in named])
 
@@ -1363,7 +1371,7 @@ class _GroupView(torch.optim.Optimizer):
         self.state = {}
 
     def step(self, closure=None):  # pragma: no cover - never stepped
-        raise RuntimeError("a per-model view of an optimizer cannot step")
+        raise StateError("a per-model view of an optimizer cannot step")
 
 
 class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -1378,7 +1386,8 @@ class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
     def __init__(self, optimizer: BatchedOptimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0, eps=1e-8):
         if not getattr(optimizer, "_mbcompile_per_model", False):
-            raise TypeError("mbcompile.optim.ReduceLROnPlateau needs a per-model optimizer (mbcompile.optimizer)")
+            raise InvalidTypeError("mbcompile.optim.ReduceLROnPlateau needs a per-model optimizer "
+                                   "(mbcompile.optimizer)")
         n = optimizer.n
         min_lrs = _split_per_model("min_lr", min_lr, n)
         self.optimizer = optimizer
@@ -1396,12 +1405,15 @@ class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
     def step(self, metrics, epoch=None):  # type: ignore[override]
         if isinstance(metrics, Tensor):
             if metrics.dim() != 1 or metrics.shape[0] != self.n:
-                raise ValueError(f"per-model ReduceLROnPlateau.step needs [n] metrics (n={self.n}), "
-                                 f"got shape {tuple(metrics.shape)}")
+                raise InvalidInputError(f"per-model ReduceLROnPlateau.step needs [n] metrics (n={self.n}), "
+                                        f"got shape {tuple(metrics.shape)}")
             metrics = metrics.tolist()
+        if not isinstance(metrics, (list, tuple)):
+            raise InvalidInputError(f"per-model ReduceLROnPlateau.step needs one metric per model (a list or [n] "
+                                    f"tensor, n={self.n}), got {type(metrics).__name__} {metrics!r}")
         metrics = list(metrics)
         if len(metrics) != self.n:
-            raise ValueError(f"per-model ReduceLROnPlateau.step needs n={self.n} metrics, got {len(metrics)}")
+            raise InvalidInputError(f"per-model ReduceLROnPlateau.step needs n={self.n} metrics, got {len(metrics)}")
         for s, m in zip(self._scheds, metrics):
             s.step(m, epoch) if epoch is not None else s.step(m)
         self.last_epoch = self._scheds[0].last_epoch
@@ -1424,7 +1436,7 @@ class ReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
     def load_state_dict(self, state_dict):
         per = state_dict["per_model"]
         if len(per) != self.n:
-            raise ValueError(f"state dict is for {len(per)} models, this scheduler has n={self.n}")
+            raise InvalidInputError(f"state dict is for {len(per)} models, this scheduler has n={self.n}")
         for s, d in zip(self._scheds, per):
             s.__dict__.update(copy.deepcopy(d))
         self.last_epoch = state_dict["last_epoch"]
@@ -1473,17 +1485,25 @@ def shrink_(keep, batched, optimizer=None, scaler=None, schedulers=()) -> None:
         schedulers = (schedulers,)
     schedulers = list(schedulers)
     if optimizer is not None and getattr(optimizer, "n", None) != n_old:
-        raise ValueError(f"optimizer has n={getattr(optimizer, 'n', None)}, the batch has n={n_old}")
+        raise InvalidInputError(f"optimizer has n={getattr(optimizer, 'n', None)}, the batch has n={n_old}")
     if scaler is not None and getattr(scaler, "n", None) != n_old:
-        raise ValueError(f"scaler has n={getattr(scaler, 'n', None)}, the batch has n={n_old}")
+        raise InvalidInputError(f"scaler has n={getattr(scaler, 'n', None)}, the batch has n={n_old}")
     for s in schedulers:
         if optimizer is not None and getattr(s, "optimizer", optimizer) is not optimizer:
-            raise ValueError("every scheduler passed to shrink_ must belong to the optimizer passed to it")
+            raise InvalidInputError("every scheduler passed to shrink_ must belong to the optimizer passed to it")
     params = list(dict.fromkeys(batched.parameters()))
     batched._shrink_(keep)
     # gradients: narrow them if _shrink_ left them at the old size
     idx = torch.tensor(keep, dtype=torch.long)
     for p in params:
+        # a leaf's AccumulateGrad node survives a change of shape through .data while an old graph (the
+        # last step's loss, still referenced) holds it, and would check the next backward's gradients
+        # against the old shape; torch drops it when .data changes dtype: change it there and back
+        if p.requires_grad:
+            data = p.data
+            p.data = torch.empty(0, dtype=torch.float32 if data.dtype == torch.float64 else torch.float64,
+                                 device=data.device)
+            p.data = data
         if p.grad is not None and p.grad.shape != p.shape:
             if p.grad.dim() >= 1 and p.grad.shape[0] == n_old:
                 p.grad = p.grad.index_select(0, idx.to(p.grad.device))

@@ -60,3 +60,38 @@ def test_matches_each_model_alone(cls, shape, per_model):
             for name, buf in r.named_buffers():
                 torch.testing.assert_close(dict(b.named_buffers())[name][i], buf, rtol=1e-10, atol=1e-12)
     assert not mbcompile.explain(b).fallbacks
+
+
+D, T = 8, 5
+
+
+def _eval_models(make, n=3):
+    return [make().double().eval() for _ in range(n)]        # eval: no dropout, exact comparison
+
+
+@pytest.mark.parametrize("bool_mask", [False, True])
+@pytest.mark.parametrize("arch", ["encoder", "transformer"])
+def test_causal_mask_without_is_causal(arch, bool_mask):
+    """nn.TransformerEncoder(x, mask=causal) / nn.Transformer(..., tgt_mask=causal) without is_causal:
+    torch compares the mask with a causal one (a data-dependent branch); capture uses the mask as given."""
+    mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float64)
+    mask = mask.isinf() if bool_mask else mask
+    if arch == "encoder":
+        make = lambda: nn.TransformerEncoder(nn.TransformerEncoderLayer(D, 2, 16, batch_first=True), 2,  # noqa: E731
+                                             enable_nested_tensor=False)
+        run = lambda m, x: m(x, mask=mask)                                      # noqa: E731
+    else:
+        make = lambda: nn.Transformer(D, 2, 1, 1, 16, batch_first=True)       # noqa: E731
+        run = lambda m, x: m(x, x, tgt_mask=mask)                               # noqa: E731
+    models = _eval_models(make)
+    refs = copy.deepcopy(models)
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    b = mbcompile.batch(models, strict=True).eval()
+    out = run(b, x)
+    out.square().sum().backward()
+    for i, r in enumerate(refs):
+        o = run(r, x)
+        o.square().sum().backward()
+        torch.testing.assert_close(out[i], o, rtol=1e-9, atol=1e-10)
+        for name, p in r.named_parameters():
+            torch.testing.assert_close(b.get_parameter(name).grad[i], p.grad, rtol=1e-8, atol=1e-10, msg=name)

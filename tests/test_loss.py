@@ -28,6 +28,12 @@ def test_ambiguous_target_asks_for_target_in_dim():
         mbcompile.loss(F.cross_entropy, out, torch.randint(0, 3, (4, 4)))
     per = mbcompile.loss(F.cross_entropy, out, torch.randint(0, 3, (4, 4)), target_in_dim=0)
     assert per.shape == (4,)
+    y = torch.randint(0, 3, (4,))                  # [B] with n == B: asked too, never guessed
+    with pytest.raises(mbcompile.MBCompileError, match="target_in_dim"):
+        mbcompile.loss(F.cross_entropy, out, y)
+    shared = mbcompile.loss(F.cross_entropy, out, y, target_in_dim=None)
+    for i in range(4):
+        torch.testing.assert_close(shared[i], F.cross_entropy(out[i], y))
 
 
 def test_loss_with_keyword_arguments_uses_the_general_path():

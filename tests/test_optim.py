@@ -495,6 +495,43 @@ def test_shrink_keeps_models_exactly_on_course(cls, kwargs):
     assert [g["lr"] for g in opt.param_groups] == [ref_opts[i].param_groups[0]["lr"] for i in keep]
 
 
+def test_shrink_while_the_last_loss_is_still_referenced():
+    """The usual ``loss = ...`` variable keeps the last step's autograd graph alive across shrink_ (and
+    with it each parameter's gradient accumulator, made for the old shape): the next backward works, and
+    the kept models go on bit for bit as when the graph was freed first, and as each model alone."""
+    models = make_models()
+    kw = dict(lr=LRS, weight_decay=WDS)
+    data, keep = list(batches(6)), [3, 1]
+    runs = []
+    for live in (True, False):
+        batched = make_batched(copy.deepcopy(models))
+        opt = optimizer(batched, torch.optim.AdamW, **kw)
+        for k, (x, y) in enumerate(data):
+            if k == 3:
+                if not live:
+                    del loss  # noqa: F821 - set by the previous iteration
+                shrink_(keep, batched, optimizer=opt)
+            opt.zero_grad()
+            loss = cross_entropy_n(batched(x), y)
+            loss.sum().backward()
+            opt.step()
+        runs.append((batched, opt))
+    (a, oa), (b, ob) = runs
+    assert a.n == 2 and all(p.shape[0] == 2 for p in a.parameters())
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+        assert all(torch.equal(v, ob.state[q][k]) for k, v in oa.state[p].items()), name
+    refs = copy.deepcopy(models)
+    for j, i in enumerate(keep):
+        o = torch.optim.AdamW(refs[i].parameters(), **per_model(kw, i))
+        for x, y in data:
+            ref_backward([refs[i]], x, y)
+            o.step()
+        got = dict(a.unbatch(j).named_parameters())
+        for name, want in refs[i].named_parameters():
+            torch.testing.assert_close(got[name], want, rtol=1e-12, atol=1e-12)
+
+
 def test_shrink_validates_before_changing_anything():
     batched = make_batched(make_models())
     opt = optimizer(batched, torch.optim.SGD, lr=0.1)

@@ -176,3 +176,152 @@ def test_transformer_attention_and_residual_dropout_match_each_model():
         ref.sum().backward()
         torch.testing.assert_close(out[i], ref, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(batched.linear1.weight.grad[i], r.linear1.weight.grad, rtol=1e-9, atol=1e-9)
+
+
+@torch.library.custom_op("mbtest::seeded_noise", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _seeded_noise(x: torch.Tensor) -> torch.Tensor:
+    return torch.rand_like(x) * x
+
+
+@_seeded_noise.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mbtest::seeded_pair", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _seeded_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand_like(x), torch.rand_like(x)
+
+
+@_seeded_pair.register_fake
+def _(x):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+class OtherRandom(nn.Module):
+    """h = x * w + b (elementwise: bit for bit batched), then a random op; returns (out, raw draw)."""
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.w, self.b = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = x * self.w + self.b                                # B,6
+        k, e = self.kind, torch.empty_like(h)
+        if k == "randperm":
+            r = torch.randperm(6)
+            return h[:, r], r
+        draws = {
+            "randint": lambda: torch.randint(0, 3, h.shape, dtype=h.dtype),
+            "randint_high": lambda: torch.randint(5, (4,)),
+            "randint_like": lambda: torch.randint_like(h, 3),
+            "random_": lambda: e.random_(4),
+            "random_full": lambda: torch.empty(h.shape, dtype=torch.int64).random_(),
+            "multinomial": lambda: torch.multinomial(torch.softmax(h.detach(), -1), 3),
+            "multinomial_shared": lambda: torch.multinomial(torch.ones(6), 4, replacement=True),
+            "exponential_": lambda: e.exponential_(1.5),
+            "exponential_of_h": lambda: h.clone().exponential_(),
+            "geometric_": lambda: e.geometric_(0.3),
+            "cauchy_": lambda: e.cauchy_(),
+            "log_normal_": lambda: e.log_normal_(0.5, 0.3),
+            "poisson": lambda: torch.poisson(h.abs() * 3),
+            "normal_float_float": lambda: torch.normal(0.0, 0.5, size=h.shape, dtype=h.dtype),
+            "normal_tensor_float": lambda: torch.normal(h, 0.5),
+            "normal_float_tensor": lambda: torch.normal(1.0, h.abs()),
+            "normal_tensor_tensor": lambda: torch.normal(h, h.abs()),
+            "custom_seeded_op": lambda: torch.ops.mbtest.seeded_noise(h.detach()),
+        }
+        if k in draws:
+            r = draws[k]()
+            if r.shape == h.shape and r.is_floating_point():
+                return h * r, r
+            return h.sum() * r, r
+        if k == "rrelu":
+            return F.rrelu(h, 0.1, 0.4, training=self.training), h
+        if k == "rrelu_module":
+            return nn.RReLU()(h) if self.training else nn.RReLU().eval()(h), h
+        if k == "rrelu_":
+            return F.rrelu(h * 1, training=self.training, inplace=True), h
+        raise KeyError(k)
+
+
+OTHER_KINDS = ["randperm", "randint", "randint_high", "randint_like", "random_", "random_full", "multinomial",
+               "multinomial_shared", "exponential_", "exponential_of_h", "geometric_", "cauchy_",
+               "log_normal_", "poisson", "normal_float_float", "normal_tensor_float", "normal_float_tensor",
+               "normal_tensor_tensor", "custom_seeded_op", "rrelu", "rrelu_module", "rrelu_"]
+
+
+def _other_run(kind, train=True, **kw):
+    models = [OtherRandom(kind).double().train(train) for _ in SEEDS]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models, seeds=SEEDS, **kw).train(train)
+    xs = [torch.randn(5, 6, dtype=torch.float64) for _ in range(2)]
+    state = torch.get_rng_state()
+    outs = []
+    for x in xs:
+        out, r = batched(x)
+        out.sum().backward()
+        outs.append((out, r))
+    return models, refs, batched, xs, outs, state
+
+
+@pytest.mark.parametrize("kind", OTHER_KINDS)
+def test_other_random_ops_reproduce_each_models_draws_and_grads(kind):
+    """Random ops beyond dropout/rand/randn/...: model i draws exactly what it draws alone."""
+    _, refs, batched, xs, outs, state = _other_run(kind, strict=True)
+    assert torch.equal(state, torch.get_rng_state())        # the global generator was not advanced
+    for i, r in enumerate(refs):
+        torch.manual_seed(SEEDS[i])
+        for x, (out, draw) in zip(xs, outs):
+            ref, ref_draw = r(x)
+            ref.sum().backward()
+            assert torch.equal(draw[i], ref_draw), f"model {i}: draws differ"
+            assert torch.equal(out[i], ref), f"model {i}: outputs differ"
+        assert torch.equal(batched.w.grad[i], r.w.grad) and torch.equal(batched.b.grad[i], r.b.grad)
+    a, b = outs[0][1], outs[1][1]
+    if a.shape == b.shape and kind not in ("rrelu", "rrelu_module", "rrelu_"):
+        assert not torch.equal(a, b)                            # the stream moves on between calls
+
+
+@pytest.mark.parametrize("kind", ["rrelu", "rrelu_module", "rrelu_"])
+def test_rrelu_in_eval_is_leaky_relu_with_the_mean_slope(kind):
+    _, refs, _, xs, outs, state = _other_run(kind, train=False, strict=True)
+    for i, r in enumerate(refs):
+        for x, (out, _) in zip(xs, outs):
+            assert torch.equal(out[i], r(x)[0])
+
+
+@pytest.mark.parametrize("kind", ["randperm", "randint", "multinomial", "exponential_of_h", "normal_tensor_float",
+                                  "rrelu"])
+def test_other_random_ops_different_and_same_modes(kind):
+    for mode in ("different", "same"):
+        _, _, _, _, outs, state = _other_run(kind, randomness=mode, strict=True)
+        out, draw = outs[0]
+        assert out.shape[0] == 3 and draw.shape[0] == 3
+        assert not torch.equal(state, torch.get_rng_state())    # these modes draw from torch's generator
+        shared = kind in ("randperm", "randint")                 # every input shared: one draw in "same"
+        assert torch.equal(draw[0], draw[1]) == (mode == "same" and shared)
+
+
+def test_random_op_without_rule_is_flagged(monkeypatch):
+    """A seeded op that no rule gives per-model streams never runs shared, silently."""
+    from mbcompile.errors import UnsupportedOpError
+    from mbcompile.passes import batch_pass
+
+    class Gamma(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.op, self.w = op, nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            g = self.op(torch.ones(4, dtype=torch.float64))     # every input shared
+            return x * self.w * (g[0] if isinstance(g, tuple) else g)
+
+    x = torch.randn(2, 4, dtype=torch.float64)
+    for op in (torch._standard_gamma, torch.ops.mbtest.seeded_pair):
+        with pytest.raises(UnsupportedOpError, match="random op"):
+            mbcompile.batch(Gamma(op).double(), n=3, strict=True)(x)
+        monkeypatch.setattr(batch_pass, "_WARNED", set())
+        with pytest.warns(UserWarning, match="fallback"):
+            out = mbcompile.batch(Gamma(op).double(), n=3)(x)
+        assert not torch.equal(out[0], out[1])                  # one draw per model, not one shared

@@ -270,3 +270,73 @@ def test_train_step_refuses_what_it_does_not_fuse():
     other = mbcompile.batch(Net(), n=3)
     with pytest.raises(ValueError, match="n=3"):
         mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(other, torch.optim.SGD, lr=0.1))
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output head (one parameter, two uses) and a pooler forward never uses."""
+
+    def __init__(self, v=7):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(v, 5), nn.Linear(5, 5), nn.Linear(5, v, bias=False)
+        self.head.weight = self.emb.weight
+        self.pooler = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(self.emb(x)))).flatten(0, 1)
+
+
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l, self.pooler = nn.Linear(6, 3), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.l(x)
+
+
+@pytest.mark.parametrize("make, vocab", [(TiedLM, 7), (Unused, None)], ids=["tied-and-unused", "unused"])
+def test_tied_and_unused_parameters(make, vocab):
+    """A tied parameter is one tensor whose gradient sums both uses; one forward never uses keeps grad None
+    in the normal loop, so the optimizer skips it: no state, no AdamW weight decay. train_step does the
+    same, with the per-model optimizer and with a torch.optim one, and so does each model alone."""
+    models = [make().double() for _ in range(N)]
+    if vocab:
+        x, y = torch.randint(0, vocab, (4, 3)), torch.randint(0, vocab, (12,))
+    else:
+        x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    kw = dict(lr=LRS, weight_decay=[0.1, 0.5, 0.0])
+    a, oa, b, ob = pair(models, torch.optim.AdamW, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for _ in range(3):
+        want, _ = loop_step(a, oa, x, y)
+        torch.testing.assert_close(step(x, y), want, rtol=1e-10, atol=1e-10)
+    assert_same(a, oa, b, ob)
+    names = [name for name, _ in b.named_parameters()]
+    assert "head.weight" not in names and len(ob.state_dict()["state"]) == len(names) - 2   # pooler: no state
+    for i, m in enumerate(copy.deepcopy(models)):            # each model alone with torch.optim
+        opt = torch.optim.AdamW(m.parameters(), lr=LRS[i], weight_decay=kw["weight_decay"][i])
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        assert m.pooler.weight not in opt.state and torch.equal(b.unbatch(i).pooler.weight, models[i].pooler.weight)
+        got = dict(b.unbatch(i).named_parameters())
+        for name, want in m.named_parameters():
+            torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-10,
+                                       msg=lambda msg, name=name: f"model {i}, {name}: {msg}")
+    # a torch.optim AdamW over the stacked parameters (shared hyperparameters): the same
+    a, b = (mbcompile.batch(copy.deepcopy(models), seeds=SEEDS) for _ in range(2))
+    oa, ob = (torch.optim.AdamW(m.parameters(), lr=0.01, weight_decay=0.3) for m in (a, b))
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for _ in range(3):
+        oa.zero_grad()
+        mbcompile.loss(F.cross_entropy, a(x), y).sum().backward()
+        oa.step()
+        step(x, y)
+    assert ob.state_dict()["state"].keys() == oa.state_dict()["state"].keys()
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        if p in oa.state:
+            for key, want in oa.state[p].items():
+                torch.testing.assert_close(ob.state[q][key], want, rtol=1e-10, atol=1e-10)
+    assert torch.equal(b.pooler.weight, a.pooler.weight) and b.pooler.weight not in ob.state

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from ..errors import InvalidInputError, StateError
 
 __all__ = ["process_group", "shard", "gather_metrics", "gather_best", "run", "ShardedResult"]
 
@@ -69,8 +70,8 @@ def shard(n: int, rank: int | None = None, world_size: int | None = None) -> lis
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
     if n < world_size:
-        raise ValueError(f"{n} models over {world_size} ranks would leave a rank without a model; use "
-                         f"at most {n} processes")
+        raise InvalidInputError(f"{n} models over {world_size} ranks would leave a rank without a model; use "
+                                f"at most {n} processes")
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return list(range(start, start + base + (rank < extra)))
@@ -81,7 +82,7 @@ def gather_metrics(local, ids, n: int) -> torch.Tensor:
     vals = local.detach().double().cpu().reshape(-1).tolist() if isinstance(local, torch.Tensor) else \
         [float(v) for v in local]
     if len(vals) != len(ids):
-        raise ValueError(f"{len(vals)} metrics for {len(ids)} models on rank {dist.get_rank()}")
+        raise InvalidInputError(f"{len(vals)} metrics for {len(ids)} models on rank {dist.get_rank()}")
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (list(ids), vals))
     out = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -94,7 +95,7 @@ def gather_best(batched, ids, metrics: torch.Tensor, mode: str = "min", dst: int
     """``(best index, model)``: the best model over all ranks (nan never wins), unbatched on the rank that
     trained it and sent to ``dst`` as a CPU module of the original class (``None`` on other ranks)."""
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        raise InvalidInputError(f"mode must be 'min' or 'max', got {mode!r}")
     m = metrics.clone()
     m[m.isnan()] = float("inf") if mode == "min" else float("-inf")
     best = int(m.argmin() if mode == "min" else m.argmax())
@@ -121,13 +122,13 @@ def run(n: int, build, train, *, mode: str = "min") -> ShardedResult:
     rank's batch, ``train(batched, ids)`` trains it and returns its ``[len(ids)]`` metrics (lower is
     better with ``mode="min"``). Metrics are gathered to every rank, the best model to rank 0."""
     if not dist.is_initialized():
-        raise RuntimeError("mbcompile.integrations.distributed.run needs a process group: wrap it in "
+        raise StateError("mbcompile.integrations.distributed.run needs a process group: wrap it in "
                            "`with process_group():` (launched by torchrun) or call dist.init_process_group")
     ids = shard(n)
     batched = build(ids)
     if getattr(batched, "n", None) != len(ids):
-        raise ValueError(f"build(ids) must return a batch of len(ids)={len(ids)} models, got "
-                         f"n={getattr(batched, 'n', None)}")
+        raise InvalidInputError(f"build(ids) must return a batch of len(ids)={len(ids)} models, got "
+                                f"n={getattr(batched, 'n', None)}")
     local = train(batched, ids)
     metrics = gather_metrics(local, ids, n)
     best, model = gather_best(batched, ids, metrics, mode)

@@ -33,6 +33,7 @@ import torch
 from ..batching import BatchedModule
 from ..clip import clip_grad_norm_
 from ..optim import optimizer as batched_optimizer
+from ..errors import InvalidInputError, InvalidTypeError
 
 try:
     from transformers import Trainer
@@ -65,7 +66,7 @@ def load_batched(batched: BatchedModule, directory):
     """Load what :func:`save_batched` wrote into ``batched`` (same n)."""
     state = torch.load(os.path.join(directory, BATCHED_FILE), weights_only=False, map_location="cpu")
     if state["n"] != batched.n:
-        raise ValueError(f"{directory} holds a batch of n={state['n']} models, this batch has n={batched.n}")
+        raise InvalidInputError(f"{directory} holds a batch of n={state['n']} models, this batch has n={batched.n}")
     batched.load_state_dict(state["state_dict"])
     batched.set_rng_state(state["rng"])
 
@@ -82,20 +83,20 @@ class BatchedTrainer(Trainer):
     def __init__(self, model: BatchedModule, args=None, *, optim_cls=torch.optim.AdamW, optim_kwargs=None,
                  max_grad_norm=None, **kwargs):
         if not isinstance(model, BatchedModule):
-            raise TypeError(f"BatchedTrainer trains an mbcompile.batch(...) module, got {type(model).__name__}; "
-                            f"for a single model use transformers.Trainer")
+            raise InvalidTypeError(f"BatchedTrainer trains an mbcompile.batch(...) module, got {type(model).__name__}; "
+                                   f"for a single model use transformers.Trainer")
         opt = (kwargs.get("optimizers") or (None, None))[0]
         if opt is not None and not getattr(opt, "_mbcompile_per_model", False):
-            raise ValueError("optimizers=(opt, sched): opt must be mbcompile.optimizer(batched, ...); a plain "
+            raise InvalidInputError("optimizers=(opt, sched): opt must be mbcompile.optimizer(batched, ...); a plain "
                              "torch optimizer would treat the n models as one")
         self.optim_cls, self.optim_kwargs = optim_cls, dict(optim_kwargs or {})
         self.per_model_max_grad_norm = max_grad_norm
         super().__init__(model=model, args=args, **kwargs)
         if self.args.fp16:
-            raise ValueError("fp16 uses one GradScaler for all models (an overflow in one would skip every "
+            raise InvalidInputError("fp16 uses one GradScaler for all models (an overflow in one would skip every "
                              "model's step); use bf16, or a manual loop with mbcompile.GradScaler")
         if self.args.label_smoothing_factor:
-            raise ValueError("label_smoothing_factor is not supported: give the models a loss with "
+            raise InvalidInputError("label_smoothing_factor is not supported: give the models a loss with "
                              "label smoothing (e.g. a compute_loss_func returning the [n] losses)")
         template = type(model._template)
         if self.args.label_names is None:
@@ -130,12 +131,12 @@ class BatchedTrainer(Trainer):
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=None)
         else:
             if isinstance(outputs, dict) and "loss" not in outputs:
-                raise ValueError(f"the models returned no loss (keys: {', '.join(outputs.keys())}); pass labels "
-                                 f"in the inputs or a compute_loss_func")
+                raise InvalidInputError(f"the models returned no loss (keys: {', '.join(outputs.keys())}); pass labels "
+                                        f"in the inputs or a compute_loss_func")
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         n = self.model.n
         if loss.shape != (n,):
-            raise ValueError(f"expected one loss per model, shape ({n},), got {tuple(loss.shape)}")
+            raise InvalidInputError(f"expected one loss per model, shape ({n},), got {tuple(loss.shape)}")
         if model.training:
             self._acc(self._mb_interval, loss)
             self._acc(self._mb_total, loss)

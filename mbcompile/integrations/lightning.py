@@ -34,6 +34,7 @@ from ..clip import clip_grad_norm_, clip_grad_value_
 from ..loss import loss as per_model_loss
 from ..optim import optimizer as batched_optimizer
 from ..optim import shrink_
+from ..errors import InvalidInputError, InvalidTypeError, NotSupportedError
 
 try:
     import lightning.pytorch as pl
@@ -59,8 +60,8 @@ class BatchedLightningModule(pl.LightningModule):
                  max_grad_norm=None, **hparams):
         super().__init__()
         if not isinstance(batched, BatchedModule):
-            raise TypeError(f"BatchedLightningModule wraps an mbcompile.batch(...) module, got "
-                            f"{type(batched).__name__}")
+            raise InvalidTypeError(f"BatchedLightningModule wraps an mbcompile.batch(...) module, got "
+                                   f"{type(batched).__name__}")
         self.batched = batched
         self.loss_fn, self.optim_cls, self.hparams_per_model = loss_fn, optim_cls, hparams
         self.scheduler_fn, self.max_grad_norm = scheduler, max_grad_norm
@@ -77,7 +78,7 @@ class BatchedLightningModule(pl.LightningModule):
     def losses(self, batch):
         """The ``[n]`` per-model losses of one batch. Default: ``(x, y)`` and ``loss_fn``."""
         if self.loss_fn is None:
-            raise NotImplementedError("give BatchedLightningModule a loss_fn or override losses(batch)")
+            raise NotSupportedError("give BatchedLightningModule a loss_fn or override losses(batch)")
         x, y = batch
         return per_model_loss(self.loss_fn, self(x), y)
 
@@ -96,7 +97,8 @@ class BatchedLightningModule(pl.LightningModule):
         """``log_dict`` with one column ``{name}_{id}`` per model and ``{name}`` = their mean."""
         values = values.detach()
         if values.shape != (self.n,):
-            raise ValueError(f"{name}: expected one value per model, shape ({self.n},), got {tuple(values.shape)}")
+            raise InvalidInputError(f"{name}: expected one value per model, shape ({self.n},), got "
+                                    f"{tuple(values.shape)}")
         if batch is not None and "batch_size" not in kwargs:
             leaf = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values())) \
                 if isinstance(batch, dict) else batch
@@ -142,7 +144,7 @@ def _metric(trainer, key):
 class _PerModelMonitor(pl.Callback):
     def __init__(self, monitor, mode, min_delta=0.0):
         if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+            raise InvalidInputError(f"mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.mode, self.min_delta = monitor, mode, float(min_delta)
         self.best: dict = {}
 

@@ -45,6 +45,7 @@ import threading
 import time
 
 import torch
+from ..errors import InvalidInputError
 
 try:
     import optuna
@@ -200,7 +201,7 @@ def _as_list(values, n):
         values = values.detach().cpu().tolist()
     values = list(values)
     if len(values) != n:
-        raise ValueError(f"expected {n} values (one per trial still in the batch), got {len(values)}")
+        raise InvalidInputError(f"expected {n} values (one per trial still in the batch), got {len(values)}")
     return [tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else float(v) for v in values]
 
 
@@ -213,7 +214,7 @@ def optimize(study, objective, suggest, *, n_trials: int, batch_size: int, group
     in the batch and is re-raised unless it is an instance of ``catch``. ``callbacks``: called as
     ``cb(study, frozen_trial)`` for each finished trial. Returns the numbers of the trials run here."""
     if batch_size < 1 or n_trials < 0:
-        raise ValueError(f"batch_size must be >= 1 and n_trials >= 0, got {batch_size}, {n_trials}")
+        raise InvalidInputError(f"batch_size must be >= 1 and n_trials >= 0, got {batch_size}, {n_trials}")
     if grace_period is None:
         grace_period = 4 * heartbeat_interval if heartbeat_interval else None
     hb = _Heartbeat(study._storage, heartbeat_interval)

@@ -22,6 +22,7 @@ import torch.fx as fx
 from ..errors import UnsupportedOpError, source_line
 from .axes import front
 from .registry import RANDOM_OPS, RULES, RuleCtx, module_path
+from ..errors import InvalidInputError
 
 _WARNED: set = set()
 
@@ -43,7 +44,7 @@ def run(gm, n, inputs, in_dims, *, strict=False, consts=None, rng=None, records=
     env = {}
     placeholders = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
     if len(placeholders) != len(inputs):
-        raise ValueError(f"graph has {len(placeholders)} inputs, got {len(inputs)}")
+        raise InvalidInputError(f"graph has {len(placeholders)} inputs, got {len(inputs)}")
     for nd, x, d in zip(placeholders, inputs, in_dims):
         env[nd] = (x, d)
     for node in gm.graph.nodes:
@@ -87,7 +88,8 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
         (v, d), i = env[node.args[0]], node.args[1]
         return v[i], (d[i] if isinstance(d, (tuple, list)) else d)
     mapped = _any_mapped(dims) or _any_mapped(kdims)
-    if not mapped and target not in RANDOM_OPS:
+    seeded = _seeded(target)
+    if not mapped and target not in RANDOM_OPS and not seeded:
         return target(*args, **kwargs), None                 # shared by all models: run as is
     if _any_mapped(kdims):
         raise UnsupportedOpError(f"{op_name(target)} (node {node.name}) takes a per-model tensor as a "
@@ -96,6 +98,8 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
     ctx.op = target
     rule = RULES.get(target)
     why = "no batching rule"
+    if seeded and (not mapped or torch.Tag.pointwise in target.tags):   # it would draw once, globally
+        rule, why = None, "random op without a per-model rule"
     if rule is not None:
         try:
             out, d = rule(ctx, args, dims, kwargs)
@@ -106,6 +110,12 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
         except NotImplementedError as e:
             why = f"rule declined: {e}"
     return _fallback(node, target, args, dims, kwargs, n, strict or not fallback, records, why)
+
+
+def _seeded(target):
+    """A random op that no rule gives per-model streams (run shared, it would draw once, globally)."""
+    return (isinstance(target, torch._ops.OpOverload) and target not in RANDOM_OPS
+            and torch.Tag.nondeterministic_seeded in target.tags)
 
 
 def _fallback(node, target, args, dims, kwargs, n, strict, records, why):

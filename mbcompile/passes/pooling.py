@@ -48,11 +48,12 @@ def batchfold(ctx, args, dims, kwargs):
 
 defbatchfold(1, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d, aten.max_pool1d,
              aten.max_pool1d_with_indices, aten.reflection_pad1d, aten.replication_pad1d,
-             aten.upsample_nearest1d, aten.upsample_linear1d, aten._upsample_nearest_exact1d)
+             aten.upsample_nearest1d, aten.upsample_linear1d, aten._upsample_nearest_exact1d,
+             aten.col2im)  # col2im: N,(C*kh*kw),L -> N,C,H,W
 defbatchfold(2, aten.max_pool2d_with_indices, aten.avg_pool2d, aten.adaptive_avg_pool2d,
              aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.max_pool2d, aten.reflection_pad2d,
              aten.replication_pad2d, aten.upsample_nearest2d, aten.upsample_bilinear2d,
-             aten.upsample_bicubic2d, aten._upsample_nearest_exact2d, aten.im2col, aten.col2im,
+             aten.upsample_bicubic2d, aten._upsample_nearest_exact2d, aten.im2col,
              aten.pixel_shuffle, aten.pixel_unshuffle, aten.channel_shuffle, aten.max_unpool2d,
              aten.grid_sampler_2d, aten._upsample_bilinear2d_aa, aten._upsample_bicubic2d_aa,
              aten.max_pool2d_with_indices_backward, aten.avg_pool2d_backward)

@@ -4,7 +4,8 @@
               in place by mbcompile::draw_per_model), so its masks equal those of model i alone.
 "different":  one draw over n,... from torch's generator (fast, not reproducible per model).
 "same":       one draw of the unbatched shape, shared by every model.
-Per-model dropout rates arrive as a list ``p`` (one entry: shared).
+Per-model dropout rates arrive as a list ``p`` (one entry: shared). Any other random op arrives as
+mbcompile::random_call (capture's pre-pass), replayed per model with its stream in the default generator.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import math
 
 import torch
 
+from .. import ops
 from .axes import front
 from .registry import rule
+from ..errors import InvalidInputError
 
 mb = torch.ops.mbcompile
 ALPHA = 1.7580993408473766
@@ -51,7 +54,7 @@ def dropout(ctx, args, dims, kwargs):
     n = ctx.n
     ps = list(p) if len(p) > 1 else list(p) * n
     if any(not 0 <= v <= 1 for v in ps):
-        raise ValueError(f"dropout probability has to be between 0 and 1, got {ps}")
+        raise InvalidInputError(f"dropout probability has to be between 0 and 1, got {ps}")
     xf = front(x, d, n)
     shape = xf.shape[1:]
     feature = mode.startswith("feature")
@@ -117,3 +120,29 @@ def leaky_relu(ctx, args, dims, kwargs):
     xf = front(x, dims[0], ctx.n)
     s = slope * ctx.n if len(slope) == 1 else slope
     return torch.where(xf > 0, xf, xf * _col(s, xf, xf.dim() - 1)), 0
+
+
+_STATE_SIZE: dict = {}
+
+
+@rule(mb.random_call.default, random=True)
+def random_call(ctx, args, dims, kwargs):
+    """Any other random op (randperm, randint, multinomial, exponential_, rrelu's noise, ...), which
+    the pre-pass registered: "sequential" replays it for model i on its slices with its own stream;
+    "different" runs it once per model from torch's generator; "same" once when every input is shared."""
+    key, tensors = args
+    n, mode = ctx.n, ctx.rng.mode
+    mapped = [d is not None for d in dims[1]]
+    ts = [front(t, d, n) if d is not None else t for t, d in zip(tensors, dims[1])]
+    if mode == "sequential":
+        dev = str(ops.call_device(key))
+        if dev not in _STATE_SIZE:
+            _STATE_SIZE[dev] = torch.Generator(device=dev).get_state().numel()
+        if ctx.rng.states.shape[-1] != _STATE_SIZE[dev]:
+            raise NotImplementedError(f"random op on {dev}, a device without per-model generator states")
+        out, states = mb.random_call_per_model(key, ts, mapped, ctx.rng.states)
+        ctx.rng.states.copy_(states)
+        return out, 0
+    if mode == "same" and not any(mapped):
+        return mb.random_call(key, ts), None
+    return torch.stack([mb.random_call(key, [t[i] if m else t for t, m in zip(ts, mapped)]) for i in range(n)]), 0

@@ -1,0 +1,106 @@
+"""Bad input gets a clear mbcompile error (every one an MBCompileError, and the builtin type a caller
+would expect: ValueError, TypeError, IndexError)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mbcompile
+from mbcompile.optim import ReduceLROnPlateau
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def mlp(eps=1e-5):
+    return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5, eps=eps), nn.Linear(5, 2))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: mbcompile.batch(mlp(), n=2, in_dims=0)(torch.randn(3, 6, 4)), ValueError, "leading dim must be n=2"),
+    (lambda: mbcompile.batch([mlp(), nn.Sequential(nn.Linear(4, 5))]), ValueError, "model 1 has a different module tree"),
+    (lambda: mbcompile.batch([mlp(), mlp(eps=1e-3)]), ValueError, "eps"),
+    (lambda: mbcompile.batch(mlp(), n=2, seeds=[1]), ValueError, "seeds"),
+    (lambda: mbcompile.batch(mlp(), n=0), ValueError, "n >= 1"),
+    (lambda: mbcompile.batch(mlp(), n=2).unbatch(2), IndexError, "out of range"),
+    (lambda: mbcompile.optimizer(mbcompile.batch(mlp(), n=2), torch.optim.SGD, lr=[0.1, 0.2, 0.3]), ValueError, "n=2"),
+    (lambda: mbcompile.optimizer(mbcompile.batch(mlp(), n=2), torch.optim.SGD, lr=[0.1, -1.0]), ValueError,
+     "model 1"),
+    (lambda: ReduceLROnPlateau(mbcompile.optimizer(mbcompile.batch(mlp(), n=2), torch.optim.SGD, lr=0.1)).step(0.5),
+     ValueError, "one metric per model"),
+])
+def test_bad_input_is_a_clear_mbcompile_error(call, exc, match):
+    with pytest.raises(exc, match=match) as info:
+        call()
+    assert isinstance(info.value, mbcompile.MBCompileError)
+
+
+class BoolMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.l(x[x[:, 0] > 0])
+
+
+def test_data_dependent_shape_is_a_capture_error_naming_the_line():
+    with pytest.raises(mbcompile.CaptureError, match=r"shape depends on the data.*x\[x\[:, 0\] > 0\].*torch.where"):
+        mbcompile.batch(BoolMask(), n=2)(torch.randn(4, 6))
+
+
+def test_plain_dataclass_output_needs_no_registration():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Inner:
+        feat: torch.Tensor
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+        inner: Inner
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
+
+        def forward(self, x):
+            f = self.a(x)
+            return Out(self.b(f), Inner(f))
+
+    models = [M().double() for _ in range(3)]
+    x = torch.randn(6, 4, dtype=torch.float64)
+    out = mbcompile.batch(models)(x)
+    assert isinstance(out, Out) and isinstance(out.inner, Inner)
+    for i, m in enumerate(models):
+        want = m(x)
+        torch.testing.assert_close(out.logits[i], want.logits)
+        torch.testing.assert_close(out.inner.feat[i], want.inner.feat)
+
+
+class ReadsDropoutRate(nn.Module):
+    """forward passes its Dropout's rate to another op (as HF attention does with dropout_p)."""
+    def __init__(self, p):
+        super().__init__()
+        self.l, self.drop = nn.Linear(4, 4), nn.Dropout(p)
+
+    def forward(self, x):
+        q = self.l(x)
+        return self.drop(q) + torch.nn.functional.dropout(q, self.drop.p, self.training)
+
+
+def test_a_per_model_rate_read_outside_its_module_is_refused_not_given_model_0s_value():
+    models = [ReadsDropoutRate(p) for p in (0.1, 0.5)]
+    with pytest.raises(ValueError, match=r"drop.p.*outside its module.*F.dropout|drop.p.*outside its module") as info:
+        mbcompile.batch(models)(torch.randn(3, 4))
+    assert isinstance(info.value, mbcompile.MBCompileError)
+    out = mbcompile.batch([ReadsDropoutRate(0.3) for _ in range(2)])(torch.randn(3, 4))  # same rate: fine
+    assert out.shape == (2, 3, 4)
+    mbcompile.batch(models).eval()(torch.randn(3, 4))                   # eval: the rate is not used

@@ -1,0 +1,95 @@
+"""Train/eval per submodule: a BatchNorm frozen with .eval() inside a model in train mode (fine-tuning,
+detection backbones) normalises with its running stats and leaves them alone, exactly as each model
+alone; models whose modes differ are refused."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mbcompile
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def make(frozen=True):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                      nn.Linear(64, 2)).to(F64)
+    m[1].running_mean.uniform_(-1, 1)
+    m.train()
+    if frozen:
+        m[1].eval()
+    return m
+
+
+def streams(seeds):
+    """Each model's own global-RNG state, as if it ran alone after torch.manual_seed(seed)."""
+    return [torch.manual_seed(s).get_state() for s in seeds]
+
+
+def check(batched, refs, x, states):
+    out = batched(x)
+    out.square().sum().backward()
+    for i, r in enumerate(refs):
+        torch.set_rng_state(states[i])
+        want = r(x)
+        states[i] = torch.get_rng_state()
+        want.square().sum().backward()
+        torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.get_parameter("0.weight").grad[i], r[0].weight.grad)
+        for k in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(batched.get_buffer(f"1.{k}")[i], r[1].get_buffer(k), rtol=1e-12, atol=1e-14)
+
+
+def test_frozen_batchnorm_inside_a_training_model():
+    seeds = [3, 4, 5]
+    models = [make() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models, seeds=seeds, strict=True)
+    assert batched.training and not batched.get_submodule("1").training
+    x = torch.randn(5, 3, 6, 6, dtype=F64)
+    states = streams(seeds)
+    check(batched, refs, x, states)
+    before = refs[0][1].running_mean.clone()
+    check(batched, refs, x, states)                    # dropout still on, the bn's stats unchanged
+    assert torch.equal(refs[0][1].running_mean, before)
+    assert torch.equal(batched.get_buffer("1.running_mean")[0], before)
+    m1 = batched.unbatch(1)                            # model 1 comes back with the same modes
+    assert m1.training and not m1[1].training and m1[3].training
+
+
+def test_switching_a_submodule_mode_recaptures():
+    seeds = [1, 2]
+    models = [make(frozen=False) for _ in range(2)]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models, seeds=seeds)
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    states = streams(seeds)
+    check(batched, refs, x, states)
+    batched.get_submodule("1").eval()                  # freeze the bn now, on the batched module
+    for r in refs:
+        r[1].eval()
+    check(batched, refs, x, states)
+    batched.train()                                    # and unfreeze it again
+    for r in refs:
+        r.train()
+    check(batched, refs, x, states)
+
+
+def test_models_in_different_modes_are_refused():
+    a, b = make(frozen=False), make(frozen=False)
+    b.eval()
+    with pytest.raises(ValueError, match="model 1 is in eval mode at"):
+        mbcompile.batch([a, b])
+    b.train()
+    b[1].eval()
+    with pytest.raises(mbcompile.MBCompileError, match="at '1'"):
+        mbcompile.batch([a, b])
