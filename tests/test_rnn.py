@@ -218,32 +218,6 @@ def test_float32_fused_lowering_in_eval_no_grad_and_compiled(monkeypatch):
                                    rtol=1e-4, atol=1e-5)
 
 
-def test_fused_lowering_runs_models_side_by_side_with_the_same_results(monkeypatch):
-    """With 2 intra-op threads the fused kernel runs 2 models at a time, one thread each (a pool); the
-    results equal the one-after-another run exactly, and each model alone (check)."""
-    import threading
-    monkeypatch.setenv("MBCOMPILE_RNN_LOWERING", "fused")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        make = lambda: nn.LSTM(I, H, num_layers=2, bidirectional=True)  # noqa: E731
-        models = [make() for _ in range(5)]
-        x = torch.randn(T, B, I)
-        res = {}
-        for side_by_side in (True, False):
-            monkeypatch.setenv("MBCOMPILE_RNN_THREADS", "1" if side_by_side else "0")
-            monkeypatch.setattr(rnn_pass, "_POOLS", {})
-            torch.manual_seed(0)                                # check() weighs the outputs with randn
-            b = check(make, (x,), models=copy.deepcopy(models), train=True, dtype=torch.float32, tol=1e-5)
-            assert bool(rnn_pass._POOLS) == side_by_side
-            res[side_by_side] = [b.get_parameter(k).grad for k in ("weight_hh_l0", "weight_ih_l1_reverse")]
-        assert any(t.name.startswith("mbcompile-rnn") for t in threading.enumerate())
-        for a, c in zip(res[True], res[False]):
-            assert torch.equal(a, c)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_lowering_is_measured_once_and_cached(monkeypatch):
     monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
     monkeypatch.setattr(rnn_pass, "_CHOICE", {})

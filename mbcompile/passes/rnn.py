@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import List, Tuple
 
 import torch
@@ -196,40 +195,16 @@ def _sel(t, i, rank):
     return t if t.dim() == rank else t[i]
 
 
-def _detached(*ts):
-    return [t.detach() for t in ts]    # a pool thread is not below autograd: record no graph there
-
-
-# Models side by side: oneDNN's LSTM kernel on one model (batch 32, hidden 128) keeps 2 threads ~84% busy;
-# two models at once, one thread each, ~95% (2-core EPYC: 16 models fwd+bwd 25.6 -> 23.2 ms). Same kernels,
-# same results. MBCOMPILE_RNN_THREADS=0 runs the models one after another with torch's intra-op threads.
-_POOLS: dict = {}
-os.register_at_fork(after_in_child=_POOLS.clear)       # a forked child has none of the parent's threads
-
-
-def _each_model(fn, n, like):
-    """[fn(0), ..., fn(n-1)]: on a CPU with k >= 2 intra-op threads, k models at a time, one thread each."""
-    k = min(torch.get_num_threads(), n) if like.device.type == "cpu" else 1
-    if k < 2 or os.environ.get("MBCOMPILE_RNN_THREADS") == "0":
-        return [fn(i) for i in range(n)]
-    if k not in _POOLS:
-        _POOLS[k] = ThreadPoolExecutor(k, thread_name_prefix="mbcompile-rnn", initializer=torch.set_num_threads,
-                                       initargs=(1,))
-    return list(_POOLS[k].map(fn, range(n)))
-
-
 @torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
 def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                reverse: bool, train: bool) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone)."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-
-    def one(i):
-        with torch.enable_grad():                               # without grad mode: no workspace
-            args = _detached(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2))
-            return aten.mkldnn_rnn_layer(*args, reverse, [], 2, hid, 1, True, False, False, train)
-
-    out, hy, cy, ws = zip(*_each_model(one, n, x))
+    with torch.enable_grad():                                   # without grad mode: no workspace
+        res = [aten.mkldnn_rnn_layer(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                     _sel(c0, i, 2), reverse, [], 2, hid, 1, True, False, False, train)
+               for i in range(n)]
+    out, hy, cy, ws = zip(*res)
     return torch.stack(out), torch.stack(hy), torch.stack(cy), list(ws)  # workspaces: not copied
 
 
@@ -263,14 +238,11 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
                         g_cy: Tensor, reverse: bool, train: bool) -> List[Tensor]:
     """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-
-    def one(i):
-        return aten.mkldnn_rnn_layer_backward(
-            *_detached(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2), out[i],
-                       hy[i], cy[i], g_out[i].contiguous(), g_hy[i].contiguous(), g_cy[i].contiguous()),
-            reverse, 2, hid, 1, True, train, False, [], False, workspace[i])
-
-    per = _each_model(one, n, x)
+    per = [aten.mkldnn_rnn_layer_backward(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                          _sel(c0, i, 2), out[i], hy[i], cy[i], g_out[i].contiguous(),
+                                          g_hy[i].contiguous(), g_cy[i].contiguous(), reverse, 2, hid, 1, True,
+                                          train, False, [], False, workspace[i])
+           for i in range(n)]
     gx, gw_ih, gw_hh, gb_ih, gb_hh, gh, gc = (torch.stack(list(t)) for t in zip(*per))
     fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
     return [fold(gx, x, 3), fold(gh, h0, 2), fold(gc, c0, 2), gw_ih, gw_hh, gb_ih, gb_hh]
