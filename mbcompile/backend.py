@@ -392,6 +392,9 @@ class TrainStep:
             gm = prog.chunked(chunking.chunk_sizes(self.batched.n, k), [flat[s] for s in slot], [])
             self.times["chunks"] = k
 
+        where = {t: j for j, (k, t) in enumerate(prog.captured.inputs) if k == "param"}
+        muts = [(k, where[t]) for k, (kind, t) in enumerate(prog.captured.outputs) if kind == "param"]
+
         def joint(*a):
             tail = a[nv:nv + n_tail]
             outs, losses, grads = _forward_backward(prog, gm, loss_fn, kw, a[:nv], slot, pidx, a[-1])
@@ -400,8 +403,13 @@ class TrainStep:
                 tail, max_norm = tail[:-1], tail[-1]
                 grads, norms = _clip_grad_norm(list(grads), max_norm)
                 extra.append(norms)
+            outs = list(outs)
+            for k, j in muts:                        # forward renormalised a parameter in place (embedding
+                a[slot[j]].copy_(outs[k].detach())   # max_norm): the update applies to that, as in eager
             if update is not None:
                 update([a[i] for i in pidx], list(grads), tail)
+            for k, j in muts:
+                outs[k] = a[slot[j]]
             return [o.detach() for o in outs] + [losses.detach()] + extra
 
         traced = _trace(joint, flat)

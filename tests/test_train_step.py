@@ -340,3 +340,29 @@ def test_tied_and_unused_parameters(make, vocab):
             for key, want in oa.state[p].items():
                 torch.testing.assert_close(ob.state[q][key], want, rtol=1e-10, atol=1e-10)
     assert torch.equal(b.pooler.weight, a.pooler.weight) and b.pooler.weight not in ob.state
+
+
+class MaxNormEmbedding(nn.Module):
+    """Embedding(max_norm) renormalises rows of its weight in place during forward; the update then
+    applies to the renormalised rows (eager), not to the weight as it was before forward."""
+    def __init__(self):
+        super().__init__()
+        self.e, self.l = nn.Embedding(10, 4, max_norm=1.0), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.e.weight.mul_(3)
+
+    def forward(self, x):
+        return self.l(self.e(x).mean(1))
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.SGD, dict(lr=[0.5, 0.1, 0.2])),
+                                    (torch.optim.AdamW, dict(lr=[0.05, 0.01, 0.02], weight_decay=0.1))])
+def test_a_parameter_changed_in_forward_keeps_the_update(cls, kw):
+    models = [MaxNormEmbedding().double() for _ in range(3)]
+    a, oa, b, ob = pair(models, cls, kw)
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    x, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 3, (5,))
+    for _ in range(3):
+        loop_step(a, oa, x, y)
+        step(x, y)
+    assert_same(a, oa, b, ob)
