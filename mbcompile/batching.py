@@ -50,7 +50,7 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
 
 def check_same_architecture(models):
     """Refuse models that differ in structure; return {module path: {attr: [per-model values]}} for the
-    scalar attributes that may differ per model (Dropout.p, LeakyReLU.negative_slope)."""
+    scalar attributes that may differ per model (Dropout.p, LeakyReLU.negative_slope, ...)."""
     ref = models[0]
     ref_mods = dict(ref.named_modules(remove_duplicate=False))
     consts = {}
@@ -98,7 +98,8 @@ def check_same_architecture(models):
                         raise InvalidInputError(
                             f"model {i} differs from model 0 in '{where}.{attr}' ({type(a).__name__}): "
                             f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p, "
-                            f"LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; give the models the same {attr} or batch them apart.")
+                            f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
+                            f"give the models the same {attr} or batch them apart.")
     return consts
 
 
@@ -406,7 +407,7 @@ class BatchedModule(nn.Module):
                 user_names.append(target)
         records = []
         n, strict, mode = self._n, self._strict, self._randomness
-        consts = self._consts
+        consts = cap.consts                              # the per-model scalars some op of this graph uses
 
         def batched_forward(*vals):
             *vals, states = vals

@@ -46,6 +46,7 @@ _PER_MODEL_SCALARS = {  # module attribute that may differ per model -> the aten
     ("Dropout", "p"), ("Dropout1d", "p"), ("Dropout2d", "p"), ("Dropout3d", "p"), ("AlphaDropout", "p"),
     ("FeatureAlphaDropout", "p"), ("LeakyReLU", "negative_slope"),
     ("LSTM", "dropout"), ("GRU", "dropout"), ("RNN", "dropout"),  # inter-layer dropout (passes/rnn.py)
+    ("MultiheadAttention", "dropout"),                             # attention dropout (passes/attention.py)
 }
 
 
@@ -57,6 +58,7 @@ class Captured:
     out_spec: object
     constants: dict = field(default_factory=dict)
     seconds: float = 0.0
+    consts: dict = field(default_factory=dict)  # per-model scalars that change an op here (_check_per_model_consts)
 
 
 @contextlib.contextmanager
@@ -98,7 +100,7 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
     export bakes model 0's value. Export again with another model's values: every op whose arguments change
     must run inside the module that owns the value, else refuse (never model 0's value for all)."""
     if not consts:
-        return
+        return {}
     saved, what = [], []
     for path, attrs in consts.items():
         mod = template.get_submodule(path)
@@ -120,14 +122,19 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
     if len(a_nodes) != len(b_nodes) or any(a.target != b.target for a, b in zip(a_nodes, b_nodes)):
         raise InvalidInputError(f"the models differ in {', '.join(what)}, which changes what forward computes (not "
                                 f"only a value); give the models the same values or batch them apart")
+    used = set()
     for a, b in zip(a_nodes, b_nodes):
         idle = a.target in _DROPOUTS and not (a.args[2] if len(a.args) > 2 else a.kwargs.get("train", True))
-        if a.op == "call_function" and names(a) != names(b) and module_path(a) not in consts and not idle:
+        if a.op != "call_function" or names(a) == names(b) or idle:
+            continue
+        used.add(module_path(a))
+        if module_path(a) not in consts:
             raise InvalidInputError(
                 f"the models differ in {', '.join(what)}, and forward also passes that value to {a.target} "
                 f"outside its module, at {source_line(a)}; mbcompile batches it per model only where its own "
                 f"module (Dropout, LeakyReLU, LSTM/GRU/RNN) uses it, and never gives every model model 0's "
                 f"value: give the models the same values or batch them apart")
+    return {path: attrs for path, attrs in consts.items() if path in used}   # eval: a rate changes nothing
 
 
 def _refuse_data_dependent_shapes(gm, template):
@@ -213,7 +220,7 @@ def capture(template, args, kwargs, consts) -> Captured:
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
     _refuse_data_dependent_shapes(ep.graph_module, template)
-    _check_per_model_consts(template, args, kwargs, ep, consts)
+    consts = _check_per_model_consts(template, args, kwargs, ep, consts)
     _detach_no_grad_regions(ep.graph_module)
     _prepass(ep.graph_module, consts)
     try:
@@ -240,7 +247,7 @@ def capture(template, args, kwargs, consts) -> Captured:
         outputs.append((kind, spec.target))
     gm = ep.graph_module
     return Captured(gm, inputs, outputs, ep.call_spec.out_spec, dict(ep.constants),
-                    time.perf_counter() - t0)
+                    time.perf_counter() - t0, consts)
 
 
 _TABLE: dict = {}
@@ -299,7 +306,7 @@ def _prepass(gm, consts):
         if t in _DROPOUTS:
             x, p = node.args[0], node.args[1]
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
-            ps = per_model_const(node, consts, "p") or [p]
+            ps = per_model_const(node, consts, "p") or per_model_const(node, consts, "dropout") or [p]
             if not train or all(v == 0 for v in ps):
                 _replace(g, node, x, order, inplace=t.name().endswith("_"))
                 continue

@@ -325,3 +325,30 @@ def test_random_op_without_rule_is_flagged(monkeypatch):
         with pytest.warns(UserWarning, match="fallback"):
             out = mbcompile.batch(Gamma(op).double(), n=3)(x)
         assert not torch.equal(out[0], out[1])                  # one draw per model, not one shared
+
+
+def test_attention_dropout_rate_per_model():
+    """nn.TransformerEncoderLayer(dropout=p_i): the attention's own rate (a float in MultiheadAttention,
+    read by sdpa) and the Dropout modules' rates are each model's; masks are each model's own stream."""
+    d, seeds = 8, [5, 6, 7]
+    models = [nn.TransformerEncoderLayer(d, 2, 16, dropout=p, batch_first=True).double() for p in (0.0, 0.3, 0.6)]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, seeds=seeds, strict=True)
+    x = torch.randn(2, 5, d, dtype=torch.float64)
+    states = [torch.manual_seed(s).get_state() for s in seeds]
+    for _ in range(2):                                         # the streams continue
+        out = b(x)
+        out.square().sum().backward()
+        for i, r in enumerate(refs):
+            torch.set_rng_state(states[i])
+            o = r(x)
+            states[i] = torch.get_rng_state()
+            o.square().sum().backward()
+            torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(b.get_parameter("self_attn.in_proj_weight").grad[i],
+                                       r.self_attn.in_proj_weight.grad, rtol=1e-10, atol=1e-12)
+    b.eval()
+    with torch.no_grad():
+        out = b(x)
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(out[i], r.eval()(x), rtol=1e-12, atol=1e-12)

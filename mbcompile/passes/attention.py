@@ -44,8 +44,9 @@ def sdpa(ctx, args, dims, kwargs):
     if qf.device.type == "cuda":  # CUDA's efficient-attention backward rejects the strides a fold leaves
         qf, kf, vf = qf.contiguous(), kf.contiguous(), vf.contiguous()
     mf = None if mask is None else fold(mask, dm)
-    if dropout_p > 0:
-        out = _math_with_dropout(ctx, qf, kf, vf, mf, dropout_p, is_causal, scale, lead)
+    ps = ctx.per_model("dropout") or [dropout_p]           # nn.MultiheadAttention(dropout=p_i) per model
+    if any(p > 0 for p in ps):
+        out = _math_with_dropout(ctx, qf, kf, vf, mf, ps, is_causal, scale, lead)
         ctx.note("math path with per-model dropout")
     elif qf.device.type == "cuda":
         out = _cuda_sdpa(ctx, qf, kf, vf, mf, is_causal, scale, gqa)
@@ -86,7 +87,7 @@ def _cuda_sdpa(ctx, q, k, v, mask, is_causal, scale, gqa):
                                                    enable_gqa=gqa)[0]
 
 
-def _math_with_dropout(ctx, q, k, v, mask, p, is_causal, scale, lead):
+def _math_with_dropout(ctx, q, k, v, mask, ps, is_causal, scale, lead):
     n = ctx.n
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
     attn = (q @ k.transpose(-2, -1)) * s
@@ -102,7 +103,7 @@ def _math_with_dropout(ctx, q, k, v, mask, p, is_causal, scale, lead):
     fake_node = ctx.node
     ctx.node = None
     try:
-        dropped, _ = _random.dropout(ctx, (a, [p], "plain"), (0, None, None), {})
+        dropped, _ = _random.dropout(ctx, (a, list(ps), "plain"), (0, None, None), {})
     finally:
         ctx.node = fake_node
     dropped = dropped.flatten(0, 1) if lead else dropped
