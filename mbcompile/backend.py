@@ -178,10 +178,11 @@ class TrainStep:
       changed hyperparameter values do not recompile; what changes the program's structure does
       (a flag such as ``nesterov``/``amsgrad``, a hyperparameter that becomes per-model, freezing
       every model or no longer every model, which parameters have state). Or
-    * a ``torch.optim.SGD``, ``Adam`` or ``AdamW`` with one param group holding the batched module's
-      stacked parameters (every model shares its hyperparameters; ``lr`` and the other scalars are read
-      at every call, so LR schedulers work without recompiling; SGD with momentum compiles a second
-      program after its first step).
+    * a ``torch.optim.SGD``, ``Adam`` (``decoupled_weight_decay=True`` is AdamW) or ``AdamW`` with one
+      param group holding the batched module's stacked parameters, all or some of them (as ``opt.step()``
+      would, only those are updated; every model shares its hyperparameters; ``lr`` and the other scalars
+      are read at every call, so LR schedulers work without recompiling; SGD with momentum compiles a
+      second program after its first step).
 
     The optimizer's state lives in ``optimizer.state`` under the keys its own ``step`` uses, so
     ``optimizer.step()``, ``state_dict()`` / ``load_state_dict()``, freezing and ``mbcompile.shrink_``
@@ -243,7 +244,8 @@ class TrainStep:
             st = self.opt.state.get(params[0], {}).get("step")      # a parameter that steps
             step = (float(st) if st is not None else 0.0) + 1
             vals = (lr, b1, b2, g["eps"], g["weight_decay"], lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5)
-            flags = (g["weight_decay"] != 0,)
+            # torch's AdamW is Adam with decoupled_weight_decay=True: either spelling decays decoupled
+            flags = (g["weight_decay"] != 0, self.kind == "AdamW" or bool(g.get("decoupled_weight_decay")))
         vals = tuple(float(v) for v in vals)
         if self._hp_cache is None or self._hp_cache[0] != vals:
             self._hp_cache = (vals, torch.tensor(vals, dtype=torch.float64))
@@ -359,14 +361,21 @@ class TrainStep:
 
     def _trained(self, prog, vals, flat, slot, target):
         """Indices into ``flat`` of the parameters the step updates: every trainable parameter once (a
-        tied one is one tensor, its gradient the sum over its uses), less those the loss does not depend
-        on. Autograd decides that, on fake tensors, as in the normal loop, where such a parameter keeps
-        grad None and the optimizer skips it (no update, no state, no weight decay)."""
+        tied one is one tensor, its gradient the sum over its uses) that the optimizer holds (a torch.optim
+        one may hold some only), less those the loss does not depend on. Autograd decides that, on fake
+        tensors, as in the normal loop, where such a parameter keeps grad None and the optimizer skips it
+        (no update, no state, no weight decay)."""
         from torch._subclasses.fake_tensor import FakeTensorMode
         cand = sorted({slot[i] for i, (k, _) in enumerate(prog.captured.inputs)
                        if k == "param" and vals[i].requires_grad})
         if not cand:
             raise InvalidInputError("mbcompile.train_step: the batched module has no parameter that requires grad")
+        if not self.per_model:                 # as opt.step() in the normal loop: only the optimizer's parameters
+            mine = {id(p) for g in self.opt.param_groups for p in g["params"]}
+            cand = [i for i in cand if id(flat[i]) in mine]
+            if not cand:
+                raise InvalidInputError("mbcompile.train_step: the optimizer holds no trainable parameter of the "
+                                        "batched module")
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
             grads = _forward_backward(prog, prog.gm, self.loss_fn, self.loss_kwargs, fake, slot, cand,
@@ -460,7 +469,7 @@ def _update(kind, flags, first, params, grads, opt_t, hp):
             p.sub_((lr.to(g.dtype)) * d)
         return
     lr, b1, b2, eps, wd = hp[0], hp[1], hp[2], hp[3], hp[4]
-    (has_wd,) = flags
+    has_wd, decoupled = flags
     if not params:
         return
     dt = params[0].dtype
@@ -473,7 +482,7 @@ def _update(kind, flags, first, params, grads, opt_t, hp):
                                                  wd.to(dt), (1 - lr * wd).to(dt))
     for k, (p, g) in enumerate(zip(params, grads)):
         m, v = opt_t[3 * k + 1], opt_t[3 * k + 2]
-        if kind == "AdamW":
+        if decoupled:
             p.mul_(decay)
         elif has_wd:
             g = g + wd_ * p

@@ -53,6 +53,7 @@ def check_same_architecture(models):
     scalar attributes that may differ per model (Dropout.p, LeakyReLU.negative_slope, ...)."""
     ref = models[0]
     ref_mods = dict(ref.named_modules(remove_duplicate=False))
+    _refuse_backward_hooks(ref)
     consts = {}
     for i, m in enumerate(models[1:], 1):
         if m is ref:
@@ -81,6 +82,11 @@ def check_same_architecture(models):
                             f"{tb[k].dtype} vs {tuple(ta[k].shape)} {ta[k].dtype}")
                     if kind == "_parameters" and ta[k] is not None and ta[k].requires_grad != tb[k].requires_grad:
                         raise InvalidInputError(f"model {i} differs from model 0 at '{path}.{k}': requires_grad")
+            for hooks in ("_forward_hooks", "_forward_pre_hooks"):
+                if [id(h) for h in getattr(a, hooks).values()] != [id(h) for h in getattr(b, hooks).values()]:
+                    raise InvalidInputError(
+                        f"model {i} and model 0 have different {hooks[1:-1].replace('_', ' ')}s at {where!r}: one "
+                        f"batched forward runs model 0's; register the same hook function on every model (or none)")
             if a.training != b.training:
                 mode = lambda m: "train" if m.training else "eval"  # noqa: E731
                 raise InvalidInputError(f"model {i} is in {mode(b)} mode at {where!r} but model 0 is in {mode(a)} "
@@ -101,6 +107,22 @@ def check_same_architecture(models):
                             f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
                             f"give the models the same {attr} or batch them apart.")
     return consts
+
+
+def _refuse_backward_hooks(model):
+    """Backward hooks change gradients outside the graph mbcompile captures: refused, never dropped."""
+    for path, mod in model.named_modules():
+        if mod._backward_hooks or mod._backward_pre_hooks:
+            raise InvalidInputError(
+                f"module {path or '<root>'!r} ({type(mod).__name__}) has a backward hook (register_full_backward_"
+                f"hook / _pre_hook): the batched backward would not run it. Remove it, or register a hook on the "
+                f"batched parameters' gradients ([n, ...]) instead")
+        for name, p in mod.named_parameters(recurse=False):
+            if p._backward_hooks:
+                raise InvalidInputError(
+                    f"parameter '{path + '.' if path else ''}{name}' has a gradient hook (Tensor.register_hook): "
+                    f"the batched parameter is a new tensor. Register the hook on batched.get_parameter("
+                    f"'{path + '.' if path else ''}{name}') (its gradient is [n, ...])")
 
 
 def _same_parametrized_class(a, b):
@@ -136,7 +158,13 @@ class BatchedModule(nn.Module):
         super().__init__()
         base = models[0]
         n = len(models)
-        object.__setattr__(self, "_template", copy.deepcopy(base))
+        try:
+            object.__setattr__(self, "_template", copy.deepcopy(base))
+        except RuntimeError as e:
+            raise InvalidInputError(
+                f"mbcompile.batch copies model 0 and copy.deepcopy failed: {e}. A module holding a computed tensor "
+                f"as an attribute cannot be copied (the old torch.nn.utils.weight_norm keeps one: use "
+                f"torch.nn.utils.parametrizations.weight_norm, or run one forward under torch.no_grad() first)") from e
         object.__setattr__(self, "_programs", {})
         self._n, self._in_dims, self._randomness = n, in_dims, randomness
         self._strict, self._compile, self._consts = strict, compile, consts or {}
@@ -150,6 +178,7 @@ class BatchedModule(nn.Module):
         self._build_tree(models)
         self.training = base.training                  # each submodule keeps its own mode (a frozen bn.eval())
         object.__setattr__(self, "_shells", list(self.modules()))
+        object.__setattr__(self, "_p0", next(iter(self.parameters()), None))
 
     # ---- structure -------------------------------------------------------------------------------
     def _build_tree(self, models):
@@ -182,6 +211,11 @@ class BatchedModule(nn.Module):
             if id(b) not in stacked:
                 stacked[id(b)] = torch.stack([m.get_buffer(name).detach() for m in models]).clone()
             shells[parent].register_buffer(leaf, stacked[id(b)], persistent=persistent)
+
+    def _param_dtype(self):
+        """Parameters' dtype and device (``.double()`` / ``.to()`` change them in place): part of a program's key."""
+        p = self._p0
+        return None if p is None else (p.dtype, p.device)
 
     def _modes(self):
         """Every module's train/eval flag: a program is captured per combination."""
@@ -288,7 +322,7 @@ class BatchedModule(nn.Module):
         fast = not kwargs and all(type(a) is torch.Tensor for a in args)
         if fast:                                     # positional tensors only: one dict lookup per call
             fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self._modes(), self._randomness,
-                    self._n, self._in_dims, _autocast_key())
+                    self._n, self._in_dims, _autocast_key(), self._param_dtype())
             cache = self.__dict__.setdefault("_fast_programs", {})
             hit = cache.get(fkey)
             if hit is not None and self._programs.get(hit[3]) is hit[0]:
@@ -298,6 +332,7 @@ class BatchedModule(nn.Module):
                 if states is None:
                     states = self._states(vals[0].device if vals else args[0].device)
                 vals.append(states)
+                self.__dict__["_last_program"] = prog       # what explain() shows: the program that ran
                 return prog, vals, list(args)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         dims = self._leaf_dims(args, kwargs)
@@ -310,14 +345,14 @@ class BatchedModule(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         key = (spec, tuple((tuple(x.shape), x.dtype, x.device, d) if isinstance(x, torch.Tensor) else ("c", repr(x))
                            for x, d in zip(leaves, dims)), self._modes(), self._randomness, self._n,
-               _autocast_key())
+               _autocast_key(), self._param_dtype())
         prog = self._programs.get(key)
         if prog is None:
             cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), _gc_paused():   # lowering measurements draw random
                 prog = self._build(args, kwargs, leaves, dims, spec)  # inputs: capture never moves the user's RNG
             self._programs[key] = prog
-            object.__setattr__(self, "_last_program", prog)
+        self.__dict__["_last_program"] = prog
         vals = self._inputs(prog, leaves)
         vals.append(self._states(device) if self._randomness == "sequential" else _NO_STATES)
         if fast:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import types
 import traceback
 from dataclasses import dataclass, field
@@ -152,6 +153,15 @@ def _refuse_data_dependent_shapes(gm, template):
                     f"torch.cond for control flow).")
 
 
+def _size_from_data(e, template):
+    return CaptureError(
+        f"{type(template).__name__}.forward makes a shape, a size or a count that depends on the data (a number "
+        f"read out of a tensor: F.one_hot without num_classes, bincount without minlength, range(int(t)), ...), "
+        f"which one batched graph cannot hold (each model could get its own). Give it a fixed value "
+        f"(F.one_hot(idx, num_classes=K), a Python int attribute).\n  at {_user_frame(e, template)}\n"
+        f"  export said: {str(e).splitlines()[0][:300]}")
+
+
 def _user_frame(e, model):
     import inspect
     try:
@@ -164,6 +174,38 @@ def _user_frame(e, model):
             return f"{fr.filename}:{fr.lineno}: {fr.line}"
     m = re.search(r'File "([^"]+)", line (\d+)[^\n]*\n\s*(.+)', str(e))
     return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
+
+
+def _user_line():
+    for fr in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in fr.filename and "/mbcompile/" not in fr.filename:
+            return f"{fr.filename}:{fr.lineno}: {fr.line}"
+    return "(see the traceback)"
+
+
+@contextlib.contextmanager
+def _gradient_changers():
+    """Record what gives gradients of its own, which a captured graph cannot keep: a user-defined
+    torch.autograd.Function (its backward) and Tensor.register_hook inside forward."""
+    seen = []
+    fn_apply, hook = torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook
+
+    def apply(cls, *args, **kwargs):
+        if not cls.__module__.startswith("torch."):          # torch's own (checkpoint) differentiate alike
+            seen.append(f"applies the custom torch.autograd.Function {cls.__qualname__} at {_user_line()}, "
+                        f"whose backward defines its gradients")
+        return fn_apply.__func__(cls, *args, **kwargs)
+
+    def register_hook(self, fn):
+        if "/torch/" not in sys._getframe(1).f_code.co_filename:
+            seen.append(f"registers a gradient hook (Tensor.register_hook) at {_user_line()}")
+        return hook(self, fn)
+
+    torch.autograd.Function.apply, torch.Tensor.register_hook = classmethod(apply), register_hook
+    try:
+        yield seen
+    finally:
+        torch.autograd.Function.apply, torch.Tensor.register_hook = fn_apply, hook
 
 
 @contextlib.contextmanager
@@ -204,12 +246,15 @@ def capture(template, args, kwargs, consts) -> Captured:
     import time
     t0 = time.perf_counter()
     try:
-        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template):
+        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
+                _gradient_changers() as seen:
             ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):
             raise CaptureError(f"{rnn.PACKED_SEQUENCE_MESSAGE}\nExport said: {str(e).splitlines()[0][:300]}") from e
+        if "Could not extract specialized integer" in str(e):     # a size or a count, not a branch
+            raise _size_from_data(e, template) from e
         if _data_dependent(e):
             raise CaptureError(
                 f"{type(template).__name__}.forward has data-dependent Python control flow, which one "
@@ -219,9 +264,15 @@ def capture(template, args, kwargs, consts) -> Captured:
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
                            f"{type(e).__name__}: {str(e)[:2000]}") from e
+    if seen:
+        raise CaptureError(f"{type(template).__name__}.forward {seen[0]}. The batched graph keeps forward's ops only, "
+                           f"so its backward would not run that and the gradients would differ. Write it with "
+                           f"differentiable ops (a straight-through estimator is x + (f(x) - x).detach()), or as a "
+                           f"torch.library.custom_op with register_autograd")
     _refuse_data_dependent_shapes(ep.graph_module, template)
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
     _detach_no_grad_regions(ep.graph_module)
+    _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)
     try:
         ep = ep.run_decompositions(decomposition_table())
@@ -229,9 +280,13 @@ def capture(template, args, kwargs, consts) -> Captured:
         raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
                            f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
     _undetach_renorm(ep.graph_module)
+    _assigned_params(ep)
     sig = ep.graph_signature
+    _drop_effect_tokens(ep.graph_module, sig)
     inputs = []
     for spec in sig.input_specs:
+        if spec.kind == InputKind.TOKEN:
+            continue
         kind = {InputKind.PARAMETER: "param", InputKind.BUFFER: "buffer",
                 InputKind.CONSTANT_TENSOR: "const", InputKind.USER_INPUT: "user"}.get(spec.kind)
         if kind is None:
@@ -239,6 +294,8 @@ def capture(template, args, kwargs, consts) -> Captured:
         inputs.append((kind, spec.target if kind != "user" else spec.arg.name))
     outputs = []
     for spec in sig.output_specs:
+        if spec.kind == OutputKind.TOKEN:
+            continue
         kind = {OutputKind.BUFFER_MUTATION: "buffer", OutputKind.USER_OUTPUT: "user",
                 OutputKind.USER_INPUT_MUTATION: "user_mutation",
                 OutputKind.PARAMETER_MUTATION: "param"}.get(spec.kind)
@@ -272,6 +329,81 @@ def _undetach_renorm(gm):
             if isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.detach.default:
                 node.replace_input_with(src, src.args[0])
     gm.recompile()
+
+
+def _tensor_indices(gm):
+    """``table[step]`` with a 0-d integer tensor reads the index out (aten.item) and selects with that number:
+    each model may read its own, which one static graph cannot hold. Index with the tensor itself
+    (aten.index: per model when step is). Other uses of the number are refused by its batching rule."""
+    g = gm.graph
+    for nd in list(g.nodes):
+        t = nd.args[0] if nd.target in (aten.item.default, aten._local_scalar_dense.default) else None
+        tv = t.meta.get("val") if isinstance(t, fx.Node) else None
+        if not isinstance(tv, torch.Tensor) or tv.dim() != 0 or tv.dtype.is_floating_point or tv.dtype.is_complex:
+            continue
+        for u in [u for u in nd.users if u.target is aten.select.int and u.args[2] is nd]:
+            d = u.args[1] % u.args[0].meta["val"].dim()       # x.select(d, step) -> x[:, .., step] (d slices)
+            with g.inserting_before(u):
+                new = g.call_function(aten.index.Tensor, (u.args[0], [None] * d + [t]))
+            new.meta = dict(u.meta)
+            u.replace_all_uses_with(new)
+            g.erase_node(u)
+        if not nd.users:
+            g.erase_node(nd)
+    gm.recompile()
+
+
+def _drop_effect_tokens(gm, sig):
+    """Export threads an effect token through side-effecting ops (aten._linalg_check_errors, left by
+    linalg.inv / solve / cholesky once decomposed): ``with_effects(token, op, *args) -> (token, *outs)``.
+    Run each such op as a plain call (its rule checks every model's values) and drop the token inputs
+    and outputs, which the signature then skips."""
+    g, we = gm.graph, torch.ops.higher_order.with_effects
+    tokens = {s.arg.name for s in list(sig.input_specs) + list(sig.output_specs) if s.kind.name == "TOKEN"}
+    if not tokens:
+        return
+    for nd in [nd for nd in g.nodes if nd.target is we]:
+        op = nd.args[1]
+        with g.inserting_before(nd):
+            call = g.call_function(op, tuple(nd.args[2:]), dict(nd.kwargs))
+        val, multi = nd.meta.get("val"), len(op._schema.returns) > 1
+        rest = tuple(val[1:]) if isinstance(val, (tuple, list)) else (None,)
+        call.meta = {**nd.meta, "val": rest if multi else rest[0]}
+        for u in list(nd.users):                       # getitem(with_effects, k): 0 the token, k the outputs
+            k = u.args[1]
+            if k == 0:
+                tokens.add(u.name)
+                continue
+            if multi:
+                u.args = (call, k - 1)
+            else:
+                u.replace_all_uses_with(call)
+                g.erase_node(u)
+    out = next(nd for nd in g.nodes if nd.op == "output")
+    out.args = (type(out.args[0])(a for a in out.args[0] if not (isinstance(a, fx.Node) and a.name in tokens)),)
+    for nd in reversed(list(g.nodes)):
+        if nd.name in tokens or nd.target is we:
+            g.erase_node(nd)
+    gm.recompile()
+
+
+def _assigned_params(ep):
+    """A parameter changed in place under no_grad inside forward (``w.clamp_(...)``, max-norm constraints)
+    stays the leaf eager differentiates: its later uses read mbcompile::assigned(new, w) (new's values,
+    w's gradient) instead of the detached new value."""
+    sig, g = ep.graph_signature, ep.graph_module.graph
+    ph = {nd.name: nd for nd in g.nodes if nd.op == "placeholder"}
+    param_of = {t: ph[s.arg.name] for s in sig.input_specs if s.kind == InputKind.PARAMETER for t in [s.target]}
+    out = next(nd for nd in g.nodes if nd.op == "output")
+    for spec, val in zip(sig.output_specs, out.args[0]):
+        if spec.kind != OutputKind.PARAMETER_MUTATION or not isinstance(val, fx.Node):
+            continue
+        for det in [u for u in val.users if u.target is aten.detach.default]:   # the no_grad block's output
+            with g.inserting_after(det):
+                new = g.call_function(mb.assigned.default, (val, param_of[spec.target]))
+            new.meta = dict(det.meta)
+            det.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+    ep.graph_module.recompile()
 
 
 def _detach_no_grad_regions(gm):

@@ -14,6 +14,7 @@ A run checkpoint is a dict of tensors, dicts, lists, numbers and strings only::
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 
 import torch
@@ -28,18 +29,35 @@ class CheckpointError(MBCompileError):
     fit the run it is loaded into."""
 
 
+def _umask() -> int:
+    try:                                         # Linux: read it without changing it (thread-safe)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def atomic_save(obj, path):
     """``torch.save(obj, path)`` through a temporary file in the same directory and ``os.replace``, so
-    ``path`` always holds either the previous complete file or the new complete file."""
+    ``path`` always holds either the previous complete file or the new complete file. The file gets the
+    mode a plain ``open(path, "wb")`` would give it: an existing file's, else ``0o666 & ~umask`` (not
+    ``mkstemp``'s 0600)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

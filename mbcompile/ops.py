@@ -219,6 +219,21 @@ random_call.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
 random_call_per_model.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
 
 
+@torch.library.custom_op("mbcompile::assigned", mutates_args=())
+def assigned(new: Tensor, old: Tensor) -> Tensor:
+    """``new``'s values with ``old``'s gradient: a parameter changed in place under no_grad in forward
+    (``w.clamp_(...)``) is still the leaf eager differentiates, at its new value."""
+    return new.clone()
+
+
+@assigned.register_fake
+def _(new, old):
+    return torch.empty_like(new)
+
+
+assigned.register_autograd(lambda ctx, g: (None, g), setup_context=lambda ctx, inputs, output: None)
+
+
 @torch.library.custom_op("mbcompile::relayout", mutates_args=())
 def relayout(x: Tensor, channels_last: bool) -> Tensor:
     """``x.contiguous(memory_format=...)`` whose gradient comes back in x's own strides: so the ops

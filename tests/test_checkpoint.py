@@ -196,6 +196,24 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == ["a.pt"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_save_gives_the_mode_of_a_plain_open(tmp_path):
+    """Not mkstemp's 0600: a new file gets 0666 & ~umask (as open() would), an existing file keeps its mode."""
+    old = os.umask(0o027)
+    try:
+        ckpt.atomic_save({"x": torch.ones(3)}, tmp_path / "a.pt")
+        with open(tmp_path / "plain.pt", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.pt").st_mode & 0o777) == oct(os.stat(tmp_path / "plain.pt").st_mode & 0o777) \
+        == oct(0o640)
+    os.chmod(tmp_path / "a.pt", 0o604)
+    ckpt.atomic_save({"x": torch.zeros(3)}, tmp_path / "a.pt")
+    assert os.stat(tmp_path / "a.pt").st_mode & 0o777 == 0o604
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["x"], torch.zeros(3))
+
+
 def test_export_best_and_retired_models(tmp_path, uninterrupted):
     hist = uninterrupted[1]
     path = tmp_path / "best.pt"

@@ -191,3 +191,39 @@ def test_trainer_matches_manual_loop_and_each_model_alone(tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     for k, v in batched.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v, **TOL, msg=k)
+
+
+def test_gradient_accumulation_matches_hf_trainer_on_each_model_alone(tmp_path):
+    """With gradient_accumulation_steps > 1 the batch follows what HF's Trainer does for each model alone:
+    BERT's forward takes **kwargs, so HF passes num_items_in_batch and does not divide the micro-batch losses
+    by the accumulation steps (it sums them); weights and the logged per-step losses match."""
+    from mbcompile.integrations.hf import BatchedTrainer
+    torch.manual_seed(0)
+    models = [transformers.BertForSequenceClassification(
+        bert_config(layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).double() for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    ds = [{"input_ids": torch.randint(0, 100, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+           "labels": torch.tensor(i % 3)} for i in range(20)]          # 5 micro-batches: a short last window
+    lrs = [3e-3, 1e-2]
+
+    def args(d, **kw):
+        return transformers.TrainingArguments(
+            str(tmp_path / d), per_device_train_batch_size=4, gradient_accumulation_steps=2, num_train_epochs=1,
+            max_grad_norm=0.3, lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none",
+            use_cpu=True, disable_tqdm=True, seed=0, **kw)
+    batched = mbcompile.batch(copy.deepcopy(models), seeds=[4, 5])
+    trainer = BatchedTrainer(batched, args("b"), train_dataset=ds, optim_kwargs={"lr": lrs})
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for i, m in enumerate(models):
+        alone = transformers.Trainer(m, args(f"m{i}", learning_rate=lrs[i]), train_dataset=ds)
+        assert alone.model_accepts_loss_kwargs          # HF sums the micro-batch losses here
+        alone.train()
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(batched.get_parameter(name)[i], p.detach(), rtol=1e-9, atol=1e-11, msg=name)
+        want = [h for h in alone.state.log_history if "loss" in h]
+        assert len(want) == len(logs) == 3
+        for h, w in zip(logs, want):                  # HF accumulates its logged loss in float32
+            assert h[f"loss_{i}"] == pytest.approx(w["loss"], rel=1e-6)
+        want = alone.state.log_history[-1]["train_loss"]
+        assert trainer.state.log_history[-1][f"train_loss_{i}"] == pytest.approx(want, rel=1e-6)

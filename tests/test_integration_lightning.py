@@ -115,3 +115,41 @@ def test_per_model_early_stopping_and_checkpoint(tmp_path):
         torch.testing.assert_close(v, init1[k], **TOL)           # model 1's best is its untouched start
     best2 = torch.load(ckpt.best_model_paths[2])
     torch.testing.assert_close(best2["3.weight"], batched.get_parameter("3.weight")[1].detach(), **TOL)
+
+
+def ckpt_trainer(tmp_path, epochs, dirpath, callbacks=()):
+    """A trainer with Lightning's own ModelCheckpoint (``last.ckpt`` in ``dirpath``)."""
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=[*callbacks, pl.callbacks.ModelCheckpoint(dirpath, save_last=True)])
+
+
+@pytest.mark.parametrize("early_stop", [False, True], ids=["dropout", "dropout-and-early-stopping"])
+def test_resume_from_lightning_checkpoint_is_exact(tmp_path, early_stop):
+    """``trainer.fit(..., ckpt_path=last.ckpt)`` from Lightning's ModelCheckpoint continues every model's
+    random stream (the same dropout masks) and, if models had left the batch, leaves them out again: the
+    resumed run ends on exactly the weights of the uninterrupted one."""
+    from mbcompile.integrations.lightning import BatchedLightningModule, PerModelEarlyStopping
+    models, train, val = setup()
+    lrs = [0.01, 0.0, 0.02] if early_stop else [0.01, 0.05, 0.2]
+
+    def module():
+        return BatchedLightningModule(
+            mbcompile.batch(copy.deepcopy(models), seeds=SEEDS), mse, torch.optim.SGD, lr=lrs, momentum=0.9,
+            max_grad_norm=[0.5, 0.4, 0.3], scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
+
+    def cbs():
+        return [PerModelEarlyStopping("val_loss", patience=1)] if early_stop else []
+
+    whole = module()
+    ckpt_trainer(tmp_path, 3, tmp_path / "a", cbs()).fit(whole, train, val)
+    first = module()
+    ckpt_trainer(tmp_path, 2, tmp_path / "b", cbs()).fit(first, train, val)
+    resumed = module()
+    ckpt_trainer(tmp_path, 3, tmp_path / "c", cbs()).fit(resumed, train, val, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert resumed.model_ids == whole.model_ids == ([0, 2] if early_stop else [0, 1, 2])
+    for k, v in whole.batched.state_dict().items():
+        torch.testing.assert_close(resumed.batched.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert torch.equal(resumed.batched.get_rng_state()["states"]["cpu"], whole.batched.get_rng_state()["states"]["cpu"])
+    # not vacuous: the interrupted run's third epoch moved the weights
+    assert max((first.batched.state_dict()[k] - v).abs().max() for k, v in whole.batched.state_dict().items()) > 1e-4

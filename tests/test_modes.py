@@ -93,3 +93,27 @@ def test_models_in_different_modes_are_refused():
     b[1].eval()
     with pytest.raises(mbcompile.MBCompileError, match="at '1'"):
         mbcompile.batch([a, b])
+
+
+def test_explain_shows_the_program_that_ran():
+    b = mbcompile.batch([make(frozen=False) for _ in range(2)])
+    x = torch.randn(4, 3, 6, 6, dtype=F64)
+    b(x)
+    b.eval()(x)
+    b.train()(x)                                       # a cached program: explain must follow it
+    assert "dropout" in str(mbcompile.explain(b))
+    b.eval()(x)
+    assert "dropout" not in str(mbcompile.explain(b))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_changing_the_parameters_dtype_after_the_first_call(compile):
+    models = [nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 2)) for _ in range(2)]
+    b = mbcompile.batch(copy.deepcopy(models), compile=compile).eval()
+    x = torch.randint(0, 7, (5, 3))
+    assert b(x).dtype == torch.float32
+    b.double()
+    out = b(x)
+    assert out.dtype == F64
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m.double().eval()(x), rtol=1e-12, atol=1e-12)

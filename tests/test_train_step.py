@@ -366,3 +366,64 @@ def test_a_parameter_changed_in_forward_keeps_the_update(cls, kw):
         loop_step(a, oa, x, y)
         step(x, y)
     assert_same(a, oa, b, ob)
+
+
+def torch_pair(models, make_opt):
+    """Two identical batches, each with a plain torch.optim optimizer built by ``make_opt(batched)``."""
+    a, b = (mbcompile.batch(copy.deepcopy(models), seeds=SEEDS) for _ in range(2))
+    return a, make_opt(a), b, make_opt(b)
+
+
+def torch_loop_steps(a, oa, b, ob, x, y, steps=3):
+    """``steps`` normal-loop steps of (a, oa) and train_step steps of (b, ob); their losses agree."""
+    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    for k in range(steps):
+        oa.zero_grad()
+        want = mbcompile.loss(F.cross_entropy, a(x), y)
+        want.sum().backward()
+        oa.step()
+        torch.testing.assert_close(step(x, y), want.detach(), rtol=1e-10, atol=1e-10, msg=lambda m: f"step {k}: {m}")
+    assert ob.state_dict()["state"].keys() == oa.state_dict()["state"].keys()
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+        for key, want in oa.state.get(p, {}).items():
+            torch.testing.assert_close(ob.state[q][key], want, rtol=1e-10, atol=1e-10)
+
+
+def test_torch_adam_with_decoupled_weight_decay_is_adamw(data):
+    """torch's AdamW is Adam(decoupled_weight_decay=True): train_step decays the parameter as AdamW does
+    (not L2 added to the gradient), equal to the normal loop and to torch.optim.AdamW on each model alone."""
+    models, x, y = data
+    a, oa, b, ob = torch_pair(models, lambda m: torch.optim.Adam(m.parameters(), lr=0.05, weight_decay=0.5,
+                                                                 decoupled_weight_decay=True))
+    torch_loop_steps(a, oa, b, ob, x, y)
+    for i, m in enumerate(copy.deepcopy(models)):            # each model alone with AdamW, its own dropout
+        opt, gen = torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.5), torch.Generator().manual_seed(SEEDS[i])
+        for _ in range(3):
+            cur = torch.get_rng_state()
+            torch.set_rng_state(gen.get_state())
+            out = m(x)
+            gen.set_state(torch.get_rng_state())
+            torch.set_rng_state(cur)
+            opt.zero_grad()
+            F.cross_entropy(out, y).backward()
+            opt.step()
+        got = dict(b.unbatch(i).named_parameters())
+        for name, want in m.named_parameters():
+            torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                    (torch.optim.AdamW, dict(lr=0.05, weight_decay=0.1))])
+def test_torch_optimizer_over_some_parameters_updates_only_those(data, cls, kw):
+    """As ``opt.step()`` in the normal loop: parameters the optimizer does not hold keep their values and get
+    no optimizer state."""
+    models, x, y = data
+    a, oa, b, ob = torch_pair(models, lambda m: cls(m.fc2.parameters(), **kw))
+    before = {name: p.detach().clone() for name, p in b.named_parameters()}
+    torch_loop_steps(a, oa, b, ob, x, y)
+    for name, p in b.named_parameters():
+        assert torch.equal(p, before[name]) != name.startswith("fc2"), name
+        assert (p in ob.state) == name.startswith("fc2"), name
+    with pytest.raises(mbcompile.MBCompileError, match="holds no trainable parameter"):
+        mbcompile.train_step(b, F.cross_entropy, torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1))(x, y)

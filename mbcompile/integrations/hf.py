@@ -8,6 +8,8 @@ masks; GPT-2 needs ``use_cache=False``) and returns their ``ModelOutput`` with e
   so HF's LR scheduler acts per model; ``optim_kwargs={"lr": [...]}`` gives per-model rates);
 * ``max_grad_norm`` (from ``TrainingArguments``, or a per-model list passed to the trainer) clips each
   model's own gradient norm: HF's one global norm would couple the models;
+* gradient accumulation scales each model's loss as HF's Trainer does for that model alone (models whose
+  ``forward`` takes ``**kwargs`` get ``num_items_in_batch`` and undivided micro-batch losses);
 * logs carry ``loss_i`` / ``grad_norm_i`` / ``learning_rate_i`` / ``eval_loss_i`` for model i and the
   mean over models under HF's usual keys (``loss``, ``grad_norm``, ``eval_loss``, ``train_loss``);
 * ``save_model(dir)`` writes ``dir/model_i/`` (``save_pretrained``) per model plus ``dir/batched.pt``
@@ -77,7 +79,7 @@ class BatchedTrainer(Trainer):
     ``optim_cls`` / ``optim_kwargs``: the torch optimizer and its hyperparameters (lists of length n are
     per model); ``lr``, ``weight_decay`` and Adam's ``betas`` / ``eps`` default to ``TrainingArguments``.
     ``max_grad_norm``: a per-model list overriding ``args.max_grad_norm`` (which is applied per model).
-    ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` must return the ``[n]`` losses.
+    ``compute_loss_func(outputs, labels, num_items_in_batch=...)`` must return the ``[n]`` losses.
     """
 
     def __init__(self, model: BatchedModule, args=None, *, optim_cls=torch.optim.AdamW, optim_kwargs=None,
@@ -102,7 +104,12 @@ class BatchedTrainer(Trainer):
         if self.args.label_names is None:
             self.label_names = find_labels(template)
         self.can_return_loss = can_return_loss(template)
-        self.model_accepts_loss_kwargs = False   # the models' losses are per-batch means
+        # as HF decides for each model alone (it sees the batch's *args/**kwargs forward): a model whose forward
+        # takes **kwargs gets num_items_in_batch, and its loss is then not divided by gradient_accumulation_steps
+        self.model_accepts_loss_kwargs = getattr(model._template, "accepts_loss_kwargs", None)
+        if self.model_accepts_loss_kwargs is None:
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in
+                                                 inspect.signature(model._template.forward).parameters.values())
         self._reset_per_model()
 
     # ---- per-model bookkeeping -------------------------------------------------------------------
@@ -114,10 +121,16 @@ class BatchedTrainer(Trainer):
         self._mb_lrs = None
 
     @staticmethod
-    def _acc(slot, value, weight=1):
+    def _acc(slot, value, weight=1, count=None):
         v = value.detach().double().cpu() * weight
         slot[0] = v if slot[0] is None or slot[0].shape != v.shape else slot[0] + v
-        slot[1] += weight
+        slot[1] += weight if count is None else count
+
+    def _scaled_for_ga(self, num_items_in_batch):
+        """Whether HF's ``training_step`` leaves the loss undivided by the accumulation steps (its rule)."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:   # the batched forward takes *args, **kwargs: ask the model
@@ -126,9 +139,11 @@ class BatchedTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels") if self.compute_loss_func is not None and "labels" in inputs else None
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs)
         if self.compute_loss_func is not None:
-            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=None)
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         else:
             if isinstance(outputs, dict) and "loss" not in outputs:
                 raise InvalidInputError(f"the models returned no loss (keys: {', '.join(outputs.keys())}); pass labels "
@@ -137,9 +152,11 @@ class BatchedTrainer(Trainer):
         n = self.model.n
         if loss.shape != (n,):
             raise InvalidInputError(f"expected one loss per model, shape ({n},), got {tuple(loss.shape)}")
-        if model.training:
-            self._acc(self._mb_interval, loss)
-            self._acc(self._mb_total, loss)
+        if model.training:                      # logged per optimizer step, as HF logs what training_step returns
+            ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+            w = 1 if self._scaled_for_ga(num_items_in_batch) else 1 / ga
+            self._acc(self._mb_interval, loss, w, 1 / ga)
+            self._acc(self._mb_total, loss, w, 1 / ga)
         else:
             bs = next((v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), 1)
             self._acc(self._mb_eval, loss, bs)

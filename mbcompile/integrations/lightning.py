@@ -127,13 +127,43 @@ class BatchedLightningModule(pl.LightningModule):
 
     # ---- shrinking -------------------------------------------------------------------------------
     def keep_models(self, keep_ids):
-        """Keep only the models with original indices ``keep_ids`` (the others leave the batch)."""
+        """Keep only the models with original indices ``keep_ids`` (the others leave the batch); per-model
+        hyperparameters and ``max_grad_norm`` narrow with the batch."""
         keep = [self.model_ids.index(i) for i in keep_ids]
         trainer = self._trainer
         opts = trainer.optimizers if trainer is not None else []
         scheds = [c.scheduler for c in trainer.lr_scheduler_configs] if trainer is not None else []
+        n = self.n
         shrink_(keep, self.batched, opts[0] if opts else None, schedulers=scheds)
         self.model_ids = [self.model_ids[k] for k in keep]
+        self.hparams_per_model = {k: _narrow(v, keep, n) for k, v in self.hparams_per_model.items()}
+        self.max_grad_norm = _narrow(self.max_grad_norm, keep, n)
+
+    # ---- Lightning checkpoints -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        """Lightning's checkpoint (``ModelCheckpoint``) also holds every model's random stream and which
+        models are in the batch, so that ``trainer.fit(..., ckpt_path=...)`` resumes exactly."""
+        checkpoint["mbcompile"] = {"rng_state": self.batched.get_rng_state(), "model_ids": list(self.model_ids)}
+
+    def on_load_checkpoint(self, checkpoint):
+        state = checkpoint.get("mbcompile")
+        if state is None:
+            return
+        ids = [int(i) for i in state["model_ids"]]
+        if ids != self.model_ids:        # models had left the batch: leave it here too, before the weights load
+            if not set(ids) <= set(self.model_ids):
+                raise InvalidInputError(f"the checkpoint holds models {ids}, this module has {self.model_ids}")
+            self.keep_models(ids)
+        self.batched.set_rng_state(state["rng_state"])
+
+
+def _narrow(v, keep, n):
+    """A per-model value (a list or 1-D tensor of length n) for the models ``keep``; anything else as is."""
+    if isinstance(v, list) and len(v) == n:
+        return [v[k] for k in keep]
+    if isinstance(v, torch.Tensor) and v.dim() == 1 and len(v) == n:
+        return v[torch.tensor(keep, device=v.device)]
+    return v
 
 
 def _metric(trainer, key):

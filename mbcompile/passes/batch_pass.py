@@ -134,14 +134,14 @@ def _fallback(node, target, args, dims, kwargs, n, strict, records, why):
         how = "loop"
         outs = [target(*_slice(args, dims, i), **kwargs) for i in range(n)]
         out = type(outs[0])(torch.stack(list(t), 0) for t in zip(*outs)) if isinstance(outs[0], (tuple, list)) \
-            else torch.stack(outs, 0)
+            else None if outs[0] is None else torch.stack(outs, 0)     # None: a check op (asserts)
     if name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(f"mbcompile: {name} ({why}) runs through the slower per-op {how} fallback; "
                       f"node {node.name}, from {source_line(node)}", stacklevel=3)
     if records is not None:
         records.append(Record(node.name, name, f"FALLBACK {how}", [why], module_path(node), source_line(node)))
-    d = tuple(0 for _ in out) if isinstance(out, (tuple, list)) else 0
+    d = tuple(0 for _ in out) if isinstance(out, (tuple, list)) else None if out is None else 0
     return out, d
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import CaptureError, source_line
 from .axes import front, front_padded, pdim
 from .registry import aten, rule
 
@@ -217,3 +218,16 @@ def searchsorted(ctx, args, dims, kwargs):
     if rs == 1:                                      # n,M  +  n,(..)
         return aten.searchsorted.Tensor(seq, x.reshape(n, -1), **kw).reshape(x.shape), 0
     return aten.searchsorted.Tensor(seq, x, **kw), 0
+
+
+@rule(aten._local_scalar_dense.default, aten.item.default)
+def local_scalar_dense(ctx, args, dims, kwargs):
+    """A Python number read out of a per-model tensor (.item(), int(t), t used as a size or a slice bound):
+    each model may read its own, which one static graph cannot hold (``table[step]`` is rewritten at capture
+    to index with the tensor itself). Shared tensors never reach here: they run as they are."""
+    raise CaptureError(
+        f"forward reads a number out of a per-model tensor (.item(), int(t), float(t), or a tensor used as a "
+        f"size, a slice bound or a Python index), at {source_line(ctx.node)}: each model may read a different "
+        f"value, which one batched graph cannot hold. Compute with the tensor itself instead: index with it "
+        f"(x[t] for a 0-d integer t, x.index_select(d, t.view(1)), torch.gather), use it in arithmetic "
+        f"(x * t, not x * t.item()), or keep the number a plain Python attribute.")

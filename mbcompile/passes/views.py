@@ -203,6 +203,14 @@ def assert_tensor_metadata(ctx, args, dims, kwargs):
     return None, None
 
 
+@rule(aten._assert_async.default, aten._assert_async.msg, aten._functional_assert_async.msg)
+def assert_async(ctx, args, dims, kwargs):
+    """A check of a per-model condition (one_hot's class range): n,.. -> one check over every model's
+    values. Returns nothing (the functional variant: its dependency token, shared)."""
+    cond = front(args[0], dims[0], ctx.n).all()
+    return ctx.op(cond, *args[1:], **kwargs), None
+
+
 def _copy_ops():
     """x_copy -> x for every view op with a rule (functionalized graphs use the copy variants)."""
     from .registry import RULES

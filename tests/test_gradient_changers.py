@@ -1,0 +1,83 @@
+"""What changes gradients outside forward's ops (a custom autograd.Function's backward, gradient hooks)
+cannot be kept by the batched graph: refused with a clear error, never silently dropped. Models whose
+forward hooks differ are refused too (one batched forward runs model 0's)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mbcompile
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class UsesFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return GradReverse.apply(self.l(x))
+
+
+class UsesTensorHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.l(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 5)
+        return h
+
+
+@pytest.mark.parametrize("cls,match", [(UsesFunction, "custom torch.autograd.Function GradReverse"),
+                                       (UsesTensorHook, "Tensor.register_hook")])
+def test_gradient_changers_in_forward_are_refused(cls, match):
+    with pytest.raises(mbcompile.CaptureError, match=match):
+        mbcompile.batch(cls(), n=2)(torch.randn(4, 3))
+
+
+def test_backward_hooks_and_parameter_hooks_are_refused():
+    m = nn.Sequential(nn.Linear(3, 2))
+    m[0].register_full_backward_hook(lambda mod, gi, go: None)
+    with pytest.raises(ValueError, match="backward hook"):
+        mbcompile.batch(m, n=2)
+    m = nn.Sequential(nn.Linear(3, 2))
+    m[0].weight.register_hook(lambda g: g * 2)
+    with pytest.raises(mbcompile.MBCompileError, match="batched.get_parameter"):
+        mbcompile.batch(m, n=2)
+
+
+def test_forward_hooks_must_be_the_same_function_on_every_model():
+    def hook(mod, args, out):
+        return out * 2
+
+    a, b = nn.Sequential(nn.Linear(3, 2)), nn.Sequential(nn.Linear(3, 2))
+    b[0].register_forward_hook(lambda mod, args, out: out * 100)
+    with pytest.raises(ValueError, match="different forward hooks at '0'"):
+        mbcompile.batch([a, b])
+    a, b = nn.Sequential(nn.Linear(3, 2)).double(), nn.Sequential(nn.Linear(3, 2)).double()
+    for m in (a, b):
+        m[0].register_forward_hook(hook)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    out = mbcompile.batch([a, b])(x)
+    for i, m in enumerate((a, b)):
+        torch.testing.assert_close(out[i], m(x))
