@@ -2,22 +2,22 @@
 constants into mbcompile ops, then run_decompositions that keeps every op with a rule."""
 from __future__ import annotations
 
-import contextlib
 import re
-import sys
-import types
 import traceback
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 from torch.export.graph_signature import InputKind, OutputKind
 
 from . import ops
 from .errors import CaptureError, InvalidInputError, source_line
 from .passes import RULES
 from .passes.registry import module_path, per_model_const
+from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
+                         _no_causal_mask_detection)
+from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
+                          _tensor_indices, _undetach_renorm)
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -60,33 +60,6 @@ class Captured:
     constants: dict = field(default_factory=dict)
     seconds: float = 0.0
     consts: dict = field(default_factory=dict)  # per-model scalars that change an op here (_check_per_model_consts)
-
-
-@contextlib.contextmanager
-def _cumulative_batch_norm(model):
-    """BatchNorm with momentum=None averages with 1/float(num_batches_tracked), a data-dependent Python
-    float; during capture such layers (in training) compute the factor as a tensor instead."""
-    patched = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-               and m.momentum is None and m.training and m.track_running_stats]
-    for m in patched:
-        m.forward = types.MethodType(_bn_cumulative_forward, m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
-
-
-def _bn_cumulative_forward(self, x):
-    self._check_input_dim(x)
-    self.num_batches_tracked.add_(1)
-    f = 1.0 / self.num_batches_tracked.to(x.dtype)             # the cumulative-average factor
-    dims = [0] + list(range(2, x.dim()))
-    mean, var = x.mean(dims), x.var(dims, correction=1)        # running_var uses the unbiased variance
-    with torch.no_grad():
-        self.running_mean.mul_(1 - f).add_(mean.detach() * f)
-        self.running_var.mul_(1 - f).add_(var.detach() * f)
-    return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
 def _data_dependent(e):
@@ -176,71 +149,6 @@ def _user_frame(e, model):
     return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
 
 
-def _user_line():
-    for fr in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" not in fr.filename and "/mbcompile/" not in fr.filename:
-            return f"{fr.filename}:{fr.lineno}: {fr.line}"
-    return "(see the traceback)"
-
-
-@contextlib.contextmanager
-def _gradient_changers():
-    """Record what gives gradients of its own, which a captured graph cannot keep: a user-defined
-    torch.autograd.Function (its backward) and Tensor.register_hook inside forward."""
-    seen = []
-    fn_apply, hook = torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook
-
-    def apply(cls, *args, **kwargs):
-        if not cls.__module__.startswith("torch."):          # torch's own (checkpoint) differentiate alike
-            seen.append(f"applies the custom torch.autograd.Function {cls.__qualname__} at {_user_line()}, "
-                        f"whose backward defines its gradients")
-        return fn_apply.__func__(cls, *args, **kwargs)
-
-    def register_hook(self, fn):
-        if "/torch/" not in sys._getframe(1).f_code.co_filename:
-            seen.append(f"registers a gradient hook (Tensor.register_hook) at {_user_line()}")
-        return hook(self, fn)
-
-    torch.autograd.Function.apply, torch.Tensor.register_hook = classmethod(apply), register_hook
-    try:
-        yield seen
-    finally:
-        torch.autograd.Function.apply, torch.Tensor.register_hook = fn_apply, hook
-
-
-@contextlib.contextmanager
-def _dataclass_outputs(template):
-    """A plain @dataclass in the output (not registered with pytree) is registered as one when forward
-    returns it, so that export can flatten it (as it does a transformers ModelOutput)."""
-    import dataclasses
-
-    def register(mod, args, out):
-        for v in pytree.tree_flatten(out)[0]:
-            if dataclasses.is_dataclass(v) and not isinstance(v, type) and type(v) not in pytree.SUPPORTED_NODES:
-                pytree.register_dataclass(type(v))
-                register(mod, args, v)
-
-    handle = template.register_forward_hook(register)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _no_causal_mask_detection():
-    """nn.Transformer{Encoder,Decoder} given a mask and no is_causal compare the mask with a causal one,
-    ``bool((mask == causal).all())``, a data-dependent branch. is_causal is only a hint that the mask is
-    causal: during capture the mask is used as it is (same result, no branch)."""
-    tr = torch.nn.modules.transformer
-    saved = tr._detect_is_causal_mask
-    tr._detect_is_causal_mask = lambda mask, is_causal=None, size=None: is_causal is True
-    try:
-        yield
-    finally:
-        tr._detect_is_causal_mask = saved
-
-
 def capture(template, args, kwargs, consts) -> Captured:
     """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
     import time
@@ -317,112 +225,6 @@ def decomposition_table():
         _TABLE.clear()
         _TABLE[key] = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
     return _TABLE[key]
-
-
-def _undetach_renorm(gm):
-    """embedding(max_norm=...) renorms the weight in place under no_grad; functionalised, the lookup
-    reads renorm(detach(weight)) and the weight gets no gradient, unlike eager. Feed renorm the weight
-    itself: its rule returns the renormed values with an identity gradient."""
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is aten.embedding_renorm.default:
-            src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.detach.default:
-                node.replace_input_with(src, src.args[0])
-    gm.recompile()
-
-
-def _tensor_indices(gm):
-    """``table[step]`` with a 0-d integer tensor reads the index out (aten.item) and selects with that number:
-    each model may read its own, which one static graph cannot hold. Index with the tensor itself
-    (aten.index: per model when step is). Other uses of the number are refused by its batching rule."""
-    g = gm.graph
-    for nd in list(g.nodes):
-        t = nd.args[0] if nd.target in (aten.item.default, aten._local_scalar_dense.default) else None
-        tv = t.meta.get("val") if isinstance(t, fx.Node) else None
-        if not isinstance(tv, torch.Tensor) or tv.dim() != 0 or tv.dtype.is_floating_point or tv.dtype.is_complex:
-            continue
-        for u in [u for u in nd.users if u.target is aten.select.int and u.args[2] is nd]:
-            d = u.args[1] % u.args[0].meta["val"].dim()       # x.select(d, step) -> x[:, .., step] (d slices)
-            with g.inserting_before(u):
-                new = g.call_function(aten.index.Tensor, (u.args[0], [None] * d + [t]))
-            new.meta = dict(u.meta)
-            u.replace_all_uses_with(new)
-            g.erase_node(u)
-        if not nd.users:
-            g.erase_node(nd)
-    gm.recompile()
-
-
-def _drop_effect_tokens(gm, sig):
-    """Export threads an effect token through side-effecting ops (aten._linalg_check_errors, left by
-    linalg.inv / solve / cholesky once decomposed): ``with_effects(token, op, *args) -> (token, *outs)``.
-    Run each such op as a plain call (its rule checks every model's values) and drop the token inputs
-    and outputs, which the signature then skips."""
-    g, we = gm.graph, torch.ops.higher_order.with_effects
-    tokens = {s.arg.name for s in list(sig.input_specs) + list(sig.output_specs) if s.kind.name == "TOKEN"}
-    if not tokens:
-        return
-    for nd in [nd for nd in g.nodes if nd.target is we]:
-        op = nd.args[1]
-        with g.inserting_before(nd):
-            call = g.call_function(op, tuple(nd.args[2:]), dict(nd.kwargs))
-        val, multi = nd.meta.get("val"), len(op._schema.returns) > 1
-        rest = tuple(val[1:]) if isinstance(val, (tuple, list)) else (None,)
-        call.meta = {**nd.meta, "val": rest if multi else rest[0]}
-        for u in list(nd.users):                       # getitem(with_effects, k): 0 the token, k the outputs
-            k = u.args[1]
-            if k == 0:
-                tokens.add(u.name)
-                continue
-            if multi:
-                u.args = (call, k - 1)
-            else:
-                u.replace_all_uses_with(call)
-                g.erase_node(u)
-    out = next(nd for nd in g.nodes if nd.op == "output")
-    out.args = (type(out.args[0])(a for a in out.args[0] if not (isinstance(a, fx.Node) and a.name in tokens)),)
-    for nd in reversed(list(g.nodes)):
-        if nd.name in tokens or nd.target is we:
-            g.erase_node(nd)
-    gm.recompile()
-
-
-def _assigned_params(ep):
-    """A parameter changed in place under no_grad inside forward (``w.clamp_(...)``, max-norm constraints)
-    stays the leaf eager differentiates: its later uses read mbcompile::assigned(new, w) (new's values,
-    w's gradient) instead of the detached new value."""
-    sig, g = ep.graph_signature, ep.graph_module.graph
-    ph = {nd.name: nd for nd in g.nodes if nd.op == "placeholder"}
-    param_of = {t: ph[s.arg.name] for s in sig.input_specs if s.kind == InputKind.PARAMETER for t in [s.target]}
-    out = next(nd for nd in g.nodes if nd.op == "output")
-    for spec, val in zip(sig.output_specs, out.args[0]):
-        if spec.kind != OutputKind.PARAMETER_MUTATION or not isinstance(val, fx.Node):
-            continue
-        for det in [u for u in val.users if u.target is aten.detach.default]:   # the no_grad block's output
-            with g.inserting_after(det):
-                new = g.call_function(mb.assigned.default, (val, param_of[spec.target]))
-            new.meta = dict(det.meta)
-            det.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-    ep.graph_module.recompile()
-
-
-def _detach_no_grad_regions(gm):
-    """``with torch.no_grad():`` inside forward is a wrap_with_set_grad_enabled(False, submod, ...) in
-    export's graph, and run_decompositions inlines it as ordinary ops: gradients would flow through
-    what eager computed without them. Detach the region's outputs first (detach is kept)."""
-    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
-    if hop is None:
-        return
-    g = gm.graph
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not hop or node.args[0] is not False:
-            continue
-        for user in list(node.users):               # getitem(region, i)
-            with g.inserting_after(user):
-                det = g.call_function(aten.detach.default, (user,))
-            det.meta = dict(user.meta)
-            user.replace_all_uses_with(det, delete_user_cb=lambda u, d=det: u is not d)
-    gm.recompile()
 
 
 def _prepass(gm, consts):

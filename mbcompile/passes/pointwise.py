@@ -59,7 +59,7 @@ defelementwise(aten.clone, aten.contiguous, aten._to_copy, aten.alias, aten.deta
                aten.mish, aten.relu, aten.logit, aten.clamp, aten.clamp_min, aten.clamp_max,
                aten._conj, aten.positive, aten.to.dtype, aten.type_as, aten.native_dropout_backward,
                aten._conj_physical, aten.polar.default, aten.complex.default)
-defelementwise(torch.ops.mbcompile.assigned.default)   # new's values, old's gradient (capture._assigned_params)
+defelementwise(torch.ops.mbcompile.assigned.default)   # new's values, old's gradient (graph_fixes._assigned_params)
 
 
 @rule(aten.masked_fill.Tensor)
