@@ -266,7 +266,7 @@ class GradScaler:
             return
         if len(state_dict) == 0:
             raise StateError("The source state dict is empty, possibly because it was saved from a disabled "
-                               "instance of GradScaler.")
+                             "instance of GradScaler.")
         n = state_dict.get("n", self.n)
         if n != self.n:
             raise InvalidInputError(f"state dict is for n={n} models, this scaler has n={self.n}")

@@ -203,7 +203,7 @@ class TrainStep:
         for k, v in loss_kwargs.items():
             if k in ("scaler", "grad_scaler") or isinstance(v, (GradScaler, torch.amp.GradScaler)):
                 raise InvalidInputError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
-                                 "per model on the host); use the normal loop with mbcompile.GradScaler")
+                                        "per model on the host); use the normal loop with mbcompile.GradScaler")
             if k == "closure":
                 raise InvalidInputError("mbcompile.train_step computes the loss itself and takes no closure")
         self.per_model = bool(getattr(optimizer, "_mbcompile_per_model", False))
@@ -215,7 +215,7 @@ class TrainStep:
         else:
             if isinstance(optimizer, torch.optim.LBFGS):
                 raise InvalidInputError("mbcompile.train_step does not support closure-based optimizers (LBFGS "
-                                 "re-evaluates the model several times per step)")
+                                        "re-evaluates the model several times per step)")
             if kind not in ("SGD", "Adam", "AdamW") or len(optimizer.param_groups) != 1:
                 from .optim import supported_optimizers
                 names = ", ".join(c.__name__ for c in supported_optimizers())
@@ -226,7 +226,7 @@ class TrainStep:
             g = optimizer.param_groups[0]
             if g.get("amsgrad") or g.get("maximize") or g.get("differentiable"):
                 raise InvalidInputError("mbcompile.train_step with a torch.optim optimizer does not support amsgrad, "
-                                 "maximize or differentiable (mbcompile.optimizer(batched, ...) supports them)")
+                                        "maximize or differentiable (mbcompile.optimizer(batched, ...) supports them)")
         self.kind = kind
         self.max_grad_norm = max_grad_norm
         self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
@@ -387,7 +387,7 @@ class TrainStep:
             mine = {id(p) for p in self.opt._params}
             if any(id(flat[i]) not in mine for i in pidx):
                 raise InvalidInputError("mbcompile.train_step: the optimizer does not hold every trainable "
-                                 "parameter of the batched module")
+                                        "parameter of the batched module")
         return pidx
 
     def _compile(self, prog, slot, pidx, flat, n_tail, update, clip):

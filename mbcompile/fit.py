@@ -257,7 +257,7 @@ class _Router:
         self.expand = self.mode != "per_model" and getattr(run.batched, "_in_dims", None) == 0
         if self.mode == "per_model" and getattr(run.batched, "_in_dims", 0) is None:
             raise InvalidInputError("data='per_model' feeds inputs of shape [n, B, ...]: build the batch with "
-                             "mbcompile.batch(..., in_dims=0)")
+                                    "mbcompile.batch(..., in_dims=0)")
 
     def __call__(self, batch):
         if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
@@ -273,7 +273,7 @@ class _Router:
         if self.mode == "weights":
             if w is None:
                 raise InvalidInputError("data='weights' needs batches (inputs, target, weights) with weights [n, B] "
-                                 "(bool mask or float weights)")
+                                        "(bool mask or float weights)")
             if w.dim() != 2 or w.shape[0] not in (run.n_total, run.n):
                 raise InvalidInputError(f"weights must be [n, B] with n={run.n_total}, got {tuple(w.shape)}")
             return x, y, None, _select(w, rows, run.n_total, run.n)
@@ -344,7 +344,7 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     for s in schedulers:
         if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
             raise InvalidTypeError("torch's ReduceLROnPlateau compares one number for all models; use "
-                            "mbcompile.optim.ReduceLROnPlateau(opt, ...), which keeps one per model")
+                                   "mbcompile.optim.ReduceLROnPlateau(opt, ...), which keeps one per model")
     if scheduler_interval not in ("epoch", "step"):
         raise InvalidInputError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     if not getattr(optimizer, "_mbcompile_per_model", False):
@@ -354,11 +354,11 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
         raise InvalidInputError(f"the optimizer is for {optimizer.n} models, the batch has {n_total}")
     if isinstance(train_data, collections.abc.Iterator):
         raise InvalidTypeError("train_data is a one-shot iterator; pass something iterable once per epoch "
-                        "(a DataLoader, a list of batches, mbcompile.data.SharedLoader/PerModelLoader)")
+                               "(a DataLoader, a list of batches, mbcompile.data.SharedLoader/PerModelLoader)")
     if fused and (scaler is not None or autocast is not None or data not in ("shared", "per_model")):
         raise InvalidInputError("fit(fused=True) runs each step as one compiled program (mbcompile.train_step), "
-                         "which takes neither a GradScaler nor autocast, and only data='shared' or "
-                         "'per_model'; pass fused=False for this run")
+                                "which takes neither a GradScaler nor autocast, and only data='shared' or "
+                                "'per_model'; pass fused=False for this run")
     metric_fns = _metric_fns(metrics)
     callbacks = list(callbacks)
     callbacks.sort(key=lambda cb: isinstance(cb, Checkpoint))  # checkpoints see the other callbacks' effects
@@ -411,7 +411,7 @@ def _resume_path(resume, callbacks):
         cps = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
         if not cps:
             raise InvalidInputError("resume=True resumes from the Checkpoint callback's file, but no Checkpoint "
-                             "callback was given; pass resume=path instead")
+                                    "callback was given; pass resume=path instead")
         return cps[0].path if os.path.exists(cps[0].path) else None
     return os.fspath(resume)
 

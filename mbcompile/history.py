@@ -145,7 +145,7 @@ class History:
         i = self.best_model() if i == "best" else int(i)
         if self.batched is None:
             raise InvalidInputError("this history is not attached to a batch (history.batched is None); "
-                             "use mbcompile.export_model(batched, i, path) instead")
+                                    "use mbcompile.export_model(batched, i, path) instead")
         if i in self.active:
             return self.batched.unbatch(self.active.index(i))
         if i in self.retired:

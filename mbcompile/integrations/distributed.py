@@ -123,7 +123,7 @@ def run(n: int, build, train, *, mode: str = "min") -> ShardedResult:
     better with ``mode="min"``). Metrics are gathered to every rank, the best model to rank 0."""
     if not dist.is_initialized():
         raise StateError("mbcompile.integrations.distributed.run needs a process group: wrap it in "
-                           "`with process_group():` (launched by torchrun) or call dist.init_process_group")
+                         "`with process_group():` (launched by torchrun) or call dist.init_process_group")
     ids = shard(n)
     batched = build(ids)
     if getattr(batched, "n", None) != len(ids):

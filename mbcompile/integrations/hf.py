@@ -90,16 +90,16 @@ class BatchedTrainer(Trainer):
         opt = (kwargs.get("optimizers") or (None, None))[0]
         if opt is not None and not getattr(opt, "_mbcompile_per_model", False):
             raise InvalidInputError("optimizers=(opt, sched): opt must be mbcompile.optimizer(batched, ...); a plain "
-                             "torch optimizer would treat the n models as one")
+                                    "torch optimizer would treat the n models as one")
         self.optim_cls, self.optim_kwargs = optim_cls, dict(optim_kwargs or {})
         self.per_model_max_grad_norm = max_grad_norm
         super().__init__(model=model, args=args, **kwargs)
         if self.args.fp16:
             raise InvalidInputError("fp16 uses one GradScaler for all models (an overflow in one would skip every "
-                             "model's step); use bf16, or a manual loop with mbcompile.GradScaler")
+                                    "model's step); use bf16, or a manual loop with mbcompile.GradScaler")
         if self.args.label_smoothing_factor:
             raise InvalidInputError("label_smoothing_factor is not supported: give the models a loss with "
-                             "label smoothing (e.g. a compute_loss_func returning the [n] losses)")
+                                    "label smoothing (e.g. a compute_loss_func returning the [n] losses)")
         template = type(model._template)
         if self.args.label_names is None:
             self.label_names = find_labels(template)
