@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import traceback
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -123,7 +124,8 @@ def _refuse_data_dependent_shapes(gm, template):
                     f"({nd.target} -> shape {tuple(t.shape)}), at {source_line(nd)}: each model could get its own "
                     f"size, which one batched graph cannot hold. Keep shapes fixed: mask with torch.where or a "
                     f"multiplication instead of indexing with a boolean mask (the data-dependent counterpart of "
-                    f"torch.cond for control flow).")
+                    f"torch.cond for control flow); count with torch.zeros(N).index_add_(0, idx, ones) instead "
+                    f"of torch.bincount.")
 
 
 def _size_from_data(e, template):
@@ -156,11 +158,18 @@ def capture(template, args, kwargs, consts) -> Captured:
     try:
         with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
                 _gradient_changers() as seen:
-            ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+            with warnings.catch_warnings():                  # nn.LSTM's flat weights: export's own notice
+                warnings.filterwarnings("ignore", message=".*were assigned during export.*")
+                ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):
             raise CaptureError(f"{rnn.PACKED_SEQUENCE_MESSAGE}\nExport said: {str(e).splitlines()[0][:300]}") from e
+        if "fake tensor in the exported program constant" in str(e):   # x.data / p.data.mul_(...) in forward
+            raise CaptureError(
+                f"{type(template).__name__}.forward uses .data of a tensor (e.g. p.data.mul_(m) for a momentum "
+                f"encoder), which export cannot follow. Write it on the tensor itself inside torch.no_grad(): "
+                f"p.mul_(m).add_(q.detach(), alpha=1 - m).\n  at {_user_frame(e, template)}") from e
         if "Could not extract specialized integer" in str(e):     # a size or a count, not a branch
             raise _size_from_data(e, template) from e
         if _data_dependent(e):

@@ -104,3 +104,19 @@ def test_a_per_model_rate_read_outside_its_module_is_refused_not_given_model_0s_
     out = mbcompile.batch([ReadsDropoutRate(0.3) for _ in range(2)])(torch.randn(3, 4))  # same rate: fine
     assert out.shape == (2, 3, 4)
     mbcompile.batch(models).eval()(torch.randn(3, 4))                   # eval: the rate is not used
+
+
+class MomentumEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        for pq, pk in zip(self.q.parameters(), self.k.parameters()):
+            pk.data.mul_(0.9).add_(pq.data, alpha=0.1)
+        return self.q(x) + self.k(x).detach()
+
+
+def test_data_in_forward_is_a_capture_error_with_the_fix():
+    with pytest.raises(mbcompile.CaptureError, match=r"uses .data.*torch.no_grad"):
+        mbcompile.batch(MomentumEncoder(), n=2)(torch.randn(3, 4))
