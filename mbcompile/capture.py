@@ -192,7 +192,9 @@ def capture(template, args, kwargs, consts) -> Captured:
     _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)
     try:
-        ep = ep.run_decompositions(decomposition_table())
+        with warnings.catch_warnings():                      # torch's own deprecation notice (LeafSpec)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            ep = ep.run_decompositions(decomposition_table())
     except Exception as e:  # noqa: BLE001 - torch's own limits (e.g. a tied weight renormalised in place)
         raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
                            f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
