@@ -183,6 +183,12 @@ class BatchedModule(nn.Module):
     # ---- structure -------------------------------------------------------------------------------
     def _build_tree(self, models):
         base = models[0]
+        taken = [k for k in [*base._modules, *base._parameters, *base._buffers] if hasattr(type(self), k)]
+        if taken:
+            raise InvalidInputError(
+                f"the model has a top-level submodule, parameter or buffer named {taken[0]!r}, which is also an "
+                f"attribute of the batched module (batched.{taken[0]}); rename it, or batch a container holding "
+                f"the model (nn.Sequential(model) names its parameters '0.*')")
         shells = {"": self}
         by_id = {id(base): self}
         for path, mod in base.named_modules(remove_duplicate=False):
@@ -321,8 +327,8 @@ class BatchedModule(nn.Module):
         stacked params/buffers, constants, user tensors, then the per-model RNG states."""
         fast = not kwargs and all(type(a) is torch.Tensor for a in args)
         if fast:                                     # positional tensors only: one dict lookup per call
-            fkey = (tuple((a.shape, a.dtype, a.device) for a in args), self._modes(), self._randomness,
-                    self._n, self._in_dims, _autocast_key(), self._param_dtype())
+            fkey = (tuple((a.shape, a.stride(), a.dtype, a.device) for a in args), self._modes(),
+                    self._randomness, self._n, self._in_dims, _autocast_key(), self._param_dtype())
             cache = self.__dict__.setdefault("_fast_programs", {})
             hit = cache.get(fkey)
             if hit is not None and self._programs.get(hit[3]) is hit[0]:
@@ -343,9 +349,10 @@ class BatchedModule(nn.Module):
                 raise InvalidInputError(f"input {k} is per-model (in_dims), so its leading dim must be n={self._n}; "
                                         f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
         device = next(iter(self.parameters()), torch.empty(0)).device
-        key = (spec, tuple((tuple(x.shape), x.dtype, x.device, d) if isinstance(x, torch.Tensor) else ("c", repr(x))
-                           for x, d in zip(leaves, dims)), self._modes(), self._randomness, self._n,
-               _autocast_key(), self._param_dtype())
+        # strides too: the traced program keeps the views its first inputs allowed
+        key = (spec, tuple((tuple(x.shape), x.stride(), x.dtype, x.device, d) if isinstance(x, torch.Tensor)
+                           else ("c", repr(x)) for x, d in zip(leaves, dims)), self._modes(), self._randomness,
+               self._n, _autocast_key(), self._param_dtype())
         prog = self._programs.get(key)
         if prog is None:
             cuda = [device.index or 0] if device.type == "cuda" else []

@@ -173,10 +173,13 @@ def capture(template, args, kwargs, consts) -> Captured:
         if "Could not extract specialized integer" in str(e):     # a size or a count, not a branch
             raise _size_from_data(e, template) from e
         if _data_dependent(e):
+            dists = any("/torch/distributions/" in fr.filename for fr in traceback.extract_tb(e.__traceback__))
             raise CaptureError(
                 f"{type(template).__name__}.forward has data-dependent Python control flow, which one "
                 f"captured graph cannot express. Rewrite the branch with torch.cond (or torch.where for "
                 f"elementwise choices) so that every model takes its own branch inside the graph.\n"
+                + ("  (here torch.distributions checks its arguments: pass validate_args=False, or call "
+                   "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "") +
                 f"  branch at {_user_frame(e, template)}\n"
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
         raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
@@ -294,6 +297,9 @@ def _prepass(gm, consts):
                                    node.meta["val"].device)
             _replace(g, node, new, order, inplace=t._schema.name.endswith("_"))
     gm.recompile()
+    for _, sub in gm.named_children():              # the body of a no_grad block (a wrap_with_set_grad_enabled
+        if isinstance(sub, fx.GraphModule):        # subgraph), inlined later by run_decompositions
+            _prepass(sub, consts)
 
 
 def _arg(node, i, name, default):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidTypeError
 
 
 def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
@@ -11,6 +11,9 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
 
     ``target`` is shared ([B, ...]) or per model ([n, B, ...]); with ``target_in_dim="auto"`` a
     leading size of n (different from B) means per model, B means shared, and n == B is ambiguous."""
+    if not isinstance(out, torch.Tensor):
+        raise InvalidTypeError(f"mbcompile.loss takes the [n, ...] output tensor the loss applies to, got "
+                               f"{type(out).__name__}; for a model returning several outputs pass that one (out[0])")
     n = out.shape[0]
     if target_in_dim == "auto":
         if not isinstance(target, torch.Tensor) or target.dim() == 0:

@@ -120,3 +120,37 @@ class MomentumEncoder(nn.Module):
 def test_data_in_forward_is_a_capture_error_with_the_fix():
     with pytest.raises(mbcompile.CaptureError, match=r"uses .data.*torch.no_grad"):
         mbcompile.batch(MomentumEncoder(), n=2)(torch.randn(3, 4))
+
+
+def test_a_top_level_name_that_is_a_batched_attribute_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.n = nn.Linear(4, 4), nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.n(self.c(x))
+
+    with pytest.raises(ValueError, match="named 'n'.*nn.Sequential"):
+        mbcompile.batch([M(), M()])
+    out = mbcompile.batch([nn.Sequential(M()), nn.Sequential(M())])(torch.randn(3, 4))
+    assert out.shape == (2, 3, 4)
+
+
+def test_loss_of_a_tuple_output_says_which_to_pass():
+    with pytest.raises(TypeError, match=r"out\[0\]") as info:
+        mbcompile.loss(torch.nn.functional.mse_loss, (torch.randn(2, 3, 4),), torch.randn(3, 4))
+    assert isinstance(info.value, mbcompile.MBCompileError)
+
+
+def test_distribution_argument_checks_get_the_validate_args_hint():
+    class Flow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.distributions.Normal(0.0, 1.0).log_prob(self.l(x)).sum(-1)
+
+    with pytest.raises(mbcompile.CaptureError, match="validate_args=False"):
+        mbcompile.batch(Flow(), n=2)(torch.randn(4, 3))

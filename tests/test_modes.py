@@ -117,3 +117,16 @@ def test_changing_the_parameters_dtype_after_the_first_call(compile):
     assert out.dtype == F64
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.double().eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_new_input_layout_gets_its_own_program():
+    """The traced program keeps the views its first input allowed: an expanded (stride 0) input of the
+    same shape later is a new signature, not a crash (conv's im2col lowering views its input)."""
+    models = [nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)).double() for _ in range(3)]
+    b = mbcompile.batch(copy.deepcopy(models), in_dims=0)
+    real = torch.randn(5, 2, 4, 4, dtype=F64)
+    with mbcompile.lowering.force(conv="unfold"):
+        b(torch.randn(3, 5, 2, 4, 4, dtype=F64))
+        out = b(real.expand(3, *real.shape))
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(real), rtol=1e-12, atol=1e-12)

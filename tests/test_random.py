@@ -352,3 +352,36 @@ def test_attention_dropout_rate_per_model():
         out = b(x)
     for i, r in enumerate(refs):
         torch.testing.assert_close(out[i], r.eval()(x), rtol=1e-12, atol=1e-12)
+
+
+class NoGradSampler(nn.Module):
+    """Random draws inside a no_grad block of forward (torch.distributions' sample() wraps its draw so)."""
+    def __init__(self):
+        super().__init__()
+        self.mu, self.l = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        m = self.mu(x)
+        with torch.no_grad():
+            eps = torch.randn_like(m)
+            keep = F.dropout(torch.ones_like(m), 0.5, True)
+        a = torch.distributions.Normal(m, 1.0, validate_args=False).sample()
+        return self.l(m + eps * keep + a)
+
+
+def test_random_ops_inside_no_grad_blocks_draw_per_model():
+    seeds = [3, 4, 5]
+    models = [NoGradSampler().double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, seeds=seeds, strict=True)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    g = torch.get_rng_state()
+    out = b(x)
+    assert torch.equal(g, torch.get_rng_state())               # the global stream did not move
+    out.square().sum().backward()
+    for i, r in enumerate(refs):
+        torch.manual_seed(seeds[i])
+        want = r(x)
+        want.square().sum().backward()
+        torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.get_parameter("mu.weight").grad[i], r.mu.weight.grad, rtol=1e-10, atol=1e-12)
