@@ -150,7 +150,7 @@ def test_distribution_argument_checks_get_the_validate_args_hint():
             self.l = nn.Linear(3, 3)
 
         def forward(self, x):
-            return torch.distributions.Normal(0.0, 1.0).log_prob(self.l(x)).sum(-1)
+            return torch.distributions.Normal(0.0, 1.0, validate_args=True).log_prob(self.l(x)).sum(-1)
 
     with pytest.raises(mbcompile.CaptureError, match="validate_args=False"):
         mbcompile.batch(Flow(), n=2)(torch.randn(4, 3))
