@@ -16,7 +16,7 @@ from .errors import CaptureError, InvalidInputError, source_line
 from .passes import RULES
 from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
-                         _no_causal_mask_detection)
+                         _no_causal_mask_detection, _no_kv_cache)
 from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
                           _tensor_indices, _undetach_renorm)
 
@@ -84,7 +84,8 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
             setattr(mod, attr, next(v for v in vals if v != vals[0]))
             what.append(f"{path}.{attr}")
     try:
-        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template):
+        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
+                _no_kv_cache(template):
             other = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
     finally:
         for mod, attr, v in saved:
@@ -157,7 +158,7 @@ def capture(template, args, kwargs, consts) -> Captured:
     t0 = time.perf_counter()
     try:
         with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
-                _gradient_changers() as seen:
+                _no_kv_cache(template), _gradient_changers() as seen:
             with warnings.catch_warnings():                  # nn.LSTM's flat weights: export's own notice
                 warnings.filterwarnings("ignore", message=".*were assigned during export.*")
                 ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)

@@ -72,6 +72,22 @@ def _gradient_changers():
 
 
 @contextlib.contextmanager
+def _no_kv_cache(template):
+    """A transformers decoder with ``config.use_cache`` returns a key/value cache object (DynamicCache),
+    which is no tensor pytree; training never reads it. Capture with ``use_cache=False`` (the output's
+    ``past_key_values`` is None); a call passing ``use_cache=True`` itself is still refused."""
+    cfg = getattr(template, "config", None)
+    on = bool(getattr(cfg, "use_cache", False))
+    if on:
+        cfg.use_cache = False
+    try:
+        yield
+    finally:
+        if on:
+            cfg.use_cache = True
+
+
+@contextlib.contextmanager
 def _dataclass_outputs(template):
     """A plain @dataclass in the output (not registered with pytree) is registered as one when forward
     returns it, so that export can flatten it (as it does a transformers ModelOutput)."""

@@ -95,6 +95,33 @@ def test_gpt2_tied_weights_dropout_and_loss_match_each_model_alone(gpt2_batch):
     grads_match(batched, models)    # lm_head/wte: one stacked tensor gets both gradient contributions
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoder_with_the_default_use_cache(arch):
+    """A decoder's default config returns a key/value cache object: captured with use_cache=False (its
+    past_key_values is None), outputs and gradients still each model's own."""
+    torch.manual_seed(1)
+    if arch == "gpt2":
+        make = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # noqa: E731
+            vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
+    else:
+        make = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
+            vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    models = [make().double().eval() for _ in range(2)]
+    assert models[0].config.use_cache
+    batched = mbcompile.batch(copy.deepcopy(models))
+    ids, mask = inputs()
+    out = batched(input_ids=ids, attention_mask=mask, labels=ids)
+    assert out.past_key_values is None and batched._template.config.use_cache
+    out.loss.sum().backward()
+    for i, m in enumerate(models):
+        o = m(input_ids=ids, attention_mask=mask, labels=ids)
+        o.loss.backward()
+        torch.testing.assert_close(out.logits[i], o.logits, **TOL)
+        torch.testing.assert_close(out.loss[i], o.loss, rtol=1e-5, atol=1e-6)
+    grads_match(batched, models)
+
+
 def test_unbatch_save_pretrained_roundtrip(gpt2_batch, tmp_path):
     _, batched = gpt2_batch
     with torch.no_grad():

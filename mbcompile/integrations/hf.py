@@ -1,7 +1,7 @@
 """HuggingFace transformers: train a batch of HF models with ``transformers.Trainer``.
 
 ``mbcompile.batch`` captures HF models as they are (tied weights, non-persistent buffers, attention
-masks; GPT-2 needs ``use_cache=False``) and returns their ``ModelOutput`` with every tensor leaf
+masks; a decoder's key/value cache is off while capturing: ``past_key_values`` is None) and returns their ``ModelOutput`` with every tensor leaf
 ``[n, ...]`` (``out.loss`` is ``[n]``). :class:`BatchedTrainer` is a ``Trainer`` whose
 
 * optimizer is ``mbcompile.optimizer(batched, optim_cls, **optim_kwargs)`` (one param group per model,
