@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch.export.graph_signature import InputKind, OutputKind
 
 from . import ops
-from .errors import CaptureError, InvalidInputError, source_line
+from .errors import CaptureError, CaptureTypeError, CaptureValueError, InvalidInputError, source_line
 from .passes import RULES
 from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
@@ -183,8 +183,10 @@ def capture(template, args, kwargs, consts) -> Captured:
                    "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "") +
                 f"  branch at {_user_frame(e, template)}\n"
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
-        raise CaptureError(f"torch.export could not capture {type(template).__name__}.forward: "
-                           f"{type(e).__name__}: {str(e)[:2000]}") from e
+        cls = CaptureValueError if isinstance(e, ValueError) else CaptureTypeError if isinstance(e, TypeError) \
+            else CaptureError                             # forward's own error keeps its builtin type
+        raise cls(f"torch.export could not capture {type(template).__name__}.forward: "
+                  f"{type(e).__name__}: {str(e)[:2000]}") from e
     if seen:
         raise CaptureError(f"{type(template).__name__}.forward {seen[0]}. The batched graph keeps forward's ops only, "
                            f"so its backward would not run that and the gradients would differ. Write it with "

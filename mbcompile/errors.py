@@ -13,6 +13,15 @@ class UnsupportedOpError(MBCompileError):
     """An op has no batching rule and the fallback is off (``strict=True``)."""
 
 
+class CaptureValueError(CaptureError, ValueError):
+    """forward itself raised a ValueError while being captured (as it would alone, e.g. BatchNorm in train
+    mode on one value per channel): still a ValueError for ``except ValueError``."""
+
+
+class CaptureTypeError(CaptureError, TypeError):
+    """forward itself raised a TypeError while being captured."""
+
+
 # Bad input of the usual kinds: each is also the builtin exception a caller would expect.
 class InvalidInputError(MBCompileError, ValueError):
     """A wrong value: sizes, mismatched models, options."""

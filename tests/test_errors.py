@@ -154,3 +154,10 @@ def test_distribution_argument_checks_get_the_validate_args_hint():
 
     with pytest.raises(mbcompile.CaptureError, match="validate_args=False"):
         mbcompile.batch(Flow(), n=2)(torch.randn(4, 3))
+
+
+def test_forward_own_value_error_stays_a_value_error():
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel") as info:
+        mbcompile.batch(m, n=2)(torch.randn(1, 3, 1, 1))
+    assert isinstance(info.value, mbcompile.CaptureError)

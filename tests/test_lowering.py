@@ -356,3 +356,16 @@ def test_concat_t_returns_a_contiguous_model_major_result():
     assert out.shape == (3, 5, 4) and out.is_contiguous()
     for i in range(3):
         torch.testing.assert_close(out[i], F.linear(x, w[i], b[i]), rtol=1e-12, atol=1e-12)
+
+
+def test_a_candidate_that_fails_on_these_strides_is_not_chosen():
+    """conv on a batch-1 1x1 map: the grouped candidate's backward (slow_conv2d) refuses the strides a
+    fold leaves; the measurement drops it instead of failing the call."""
+    models = [nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+              .double() for _ in range(2)]
+    b = mbcompile.batch(copy.deepcopy(models))
+    x = torch.randn(1, 3, 1, 1, dtype=torch.float64)
+    out = b(x)
+    out.sum().backward()
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(x), rtol=1e-12, atol=1e-12)
