@@ -130,3 +130,17 @@ def test_a_new_input_layout_gets_its_own_program():
         out = b(real.expand(3, *real.shape))
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(real), rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_conv_norm_conv_keeps_eager_dtypes():
+    """Under CPU bf16 autocast a norm between convs returns its input's dtype alone; the batched rule
+    (per-model float32 weights) must hand the next conv the same dtype."""
+    for norm in (lambda: nn.GroupNorm(2, 8), lambda: nn.LayerNorm(8)):
+        models = [nn.Sequential(nn.Conv2d(3, 8, 1), norm(), nn.Conv2d(8, 8, 3, padding=1)) for _ in range(2)]
+        x = torch.randn(4, 3, 8, 8)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mbcompile.batch(models)(x)
+            for i, m in enumerate(models):
+                want = m(x)
+                assert out[i].dtype == want.dtype
+                torch.testing.assert_close(out[i].float(), want.float(), rtol=2e-2, atol=2e-2)

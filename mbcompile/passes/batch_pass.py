@@ -103,6 +103,7 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
     if rule is not None:
         try:
             out, d = rule(ctx, args, dims, kwargs)
+            out = _eager_dtype(node, out)
             if records is not None:
                 records.append(Record(node.name, op_name(target), f"rule {rule.__module__.rsplit('.', 1)[-1]}."
                                       f"{rule.__name__}", ctx.notes, module_path(node), source_line(node)))
@@ -110,6 +111,21 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
         except NotImplementedError as e:
             why = f"rule declined: {e}"
     return _fallback(node, target, args, dims, kwargs, n, strict or not fallback, records, why)
+
+
+def _eager_dtype(node, out):
+    """The dtype the op has in the captured graph: a rule that computes with per-model weights may
+    promote (group_norm on a bf16 input with float32 weights under autocast returns bf16 alone)."""
+    def fix(o, w):
+        if isinstance(o, torch.Tensor) and isinstance(w, torch.Tensor) and o.dtype != w.dtype \
+                and o.dtype.is_floating_point and w.dtype.is_floating_point:
+            return o.to(w.dtype)
+        return o
+
+    want = node.meta.get("val")
+    if isinstance(out, (tuple, list)) and isinstance(want, (tuple, list)) and len(out) == len(want):
+        return type(out)(fix(o, w) for o, w in zip(out, want))
+    return fix(out, want)
 
 
 def _seeded(target):
