@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import mbcompile
+from _streams import Streams
 
 F64 = torch.float64
 
@@ -30,18 +31,11 @@ def make(frozen=True):
     return m
 
 
-def streams(seeds):
-    """Each model's own global-RNG state, as if it ran alone after torch.manual_seed(seed)."""
-    return [torch.manual_seed(s).get_state() for s in seeds]
-
-
-def check(batched, refs, x, states):
+def check(batched, refs, x, streams):
     out = batched(x)
     out.square().sum().backward()
     for i, r in enumerate(refs):
-        torch.set_rng_state(states[i])
-        want = r(x)
-        states[i] = torch.get_rng_state()
+        want = streams.run(i, r, x)
         want.square().sum().backward()
         torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(batched.get_parameter("0.weight").grad[i], r[0].weight.grad)
@@ -56,10 +50,10 @@ def test_frozen_batchnorm_inside_a_training_model():
     batched = mbcompile.batch(models, seeds=seeds, strict=True)
     assert batched.training and not batched.get_submodule("1").training
     x = torch.randn(5, 3, 6, 6, dtype=F64)
-    states = streams(seeds)
-    check(batched, refs, x, states)
+    streams = Streams(seeds)
+    check(batched, refs, x, streams)
     before = refs[0][1].running_mean.clone()
-    check(batched, refs, x, states)                    # dropout still on, the bn's stats unchanged
+    check(batched, refs, x, streams)                    # dropout still on, the bn's stats unchanged
     assert torch.equal(refs[0][1].running_mean, before)
     assert torch.equal(batched.get_buffer("1.running_mean")[0], before)
     m1 = batched.unbatch(1)                            # model 1 comes back with the same modes
@@ -72,16 +66,16 @@ def test_switching_a_submodule_mode_recaptures():
     refs = copy.deepcopy(models)
     batched = mbcompile.batch(models, seeds=seeds)
     x = torch.randn(4, 3, 6, 6, dtype=F64)
-    states = streams(seeds)
-    check(batched, refs, x, states)
+    streams = Streams(seeds)
+    check(batched, refs, x, streams)
     batched.get_submodule("1").eval()                  # freeze the bn now, on the batched module
     for r in refs:
         r[1].eval()
-    check(batched, refs, x, states)
+    check(batched, refs, x, streams)
     batched.train()                                    # and unfreeze it again
     for r in refs:
         r.train()
-    check(batched, refs, x, states)
+    check(batched, refs, x, streams)
 
 
 def test_models_in_different_modes_are_refused():

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mbcompile
+from _streams import Streams
 
 SEEDS = [3, 17, 101]
 
@@ -335,14 +336,12 @@ def test_attention_dropout_rate_per_model():
     refs = copy.deepcopy(models)
     b = mbcompile.batch(models, seeds=seeds, strict=True)
     x = torch.randn(2, 5, d, dtype=torch.float64)
-    states = [torch.manual_seed(s).get_state() for s in seeds]
+    streams = Streams(seeds)
     for _ in range(2):                                         # the streams continue
         out = b(x)
         out.square().sum().backward()
         for i, r in enumerate(refs):
-            torch.set_rng_state(states[i])
-            o = r(x)
-            states[i] = torch.get_rng_state()
+            o = streams.run(i, r, x)
             o.square().sum().backward()
             torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(b.get_parameter("self_attn.in_proj_weight").grad[i],
