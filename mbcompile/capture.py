@@ -84,9 +84,7 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
             setattr(mod, attr, next(v for v in vals if v != vals[0]))
             what.append(f"{path}.{attr}")
     try:
-        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
-                _no_kv_cache(template):
-            other = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+        other = _export(template, args, kwargs)[0]
     finally:
         for mod, attr, v in saved:
             setattr(mod, attr, v)
@@ -152,16 +150,21 @@ def _user_frame(e, model):
     return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
 
 
+def _export(template, args, kwargs):
+    """torch.export of the template under what capture changes while it traces (export_ctx.py); also
+    returns what forward did that gives gradients of its own."""
+    with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
+            _no_kv_cache(template), _gradient_changers() as seen, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*were assigned during export.*")   # nn.LSTM's flat weights
+        return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen
+
+
 def capture(template, args, kwargs, consts) -> Captured:
     """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
     import time
     t0 = time.perf_counter()
     try:
-        with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
-                _no_kv_cache(template), _gradient_changers() as seen:
-            with warnings.catch_warnings():                  # nn.LSTM's flat weights: export's own notice
-                warnings.filterwarnings("ignore", message=".*were assigned during export.*")
-                ep = torch.export.export(template, tuple(args), dict(kwargs), strict=False)
+        ep, seen = _export(template, args, kwargs)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):

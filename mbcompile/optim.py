@@ -64,10 +64,6 @@ _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 # --------------------------------------------------------------------------------------------------
 # hyperparameter handling
 # --------------------------------------------------------------------------------------------------
-def _listed(v) -> list:
-    return v if isinstance(v, list) else [v]
-
-
 def _model_count(batched) -> int:
     n = getattr(batched, "n", None)
     if not isinstance(n, int) or n < 1:
@@ -990,15 +986,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         that share every hyperparameter. Model i's update is bit for bit that of its own fused optimizer."""
         hp = self._gather_hparams()
         keys = self._rule.keys                 # lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled
-        sts = []
-        for p in params:
-            st = self.state[p]
-            if len(st) == 0:
-                self._rule.init_state(self, p, st, hp)
-            if "max_exp_avg_sq" not in st and any(_listed(hp["amsgrad"])):
-                st["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1 if act is None else torch.tensor(act, dtype=st["step"].dtype)
-            sts.append(st)
+        sts = [st for _, st, _ in self._host_prep(params, act, hp)[1]]   # state, steps advanced, amsgrad's max
         sets: dict = {}
         for i in range(self.n):
             if act is None or act[i]:
@@ -1016,14 +1004,14 @@ class BatchedOptimizer(torch.optim.Optimizer):
                [st["step"][i:i + 1] for i in models for st in sts], lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
                weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=h["amsgrad"], maximize=h["maximize"])
 
-    def _host_prep(self, params: list[Tensor], act: list | None):
+    def _host_prep(self, params: list[Tensor], act: list | None, hp: dict | None = None):
         """The host-side part of a step over ``params`` (the parameters that have a gradient), for the
         models ``act`` (None: all; from :meth:`_active_list`, not all False): create missing state,
         advance the step counters of the stepping models, compute the per-model scalars
         (``rule.prep``, ``rule.scalar_state``).  Returns the context and ``[(p, state, sc)]``; what is
         left is the tensor work, ``rule.apply`` per parameter (eagerly, or :func:`_apply_all` in a
         compiled program: ``step(compile=True)`` and :func:`mbcompile.train_step`)."""
-        hp = self._gather_hparams()
+        hp = self._gather_hparams() if hp is None else hp
         rule = self._rule
         c = _Ctx(self.n, act, workspace=self._workspace)
         act_cpu = None if act is None else torch.tensor(act)
