@@ -158,7 +158,7 @@ class MBCompileStep(MBCompile):
         import mbcompile
         self.batched = mbcompile.batch(models)
         self.opt = mbcompile.optimizer(self.batched, torch.optim.Adam, lr=[LR] * self.n)
-        self.fn = mbcompile.train_step(self.batched, workload.loss, self.opt)
+        self.fn = mbcompile.train_step(self.batched, workload.loss, self.opt, target_in_dim=None)
         self.info["optimizer"] = ("mbcompile.train_step with mbcompile.optimizer(Adam, lr=[per model]), "
                                   "one compiled program")
 

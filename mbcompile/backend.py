@@ -23,6 +23,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 from .errors import InvalidInputError
+from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
 STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
 GRAPH_PASSES: list = []           # fn(gm) -> bool (changed); run in order before Inductor
@@ -195,7 +196,10 @@ class TrainStep:
     eager. Not supported: a GradScaler (mixed-precision loss scaling), closure-based optimizers
     (LBFGS), other optimizers. As in the normal loop, a tied parameter is updated once with the sum of its
     uses' gradients, and one the loss does not depend on (grad None there) is skipped: no update, no
-    optimizer state. Returns the per-model losses, shape [n] (detached)."""
+    optimizer state. Returns the per-model losses, shape [n] (detached).
+
+    On CUDA the program is replayed from a CUDA graph from its third call (``mbcompile.cudagraph``; not
+    with random ops or inputs on the host); ``step.cuda_graph`` says whether the last call was, or why not."""
 
     def __init__(self, batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
         from .amp import GradScaler
@@ -232,6 +236,7 @@ class TrainStep:
         self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
         self.last_grad_norms = None
         self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
+        self.cuda_graph = None                 # the last call's program: replayed from a CUDA graph, or why not
 
     # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
     def _hp(self, params):
@@ -352,6 +357,7 @@ class TrainStep:
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
+        self.cuda_graph = fn.status
         self.opt._opt_called = True        # what torch's LR schedulers check (their wrapper of opt.step sets it)
         if max_norm is not None:
             self.last_grad_norms, res = res[-1], res[:-1]
@@ -424,8 +430,9 @@ class TrainStep:
         traced = _trace(joint, flat)
         STATS["backend_calls"] += 1
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
-            return compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
-                              decompositions=_decompositions(False))
+            fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
+                            decompositions=_decompositions(False))
+        return GraphedStep(fn, graph_unsafe(traced, flat), written_inputs(traced))     # on CUDA: replayed from a CUDA graph
 
 
 def _forward_backward(prog, gm, loss_fn, kw, a, slot, pidx, target):

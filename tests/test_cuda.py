@@ -172,3 +172,45 @@ def test_compiled_program_and_train_step_equal_eager_on_cuda():
                                          fused.named_parameters()):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"compile=True {name}: {m}")
         torch.testing.assert_close(r, p, rtol=1e-10, atol=1e-12, msg=lambda m: f"train_step {name}: {m}")
+
+
+def test_train_step_replays_a_cuda_graph_and_matches_each_model_alone():
+    """From the third call train_step replays its program from a CUDA graph: new batches every step
+    (copied into the graph's buffers), batch-norm buffers, per-model lrs changed by a scheduler, and
+    losses the caller keeps (the next replay must not overwrite them)."""
+    n, lrs = 3, [1e-3, 1e-2, 3e-2]
+    models = [BNCNN().double().to(DEV) for _ in range(n)]
+    refs = [copy.deepcopy(m) for m in models]
+    batched = mbcompile.batch(models)
+    opt = mbcompile.optimizer(batched, torch.optim.AdamW, lr=lrs)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    step = mbcompile.train_step(batched, F.cross_entropy, opt)
+    ref_opts = [torch.optim.AdamW(r.parameters(), lr=lr) for r, lr in zip(refs, lrs)]
+    ref_scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in ref_opts]
+    g = torch.Generator().manual_seed(1)
+    kept, want = [], []
+    for _ in range(6):
+        x = torch.randn(4, 3, 8, 8, generator=g, dtype=torch.float64).to(DEV)
+        y = torch.randint(0, 4, (4,), generator=g).to(DEV)
+        kept.append(step(x, y))
+        sched.step()
+        row = []
+        for r, o, s in zip(refs, ref_opts, ref_scheds):
+            loss = F.cross_entropy(r(x), y)
+            loss.backward()
+            o.step()
+            o.zero_grad()
+            s.step()
+            row.append(loss.detach())
+        want.append(torch.stack(row))
+    if DEV == "cuda":
+        assert step.cuda_graph.startswith("CUDA graph ("), step.cuda_graph
+    for k, (a, b) in enumerate(zip(kept, want)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {k}: {m}")
+    for i, r in enumerate(refs):
+        u = batched.unbatch(i)
+        for (name, p), (_, q) in zip(r.named_parameters(), u.named_parameters()):   # conv biases before
+            torch.testing.assert_close(q, p, rtol=1e-7, atol=1e-8,                   # batch norm: Adam
+                                       msg=lambda m: f"model {i} {name}: {m}")      # scales rounding up
+        for (name, p), (_, q) in zip(r.named_buffers(), u.named_buffers()):
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-9, msg=lambda m: f"model {i} {name}: {m}")
