@@ -109,10 +109,12 @@ def _sig(t):
     return t
 
 
-def choose(family, candidates, tensors, n, extra=(), grad=None):
+def choose(family, candidates, tensors, n, extra=(), grad=None, prefer=None):
     """Pick one of ``candidates`` ({name: fn(*tensors) -> Tensor}, in order of preference for ties).
     ``tensors`` may be fake (inside make_fx): timing runs on fresh real tensors of the same shapes;
-    ``grad`` says which of them need a gradient (default: all; a user's input does not)."""
+    ``grad`` says which of them need a gradient (default: all; a user's input does not).
+    ``prefer=(name, r)``: that candidate wins while its eager time is within a factor r of the fastest
+    (one that Inductor fuses, which eager timing cannot see)."""
     names = list(candidates)
     setting = _setting(family)
     if setting == "default":
@@ -126,7 +128,7 @@ def choose(family, candidates, tensors, n, extra=(), grad=None):
     ref = next(t for t in tensors if isinstance(t, torch.Tensor))
     grad = tuple(grad) if grad is not None else (True,) * len(tensors)
     key = (family, ref.device.type, ref.dtype, n, tuple(_sig(t) for t in tensors), extra, tuple(names), grad,
-           torch.get_num_threads())
+           torch.get_num_threads(), prefer)
     hit = _CACHE.get(key)
     if hit is None:
         t0 = time.perf_counter()
@@ -134,7 +136,11 @@ def choose(family, candidates, tensors, n, extra=(), grad=None):
         SPENT["measure_s"] += time.perf_counter() - t0
         best = min(names, key=lambda k: timings[k])
         ranked = ", ".join(f"{k} {timings[k] * 1e3:.3g} ms" for k in sorted(names, key=timings.get))
-        hit = _CACHE[key] = Choice(best, f"measured fwd+bwd on {ref.device.type}: {ranked}", timings)
+        why = f"measured fwd+bwd on {ref.device.type}: {ranked}"
+        if prefer is not None and prefer[0] in timings and best != prefer[0] \
+                and timings[prefer[0]] <= prefer[1] * timings[best]:
+            best, why = prefer[0], f"{why}; {prefer[0]} preferred within {prefer[1]:g}x of the fastest"
+        hit = _CACHE[key] = Choice(best, why, timings)
     return hit
 
 

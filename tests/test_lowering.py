@@ -251,13 +251,16 @@ class Attn(nn.Module):
         mask = None
         if self.mask_kind == "bool":
             mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        elif self.mask_kind == "empty_row":                # a query with no key to attend: 0s
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask[1] = False
         elif self.mask_kind == "float":
             mask = torch.linspace(-1.0, 0.0, L * L, dtype=x.dtype, device=x.device).view(L, L)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("mask_kind", [None, "bool", "float", "causal"])
-@pytest.mark.parametrize("mode", ["fused", "math"])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "empty_row", "float", "causal"])
+@pytest.mark.parametrize("mode", ["fused", "math", "broadcast"])
 def test_attention_lowerings_agree(mode, mask_kind):
     n = 3
     models = [Attn(mask_kind).double() for _ in range(n)]
@@ -369,3 +372,15 @@ def test_a_candidate_that_fails_on_these_strides_is_not_chosen():
     out.sum().backward()
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("t_pref, chosen", [(1.1e-3, "broadcast"), (1.3e-3, "math")])
+def test_a_preferred_candidate_wins_only_within_its_factor(monkeypatch, t_pref, chosen):
+    lowering.clear_cache()
+    monkeypatch.setattr(lowering, "_measure", lambda cands, tensors, grad: {"math": 1e-3, "broadcast": t_pref})
+    x = torch.randn(3, 2)
+    cands = {"math": lambda t: t * 2, "broadcast": lambda t: t + t}
+    c = lowering.choose("attention", cands, (x,), 3, prefer=("broadcast", 1.15))
+    assert c.name == chosen
+    assert ("preferred within 1.15x" in c.why) == (chosen == "broadcast")
+    lowering.clear_cache()

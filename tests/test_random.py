@@ -353,6 +353,37 @@ def test_attention_dropout_rate_per_model():
         torch.testing.assert_close(out[i], r.eval()(x), rtol=1e-12, atol=1e-12)
 
 
+class MaskedAttnDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+
+    def forward(self, x):                                      # B,L,4; query 1 attends to no key
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+        L = x.shape[1]
+        mask = torch.ones(L, L, dtype=torch.bool).tril()
+        mask[1] = False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.4)
+
+
+def test_attention_dropout_with_a_query_that_attends_to_nothing():
+    """Eager's math path gives such a query 0s (a safe softmax), not NaN; so does the batched one."""
+    seeds = [3, 4]
+    models = [MaskedAttnDropout().double() for _ in seeds]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, seeds=seeds, strict=True)
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    out = b(x)
+    out.square().sum().backward()
+    streams = Streams(seeds)
+    for i, r in enumerate(refs):
+        o = streams.run(i, r, x)
+        assert not o.isnan().any() and (o[:, :, 1] == 0).all()
+        o.square().sum().backward()
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.qkv.weight.grad[i], r.qkv.weight.grad, rtol=1e-10, atol=1e-12)
+
+
 class NoGradSampler(nn.Module):
     """Random draws inside a no_grad block of forward (torch.distributions' sample() wraps its draw so)."""
     def __init__(self):
