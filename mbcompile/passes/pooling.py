@@ -5,15 +5,22 @@ from __future__ import annotations
 import torch
 
 from .axes import front
+from .reductions import mem_order
 from .registry import aten, rule
 
 SPATIAL = {}
+GLOBAL_AVG = {aten.adaptive_avg_pool1d, aten.adaptive_avg_pool2d, aten.adaptive_avg_pool3d}   # composite ops
 
 
 def channelfold(ctx, args, kwargs):
     """Per-channel ops on B,n,C,H,W (the layout conv and batch norm leave): fold n into the channels,
     a view, so a conv/bn/relu/pool chain runs without copies:  B,n,C,H,W -> B,(n*C),H,W -> B,n,C,H',W'."""
-    out = ctx.op(*[a.flatten(1, 2) if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
+    args = [a.flatten(1, 2) if isinstance(a, torch.Tensor) else a for a in args]
+    if ctx.op.overloadpacket in GLOBAL_AVG and all(s == 1 for s in args[1]):   # ATen: a mean over H,W
+        k = args[0].dim()
+        out = mem_order(lambda t, ds, keep: t.mean(ds, keep), args[0], list(range(k - len(args[1]), k)), True)
+    else:
+        out = ctx.op(*args, **kwargs)
     if isinstance(out, (tuple, list)):
         return tuple(t.unflatten(1, (ctx.n, -1)) for t in out), tuple(1 for _ in out)
     return out.unflatten(1, (ctx.n, -1)), 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops  # noqa: F401 - mbcompile::relayout
 from .axes import front, front_padded
 from .registry import aten, rule
 
@@ -36,6 +37,40 @@ def defreduce(*ops, dim_at=1, multi=False, none_is="all"):
         out = _call(ctx, x, args, kwargs, dim_at, pdims)
         return out, _same(out, 0)
     rule(*ops)(reduce_rule)
+    return reduce_rule
+
+
+def mem_order(fn, x, dims, keepdim):
+    """``fn(x, dims, keepdim)`` (a sum or mean) computed on x's memory-order view. Their backward
+    expands the gradient and divides; for a channels-last x (B,H,W,(n*C) in memory) over the spatial
+    dims that result came back NCHW, and every backward kernel after it (batch norm's 60x slower, relu's
+    10x) then mixed layouts. On the memory-order view the gradient comes back in x's own layout."""
+    if x.dim() < 3 or x.is_contiguous() or not torch._prims_common.is_non_overlapping_and_dense_or_false(x):
+        return fn(x, dims, keepdim)
+    perm = sorted(range(x.dim()), key=lambda k: (-x.stride(k), -x.shape[k]))   # outermost first
+    at = {k: i for i, k in enumerate(perm)}
+    out = fn(x.permute(perm), [at[k % x.dim()] for k in dims], True)            # memory order, kept dims
+    out = out.permute([at[k] for k in range(x.dim())])                          # back to x's dim order
+    out = out if keepdim else out.squeeze([k % x.dim() for k in dims])
+    # a strided result: a contiguous copy whose gradient comes back in these strides (x's order), else
+    # the expand in the backward would follow the order of whatever gradient arrives
+    return out if out.is_contiguous() else torch.ops.mbcompile.relayout(out, False)
+
+
+def _mem_order_rule(ctx, args, dims, kwargs):
+    """sum/mean over dims: as defreduce, on the memory-order view (see mem_order)."""
+    x, d = args[0], dims[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    rest = dict(kwargs)
+    keepdim = args[2] if len(args) > 2 else rest.pop("keepdim", False)
+    rest.pop("dim", None)
+    if dim is None or len(dim) == 0 or len(args) > 3 or rest or any(
+            dd is not None for dd in dims[1:] if not isinstance(dd, (list, tuple))):
+        return _REDUCE(ctx, args, dims, kwargs)
+    n, rank = ctx.n, x.dim() - (d is not None)
+    x = front(x, d, n)
+    out = mem_order(lambda t, ds, k: ctx.op(t, ds, k), x, [_pd(k, rank) for k in dim], keepdim)
+    return out, 0
 
 
 def _call(ctx, x, args, kwargs, dim_at, dim):
@@ -58,7 +93,9 @@ def _map(out, f, val):
     return f(out, val)
 
 
-defreduce(aten.sum.dim_IntList, aten.mean.dim, aten.amax, aten.amin, aten.any.dims, aten.all.dims,
+_REDUCE = defreduce(aten.sum.dim_IntList, aten.mean.dim)
+rule(aten.sum.dim_IntList, aten.mean.dim)(_mem_order_rule)
+defreduce(aten.amax, aten.amin, aten.any.dims, aten.all.dims,
           aten.var.correction, aten.std.correction, aten.var_mean.correction, aten.std_mean.correction,
           aten.logsumexp, aten.nansum, aten.count_nonzero.dim_IntList,
           multi=True)

@@ -1,0 +1,98 @@
+"""Gradients come back in their activation's layout. On CPU a batched conv chain runs channels-last;
+a sum/mean over its spatial dims (global average pooling) used to hand back an NCHW gradient, and
+every backward kernel of the chain then mixed layouts (batch norm's backward 60x slower, a 0.4x
+MobileNet-style step). Values are checked against each model alone; layouts by watching the backward's
+batch-norm and activation kernels."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mbcompile
+
+
+class Pooled(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu6(self.b1(self.c1(x)))
+        h = F.relu6(self.b2(self.c2(h)))
+        if self.how == "adaptive":
+            h = F.adaptive_avg_pool2d(h, 1).flatten(1)
+        elif self.how == "mean":
+            h = h.mean((2, 3))
+        elif self.how == "sum_keepdim":
+            h = h.sum((-1, -2), keepdim=True).flatten(1) / 64
+        return self.fc(h)
+
+
+class Layouts(TorchDispatchMode):
+    """The strides of the gradient and the input of every batch-norm / relu6 backward kernel."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.native_batch_norm_backward.default, torch.ops.aten.hardtanh_backward.default):
+            g, x = args[0], args[1]
+            self.seen.append((func.__name__, g.stride() == x.stride() or g.is_contiguous(
+                memory_format=torch.channels_last) == x.is_contiguous(memory_format=torch.channels_last)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("how", ["adaptive", "mean", "sum_keepdim"])
+def test_global_pooling_keeps_the_chain_layout_and_each_models_numbers(how):
+    n = 3
+    models = [Pooled(how).double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, strict=True)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    out = b(x)
+    mode = Layouts()
+    with mode:
+        out.square().sum().backward()
+    assert mode.seen and all(same for _, same in mode.seen), mode.seen
+    for i, r in enumerate(refs):
+        o = r(x)
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+        o.square().sum().backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dims, keepdim", [((2, 3), False), ((-1,), True), ((1, 3), False), ((0, 2), True)])
+@pytest.mark.parametrize("op", [torch.sum, torch.mean])
+def test_reductions_of_a_channels_last_per_model_tensor(op, dims, keepdim):
+    """sum/mean over any dims of a per-model channels-last input, values and gradients vs a loop."""
+    n = 3
+    x = torch.randn(n, 2, 5, 4, 3, dtype=torch.float64)
+    w = torch.randn(n, 2, 5, 4, 3, dtype=torch.float64)
+
+    class M(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = nn.Parameter(w)
+
+        def forward(self, x):
+            h = (x * self.w).contiguous(memory_format=torch.channels_last)
+            return op(h, dims, keepdim=keepdim)
+
+    models = [M(w[i].clone()) for i in range(n)]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, strict=True, in_dims=0)
+    out = b(x)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    for i, r in enumerate(refs):
+        o = r(x[i])
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+        (o * g[i]).sum().backward()
+        torch.testing.assert_close(b.w.grad[i], r.w.grad, rtol=1e-12, atol=1e-12)
