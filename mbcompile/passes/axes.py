@@ -46,3 +46,11 @@ def pdim(dim, rank, d=0):
 def to_dim(x, d, target):
     """Move the model dim from ``d`` to ``target``."""
     return x if d == target else x.movedim(d, target)
+
+
+def memory_order(x):
+    """The permutation that makes a dense x contiguous (outermost dim first), or None when x is
+    contiguous already or not dense (expanded, overlapping)."""
+    if x.dim() < 2 or x.is_contiguous() or not torch._prims_common.is_non_overlapping_and_dense_or_false(x):
+        return None
+    return sorted(range(x.dim()), key=lambda k: (-x.stride(k), -x.shape[k]))

@@ -3,7 +3,7 @@
 batch norm: models fold into channels, so per-model batch statistics and running stats come out of
             one call:  n,B,C,H,W -> B,(n*C),H,W ; weight/running stats n,C -> (n*C)
 layer norm: normalise without affine over the trailing dims, then per-model affine (n,1..,*shape).
-group norm: models fold into the batch dim:  n,B,C,.. -> (n*B),C,.. , then per-model affine.
+group norm: models fold into channels with n*G groups:  n,B,C,.. -> B,(n*C),.. , affine (n*C).
 """
 from __future__ import annotations
 
@@ -98,19 +98,16 @@ def native_layer_norm(ctx, args, dims, kwargs):
 
 @rule(aten.group_norm.default)
 def group_norm(ctx, args, dims, kwargs):
+    """Groups are runs of channels, so models fold into channels with n*G groups, the affine included:
+    one kernel, and the B,(n*C),H,W layout (channels-last in a conv chain) carries on."""
     x, groups = args[0], args[1]
     w = args[2] if len(args) > 2 else None
     b = args[3] if len(args) > 3 else None
     eps = args[4] if len(args) > 4 else 1e-5
     n = ctx.n
-    xf = front(x, dims[0], n)                                         # n,B,C,...
-    y = aten.group_norm(xf.flatten(0, 1), groups, None, None, eps).unflatten(0, (n, -1))
-    extra = xf.dim() - 3                                              # spatial dims
-    if w is not None:
-        y = y * front(w, dims[2], n).view(n, 1, -1, *([1] * extra))
-    if b is not None:
-        y = y + front(b, dims[3], n).view(n, 1, -1, *([1] * extra))
-    return y, 0
+    y = aten.group_norm(fold(x, dims[0], 1, n), n * groups, _flat(w, dims[2] if len(dims) > 2 else None, n),
+                        _flat(b, dims[3] if len(dims) > 3 else None, n), eps)   # B,(n*C),..
+    return unfold(y, 1, n)
 
 
 @rule(aten._batch_norm_with_update_functional.default)
@@ -127,15 +124,9 @@ def batch_norm_with_update(ctx, args, dims, kwargs):
 
 @rule(aten.native_group_norm.default)
 def native_group_norm(ctx, args, dims, kwargs):
-    """n,B,C,.. -> (n*B),C,.. normalised without affine, then per-model affine; mean/rstd n,B,G."""
+    """As group_norm: B,(n*C),.. with n*G groups; mean/rstd B,(n*G) -> B,n,G."""
     x, w, b, N, C, HxW, groups, eps = args
     n = ctx.n
-    xf = front(x, dims[0], n)
-    y, mean, rstd = aten.native_group_norm(xf.flatten(0, 1).contiguous(), None, None, n * N, C, HxW, groups, eps)
-    y = y.unflatten(0, (n, N))
-    extra = xf.dim() - 3
-    if w is not None:
-        y = y * front(w, dims[1], n).view(n, 1, -1, *([1] * extra))
-    if b is not None:
-        y = y + front(b, dims[2], n).view(n, 1, -1, *([1] * extra))
-    return (y, mean.unflatten(0, (n, N)), rstd.unflatten(0, (n, N))), (0, 0, 0)
+    y, mean, rstd = aten.native_group_norm(fold(x, dims[0], 1, n), _flat(w, dims[1], n), _flat(b, dims[2], n),
+                                           N, n * C, HxW, n * groups, eps)
+    return (unfold(y, 1, n)[0], mean.unflatten(1, (n, groups)), rstd.unflatten(1, (n, groups))), (1, 1, 1)

@@ -24,9 +24,24 @@ def elementwise(ctx, args, dims, kwargs):
     if all(d == d0 and a.dim() - 1 == rank for a, d in mapped) and all(
             a.dim() <= rank - d0 for a, d in tensors if d is None):
         return ctx.op(*args, **kwargs), d0                     # ..n..  op  shared(..)  -> ..n..
+    big, at = max(mapped, key=lambda ad: ad[0].numel())
+    if at != 0 and big.dim() - 1 == rank:
+        # the others meet the largest input's model dim (views), so its layout carries on: a channels-
+        # last B,n,C,H,W activation times an n,B,C,1,1 gate stays B,n,C,H,W (not n-major, a copy
+        # and a layout switch for every kernel after it)
+        args = [_put(a, d, rank, ctx.n, at) if isinstance(a, torch.Tensor) else a for a, d in zip(args, dims)]
+        return ctx.op(*args, **kwargs), at                     # B,n,C,H,W  op  n,B,C,1,1 -> B,n,C,H,W
     args = [front_padded(a, d, rank, ctx.n) if isinstance(a, torch.Tensor) else a
             for a, d in zip(args, dims)]
     return ctx.op(*args, **kwargs), 0                          # n,1..,x  op  y  -> n,...
+
+
+def _put(a, d, rank, n, at):
+    """``a`` (model dim d, or shared) broadcastable against rank+1 dims with the model dim at ``at``."""
+    if d is None:
+        a = a.reshape((1,) * (rank - a.dim()) + a.shape)
+        return a.unsqueeze(at)                                 # ..,1,.. : shared across models
+    return front_padded(a, d, rank, n).movedim(0, at)
 
 
 def defelementwise(*ops):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops  # noqa: F401 - mbcompile::relayout
-from .axes import front, front_padded
+from .axes import front, front_padded, memory_order
 from .registry import aten, rule
 
 
@@ -45,9 +45,9 @@ def mem_order(fn, x, dims, keepdim):
     expands the gradient and divides; for a channels-last x (B,H,W,(n*C) in memory) over the spatial
     dims that result came back NCHW, and every backward kernel after it (batch norm's 60x slower, relu's
     10x) then mixed layouts. On the memory-order view the gradient comes back in x's own layout."""
-    if x.dim() < 3 or x.is_contiguous() or not torch._prims_common.is_non_overlapping_and_dense_or_false(x):
+    perm = memory_order(x) if x.dim() >= 3 else None                          # outermost first
+    if perm is None:
         return fn(x, dims, keepdim)
-    perm = sorted(range(x.dim()), key=lambda k: (-x.stride(k), -x.shape[k]))   # outermost first
     at = {k: i for i, k in enumerate(perm)}
     out = fn(x.permute(perm), [at[k % x.dim()] for k in dims], True)            # memory order, kept dims
     out = out.permute([at[k] for k in range(x.dim())])                          # back to x's dim order

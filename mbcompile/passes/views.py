@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_impls import _compute_stride   # ATen's computeStride
 
-from .axes import front, front_padded, pdim
+from .axes import front, front_padded, memory_order, pdim
 from .registry import aten, rule
 
 
@@ -110,7 +110,14 @@ def cat(ctx, args, dims, kwargs):
     ranks = [_rank(t, dd) for t, dd in zip(tensors, tdims)]
     r = max(ranks)
     parts = [front(t, dd, ctx.n) for t, dd, rk in zip(tensors, tdims, ranks) if not (rk == 1 and t.shape[-1] == 0 and r > 1)]
-    return torch.cat(parts, (dim + r if dim < 0 else dim) + 1), 0
+    at = (dim + r if dim < 0 else dim) + 1
+    perm = memory_order(parts[0])
+    if perm is not None and all(memory_order(t) == perm for t in parts[1:]):
+        # in memory order: channels-last B,n,C,H,W parts give a channels-last result (a U-Net's skip
+        # concatenation), not a contiguous one that the next conv copies back and whose gradient mixes
+        inv = sorted(range(len(perm)), key=perm.__getitem__)
+        return torch.cat([t.permute(perm) for t in parts], perm.index(at)).permute(inv), 0
+    return torch.cat(parts, at), 0
 
 
 @rule(aten.stack.default)
