@@ -167,3 +167,33 @@ def test_a_gated_activation_stays_in_the_channels_last_chain():
     assert "grouped_nhwc" in note and "grouped " not in note and "loop" not in note, note
     for i, r in enumerate(refs):
         torch.testing.assert_close(out[i], r(x), rtol=1e-12, atol=1e-12)
+
+
+class DropChain(nn.Module):
+    def __init__(self, drop):
+        super().__init__()
+        self.c1, self.b1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1)
+        self.drop = nn.Dropout2d(0.3) if drop else nn.Identity()
+
+    def forward(self, x):
+        return self.c2(F.max_pool2d(self.drop(F.relu(self.b1(self.c1(x)))), 2))
+
+
+def test_dropout_in_a_channels_last_chain_adds_no_copy():
+    """Dropout keeps its input's model dim: a B,n,C,H,W activation stays one, and the pooling after it
+    folds it as a view (it used to come back n-major, and the pooling copied it)."""
+    from _streams import Streams
+    seeds = [1, 2, 3]
+    copies = {}
+    for drop in (False, True):
+        models = [DropChain(drop).double() for _ in seeds]
+        refs = copy.deepcopy(models)
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        with lowering.force(conv="grouped_nhwc", conv_shared_input="concat_nhwc"):
+            b = mbcompile.batch(models, seeds=seeds, strict=True)
+            out = b(x)
+        copies[drop] = mbcompile.explain(b).copies
+        streams = Streams(seeds)
+        for i, r in enumerate(refs):
+            torch.testing.assert_close(out[i], streams.run(i, r, x), rtol=1e-12, atol=1e-12)
+    assert copies[True] == copies[False], copies

@@ -70,7 +70,7 @@ def dropout(ctx, args, dims, kwargs):
     if mode in ("plain", "feature"):
         div = _col([k if k > 0 else 1.0 for k in keep], xf, rank)
         noise = mask / div if md == 0 else mask.unsqueeze(0) / div
-        return xf * noise, 0
+        return _back(xf * noise, d)
     a = [1.0 / math.sqrt((ALPHA * ALPHA * v + 1) * (1 - v)) if v < 1 else 0.0 for v in ps]
     aa = _col([ALPHA * ai for ai in a], xf, rank)
     aap = _col([ALPHA * ai * v for ai, v in zip(a, ps)], xf, rank)
@@ -80,7 +80,13 @@ def dropout(ctx, args, dims, kwargs):
     zero = [v == 0 for v in ps]
     if any(zero):  # p == 0: eager returns x untouched
         out = torch.where(_col([1.0 if z else 0.0 for z in zero], xf, rank) > 0, xf, out)
-    return out, 0
+    return _back(out, d)
+
+
+def _back(out, d):
+    """n,.. -> the input's model dim (a view): a B,n,C,H,W channels-last activation stays one, so the
+    pooling or conv after dropout folds it without a copy."""
+    return (out, 0) if not d else (out.movedim(0, d), d)
 
 
 def _dense_stride(ctx, x, d):
