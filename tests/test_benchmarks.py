@@ -3,6 +3,7 @@ No timing assertions."""
 import importlib.util
 import json
 
+import pytest
 import torch
 
 import benchmarks
@@ -100,3 +101,33 @@ def test_float64_recheck_tells_rounding_from_a_wrong_computation():
     assert rows["skewed"]["correctness"]["float64"]["grad_max_rel_diff"] < 1e-12
     assert not rows["wrong"]["correctness"]["passed"]        # float64 disagrees too: a wrong computation
     assert rows["wrong"]["correctness"]["float64"]["grad_max_rel_diff"] > 0.05
+
+
+@pytest.mark.parametrize("name", sorted(__import__("benchmarks.zoo", fromlist=["ZOO"]).ZOO))
+def test_zoo_models_batch_and_match_each_model_alone(name):
+    """Every model of the zoo benchmark (benchmarks/zoo.py) batches, and in eval mode each model's output
+    equals that model alone, in float64 (the VAE's sampling on each model's own stream)."""
+    import copy
+
+    import mbcompile
+    from _streams import Streams
+    from benchmarks.zoo import ZOO
+    cls, mx, _, _ = ZOO[name]
+    torch.manual_seed(0)
+    seeds = [3, 4]
+    models = [cls().double().eval() for _ in seeds]
+    refs = copy.deepcopy(models)
+    x = mx(torch.Generator().manual_seed(1))
+    x = x.double() if x.is_floating_point() else x
+    b = mbcompile.batch(models, seeds=seeds).eval()
+    streams = Streams(seeds)
+    with torch.no_grad():
+        out = b(x)
+        for i, r in enumerate(refs):
+            torch.testing.assert_close(out[i], streams.run(i, r, x), rtol=1e-10, atol=1e-10)
+
+
+def test_zoo_times_one_model():
+    from benchmarks.zoo import run
+    s, m, first = run("siamese", n=2, rounds=1, steps=1)
+    assert s > 0 and m > 0 and first > 0
