@@ -18,7 +18,7 @@ from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
                          _no_causal_mask_detection, _no_kv_cache)
 from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
-                          _tensor_indices, _undetach_renorm)
+                          _instance_norm_as_group_norm, _tensor_indices, _undetach_renorm)
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -208,6 +208,7 @@ def capture(template, args, kwargs, consts) -> Captured:
         raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
                            f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
     _undetach_renorm(ep.graph_module)
+    _instance_norm_as_group_norm(ep.graph_module)
     _assigned_params(ep)
     sig = ep.graph_signature
     _drop_effect_tokens(ep.graph_module, sig)

@@ -23,6 +23,43 @@ def _undetach_renorm(gm):
     gm.recompile()
 
 
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _instance_norm_as_group_norm(gm):
+    """InstanceNorm reaches ATen as x.view(1, B*C, *S) -> batch_norm without stats (weight.repeat(B)) ->
+    view(B, C, *S). Batched, x is B,n,C,H,W, and no view of it is 1,(B*C) per model: it was copied, and
+    everything after it ran n-major (a style-transfer net at 0.65x sequential). That is group_norm(x, C,
+    weight, bias): one group per channel, the same statistics, and group_norm batches with the models
+    folded into the channels (layout kept, affine in the kernel)."""
+    g = gm.graph
+    for bn in list(g.nodes):
+        if bn.op != "call_function" or bn.target is not aten._native_batch_norm_legit.no_stats:
+            continue
+        v, w, b, training, _momentum, eps = bn.args
+        xv = v.args[0].meta.get("val") if isinstance(v, fx.Node) and v.target in _VIEWS else None
+        if not training or not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+            continue
+        B, C = xv.shape[0], xv.shape[1]
+        get = list(bn.users)
+        back = list(get[0].users) if len(get) == 1 and get[0].args[1] == 0 else []
+        if list(v.args[1]) != [1, B * C, *xv.shape[2:]] or len(back) != 1 or back[0].target not in _VIEWS \
+                or list(back[0].args[1]) != list(xv.shape):
+            continue
+        bases = [None if t is None else t.args[0] if isinstance(t, fx.Node) and t.target is aten.repeat.default
+                 and list(t.args[1]) == [B] else False for t in (w, b)]
+        if any(t is False for t in bases):
+            continue
+        with g.inserting_before(back[0]):
+            new = g.call_function(aten.group_norm.default, (v.args[0], C, bases[0], bases[1], eps))
+        new.meta = dict(back[0].meta)
+        back[0].replace_all_uses_with(new)
+        for nd in (back[0], get[0], bn, v, w, b):
+            if isinstance(nd, fx.Node) and not nd.users:
+                g.erase_node(nd)
+    gm.recompile()
+
+
 def _tensor_indices(gm):
     """``table[step]`` with a 0-d integer tensor reads the index out (aten.item) and selects with that number:
     each model may read its own, which one static graph cannot hold. Index with the tensor itself

@@ -197,3 +197,35 @@ def test_dropout_in_a_channels_last_chain_adds_no_copy():
         for i, r in enumerate(refs):
             torch.testing.assert_close(out[i], streams.run(i, r, x), rtol=1e-12, atol=1e-12)
     assert copies[True] == copies[False], copies
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("affine, track", [(True, False), (False, False), (True, True)])
+def test_instance_norm_batches_as_group_norm_and_matches_each_model(dims, affine, track):
+    """InstanceNorm (a view to 1,(B*C) around batch norm in ATen) is rewritten to group_norm with one group
+    per channel, which keeps the B,n,C,.. layout; with running stats it is left as batch norm."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    norm = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[dims]
+    models = [nn.Sequential(conv(3, 4, 3, padding=1), norm(4, affine=affine, track_running_stats=track),
+                            nn.ReLU()).double() for _ in range(3)]
+    for m in models:
+        if affine:
+            with torch.no_grad():
+                m[1].weight.uniform_(0.5, 1.5)
+                m[1].bias.uniform_(-1, 1)
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, strict=True)
+    x = torch.randn(2, 3, *([5] * dims), dtype=torch.float64)
+    for step in range(2):
+        out = b(x)
+        out.square().sum().backward()
+        for i, r in enumerate(refs):
+            o = r(x)
+            o.square().sum().backward()
+            torch.testing.assert_close(out[i], o, rtol=1e-10, atol=1e-10)
+            for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+                torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+    assert ("aten.group_norm" in str(mbcompile.explain(b))) == (not track)
+    if track:
+        for i, r in enumerate(refs):
+            torch.testing.assert_close(b.unbatch(i)[1].running_mean, r[1].running_mean, rtol=1e-12, atol=1e-12)
