@@ -432,7 +432,7 @@ class TrainStep:
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
             fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
                             decompositions=_decompositions(False))
-        return GraphedStep(fn, graph_unsafe(traced, flat), written_inputs(traced))     # on CUDA: replayed from a CUDA graph
+        return GraphedStep(fn, graph_unsafe(traced, flat), written_inputs(traced))   # CUDA: a graph replay
 
 
 def _forward_backward(prog, gm, loss_fn, kw, a, slot, pidx, target):

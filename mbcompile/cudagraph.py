@@ -26,8 +26,10 @@ def why_not(gm: torch.fx.GraphModule, inputs) -> str | None:
     """Why the traced step ``gm`` must not be replayed from a CUDA graph, or None when it may."""
     if os.environ.get("MBCOMPILE_CUDA_GRAPHS", "1") == "0":
         return "MBCOMPILE_CUDA_GRAPHS=0"
+    if not all(isinstance(v, torch.Tensor) for v in inputs):
+        return "an input is not a tensor"
     used = [bool(n.users) for n in gm.graph.nodes if n.op == "placeholder"]
-    if not all(isinstance(v, torch.Tensor) and v.is_cuda for v, u in zip(inputs, used) if u):
+    if not all(v.is_cuda for v, u in zip(inputs, used) if u):
         return "not every input is a CUDA tensor"
     return graph_reason(gm)
 
