@@ -221,3 +221,24 @@ def test_instance_norm_batches_as_group_norm_and_matches_each_model(dims, affine
     if track:
         for i, r in enumerate(refs):
             torch.testing.assert_close(b.unbatch(i)[1].running_mean, r[1].running_mean, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["as_is", "nchw"])
+def test_group_norm_lowerings_in_a_channels_last_chain(mode):
+    """Both group-norm candidates on a channels-last input (ATen's CPU kernel is slower there, so the
+    NCHW one is measured too) give each model's numbers."""
+    models = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(),
+                            nn.Conv2d(8, 4, 3, padding=1)).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with lowering.force(conv="grouped_nhwc", conv_shared_input="concat_nhwc", group_norm=mode):
+        b = mbcompile.batch(models, strict=True)
+        out = b(x)
+    assert f"group_norm lowering: {mode} (forced" in str(mbcompile.explain(b))
+    out.square().sum().backward()
+    for i, r in enumerate(refs):
+        o = r(x)
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+        o.square().sum().backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-10, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
