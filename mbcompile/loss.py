@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from .errors import InvalidInputError, InvalidTypeError
 
@@ -27,7 +28,7 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
             target_in_dim = 0 if lead == n else None
     if target_in_dim not in (None, 0):
         raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
-    fast = _FAST.get(fn)
+    fast = _fast(fn)
     if fast is not None and not kwargs and isinstance(target, torch.Tensor):
         res = fast(out, target, target_in_dim)
         if res is not None:
@@ -41,14 +42,15 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
     return torch.stack([fn(out[i], target[i] if target_in_dim == 0 else target, **kwargs) for i in range(n)])
 
 
-def _cross_entropy(out, target, tdim):
+def _cross_entropy(out, target, tdim, ignore_index=-100):
     """n,B,C + B (or n,B) class indices -> [n]: one flat call, mean over each model's own samples."""
     if out.dim() != 3 or target.is_floating_point() or target.dim() != (2 if tdim == 0 else 1):
         return None
     n, b, c = out.shape
     tgt = target if tdim == 0 else target.unsqueeze(0).expand(n, b)
-    per = F.cross_entropy(out.reshape(n * b, c), tgt.reshape(n * b), reduction="none").view(n, b)
-    keep = (tgt != -100).to(per.dtype)
+    per = F.cross_entropy(out.reshape(n * b, c), tgt.reshape(n * b), reduction="none",
+                          ignore_index=ignore_index).view(n, b)
+    keep = (tgt != ignore_index).to(per.dtype)
     return per.sum(1) / keep.sum(1)
 
 
@@ -61,3 +63,20 @@ def _mse(out, target, tdim):
 
 
 _FAST = {F.cross_entropy: _cross_entropy, F.mse_loss: _mse}
+
+
+def _fast(fn):
+    """The one-call form of ``fn`` when there is one: F.cross_entropy / F.mse_loss, or an
+    nn.CrossEntropyLoss / nn.MSELoss with the options those forms compute (read at every call, so
+    options changed later are seen; anything else takes the vmap path)."""
+    if isinstance(fn, nn.Module):
+        if type(fn) is nn.CrossEntropyLoss and fn.weight is None and fn.reduction == "mean" \
+                and fn.label_smoothing == 0.0:
+            return lambda out, target, tdim: _cross_entropy(out, target, tdim, fn.ignore_index)
+        if type(fn) is nn.MSELoss and fn.reduction == "mean":
+            return _mse
+        return None
+    try:
+        return _FAST.get(fn)
+    except TypeError:                  # an unhashable callable
+        return None

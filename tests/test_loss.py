@@ -1,4 +1,6 @@
 """mbcompile.loss: entry i is fn(out[i], target_i), shared or per-model targets."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,3 +44,40 @@ def test_loss_with_keyword_arguments_uses_the_general_path():
     got = mbcompile.loss(F.cross_entropy, out, y, label_smoothing=0.1)
     for i in range(2):
         torch.testing.assert_close(got[i], F.cross_entropy(out[i], y, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.CrossEntropyLoss(), lambda: torch.nn.CrossEntropyLoss(ignore_index=2),
+                                  lambda: torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                                  lambda: torch.nn.CrossEntropyLoss(reduction="sum")],
+                         ids=["default", "ignore_index", "label_smoothing", "sum"])
+@pytest.mark.parametrize("per_model", [False, True])
+def test_loss_modules_equal_a_loop_over_models(make, per_model, monkeypatch):
+    """nn.CrossEntropyLoss takes the one-call form when its options allow (ignore_index included), the
+    general path otherwise; either way each entry is the module applied to that model's output."""
+    loss_mod = importlib.import_module("mbcompile.loss")     # mbcompile.loss is the function
+    n, b = 3, 6
+    fn = make()
+    out = torch.randn(n, b, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 4, (n, b) if per_model else (b,))
+    y[..., 0] = 2                                       # an ignored sample where ignore_index=2
+    vmapped = []
+    monkeypatch.setattr(torch, "vmap", lambda *a, **k: vmapped.append(1) or _real_vmap(*a, **k))
+    got = mbcompile.loss(fn, out, y, target_in_dim=0 if per_model else None)
+    want = torch.stack([fn(out[i], y[i] if per_model else y) for i in range(n)])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    fast = fn.weight is None and fn.reduction == "mean" and fn.label_smoothing == 0
+    assert (not vmapped) == fast and (loss_mod._fast(fn) is not None) == fast
+    g1, = torch.autograd.grad(got.sum(), out)
+    g2, = torch.autograd.grad(want.sum(), out)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+
+
+_real_vmap = torch.vmap
+
+
+def test_mse_module_takes_the_one_call_form():
+    loss_mod = importlib.import_module("mbcompile.loss")     # mbcompile.loss is the function
+    out, t = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    assert loss_mod._fast(torch.nn.MSELoss()) is not None and loss_mod._fast(torch.nn.MSELoss(reduction="sum")) is None
+    torch.testing.assert_close(mbcompile.loss(torch.nn.MSELoss(), out, t),
+                               torch.stack([F.mse_loss(o, t) for o in out]), rtol=1e-12, atol=1e-12)
