@@ -236,7 +236,12 @@ class TrainStep:
         self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
         self.last_grad_norms = None
         self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
-        self.cuda_graph = None                 # the last call's program: replayed from a CUDA graph, or why not
+        self._last = None                      # the last call's program (its CUDA-graph status)
+
+    @property
+    def cuda_graph(self):
+        """Whether the last call's program was replayed from a CUDA graph, or why not (None before a call)."""
+        return None if self._last is None else self._last.status
 
     # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
     def _hp(self, params):
@@ -357,7 +362,7 @@ class TrainStep:
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
-        self.cuda_graph = fn.status
+        self._last = fn
         self.opt._opt_called = True        # what torch's LR schedulers check (their wrapper of opt.step sets it)
         if max_norm is not None:
             self.last_grad_norms, res = res[-1], res[:-1]

@@ -75,14 +75,20 @@ def _broadcast_attention(q, k, v, mask, is_causal, scale):
     q: ..,L,E  k: ..,S,E  v: ..,S,Ev -> ..,L,Ev"""
     s = math.sqrt((1.0 / math.sqrt(q.shape[-1])) if scale is None else scale)   # as the math path: both
     scores = ((q * s).unsqueeze(-2) * (k * s).unsqueeze(-3)).sum(-1)           # sides scaled; ..,L,S
+    attn = _masked_softmax(scores, mask, is_causal)
+    return (attn.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)                       # ..,L,S,Ev -> ..,L,Ev
+
+
+def _masked_softmax(scores, mask, is_causal):
+    """softmax over keys of ..,L,S scores after the causal and the given mask; a row with no key to
+    attend gives 0s (a safe softmax), as eager's math path."""
     L, S = scores.shape[-2:]
     if is_causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if mask is not None:
-        scores = scores + _float_mask(mask, q)
-    attn = aten._safe_softmax(scores, -1)                  # a row with no key to attend gives 0s, as eager
-    return (attn.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)                       # ..,L,S,Ev -> ..,L,Ev
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return aten._safe_softmax(scores, -1)
 
 
 def _float_mask(mask, q):
@@ -113,14 +119,7 @@ def _cuda_sdpa(ctx, q, k, v, mask, is_causal, scale, gqa):
 def _math_with_dropout(ctx, q, k, v, mask, ps, is_causal, scale, lead):
     n = ctx.n
     s = (1.0 / math.sqrt(q.shape[-1])) if scale is None else scale
-    attn = (q @ k.transpose(-2, -1)) * s
-    L, S = q.shape[-2], k.shape[-2]
-    if is_causal:
-        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        attn = attn.masked_fill(~keep, float("-inf"))
-    if mask is not None:
-        attn = attn.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else attn + mask
-    attn = aten._safe_softmax(attn, -1)                    # fully masked rows: 0s, as eager's math path
+    attn = _masked_softmax((q @ k.transpose(-2, -1)) * s, mask, is_causal)
     # dropout on n,(B..),H,L,S with each model's own stream
     a = attn.unflatten(0, (n, -1)) if lead else attn
     fake_node = ctx.node
