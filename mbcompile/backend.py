@@ -297,8 +297,10 @@ class TrainStep:
         """The host side of ``BatchedOptimizer.step`` (state, step counters, per-model scalars), done
         here; the tensor side (``_apply_all``, as ``step(compile=True)`` runs it) goes into the program,
         its state tensors and scalars as inputs. Returns graph inputs, cache key and the update."""
+        from . import flatstep
         from .optim import _apply_all, _device_state_keys, _pack_prepped
         opt = self.opt
+        flatstep.unflatten(opt)                  # the program's state inputs must not alias
         act = opt._active_list(None)
         if act is not None and not any(act):
             return [], ("all frozen",), None              # forward and backward only, as opt.step() does

@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from . import flatstep
 from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError, StateError
 
 try:  # the core package defines the common base class
@@ -897,7 +898,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_compiled"] = None  # compiled functions and scratch space are rebuilt on demand
-        d["_workspace"], d["_masks"] = {}, {}
+        d["_workspace"], d["_masks"], d["_flat"], d["_flat_owner"] = {}, {}, {}, {}
         return d
 
     def __setstate__(self, state: dict) -> None:
@@ -975,9 +976,12 @@ class BatchedOptimizer(torch.optim.Optimizer):
         todo = [(p, g, st, sc) for (p, st, sc), g in zip(prepped, grads)]
         if self._compile:
             self._run_compiled(todo, act)
-        else:
-            for p, g, st, sc in todo:
-                self._rule.apply(c, p, g, st, sc)
+            return loss
+        chunks, rest = ([], todo) if self.__dict__.get("_flat_off") else flatstep.plan(todo, _device_state_keys)
+        for chunk in chunks:                    # parameters that share their scalars: one update
+            flatstep.run(self, c, chunk)
+        for p, g, st, sc in rest:
+            self._rule.apply(c, p, g, st, sc)
         return loss
 
     def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None):
@@ -1038,6 +1042,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         return c, out
 
     def _run_compiled(self, todo, act):
+        flatstep.unflatten(self)                # the compiled step's state inputs must not alias
         if self._compiled is None:
             # dynamo caches compiled graphs per code object: give each optimizer its own, so that many
             # compiled optimizers in one process do not share (and exhaust) one recompile budget
@@ -1080,7 +1085,9 @@ class BatchedOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         index = {id(p): i for i, p in enumerate(self._params)}
-        state = {index[id(p)]: dict(st) for p, st in self.state.items() if id(p) in index and st}
+        flat = flatstep.flat_view_ids(self)     # views of a shared buffer: saved as their own tensors
+        state = {index[id(p)]: {k: v.clone() if id(v) in flat else v for k, v in st.items()}
+                 for p, st in self.state.items() if id(p) in index and st}
         groups = []
         for i, g in enumerate(self.param_groups):
             d = {k: v for k, v in g.items() if k != "params"}
@@ -1154,6 +1161,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
         self.n = len(keep)
         self._compiled = None
         self._workspace = {}
+        self.__dict__.pop("_flat", None)
+        self.__dict__.pop("_flat_owner", None)
 
 
 def _num(v):
