@@ -57,7 +57,7 @@ def plan(todo: list, keys_of) -> tuple[list, list]:
         return [], todo
     groups: dict = {}
     rest = []
-    sc_keys: dict = {}                                # parameters often share one sc dict
+    scs: dict = {}                                    # id -> sc; parameters often share one sc dict
     for item in todo:
         p, _, st, sc = item
         if not _eligible(p, mode):
@@ -67,11 +67,15 @@ def plan(todo: list, keys_of) -> tuple[list, list]:
         if any(st[k].shape != p.shape for k in keys):
             rest.append(item)
             continue
-        sk = sc_keys.get(id(sc))
-        if sk is None:
-            sk = sc_keys[id(sc)] = tuple(sorted((k, _frozen(v)) for k, v in sc.items()))
-        key = (sk, p.dtype, p.device, item[1].dtype, tuple((k, st[k].dtype, st[k].device) for k in keys))
+        scs[id(sc)] = sc
+        key = (id(sc), p.dtype, p.device, item[1].dtype, tuple((k, st[k].dtype, st[k].device) for k in keys))
         groups.setdefault(key, []).append(item)
+    if len(scs) > 1:                                  # distinct dicts with equal values join (SGD's)
+        frozen = {i: tuple(sorted((k, _frozen(v)) for k, v in sc.items())) for i, sc in scs.items()}
+        merged: dict = {}
+        for key, items in groups.items():
+            merged.setdefault((frozen[key[0]],) + key[1:], []).extend(items)
+        groups = merged
     chunks = []
     for (_, _, dev, _, _), items in groups.items():
         cap = CHUNK_NUMEL.get(dev.type, CHUNK_NUMEL["cpu"]) if mode != "1" else 1 << 62
