@@ -297,29 +297,12 @@ class TrainStep:
         """The host side of ``BatchedOptimizer.step`` (state, step counters, per-model scalars), done
         here; the tensor side (``_apply_all``, as ``step(compile=True)`` runs it) goes into the program,
         its state tensors and scalars as inputs. Returns graph inputs, cache key and the update."""
-        from . import flatstep
-        from .optim import _apply_all, _device_state_keys, _pack_prepped
+        from .optim import tensor_update
         opt = self.opt
-        flatstep.unflatten(opt)                  # the program's state inputs must not alias
         act = opt._active_list(None)
         if act is not None and not any(act):
             return [], ("all frozen",), None              # forward and backward only, as opt.step() does
-        _, prepped = opt._host_prep(params, act)
-        dev = params[0].device
-        skeys = tuple(_device_state_keys(st) for _, st, _ in prepped)
-        states = [st[k] for (_, st, _), keys in zip(prepped, skeys) for k in keys]
-        layout, floats, bools, extra, sidx = _pack_prepped([sc for _, _, sc in prepped], opt.n,
-                                                           opt._rule.tensor_keys, dev)
-        rule, n, ns, ne = opt._rule, opt.n, len(states), len(extra)
-
-        def update(ps, grads, tail):
-            st_t, floats_t, bools_t = tail[:ns], tail[ns], tail[ns + 1]
-            extra_t, mask_t = list(tail[ns + 2:ns + 2 + ne]), tail[ns + 2 + ne]
-            it = iter(st_t)
-            sts = [{k: next(it) for k in keys} for keys in skeys]
-            _apply_all(rule, n, ps, grads, sts, (layout, floats_t, bools_t, extra_t, sidx), mask_t)
-        key = (n, skeys, layout, sidx, tuple((e.shape, e.dtype) for e in extra))
-        return states + [floats, bools] + extra + [opt._mask(act, dev)], key, update
+        return tensor_update(opt, params, act)
 
     def _max_norm(self, n):
         if self.max_grad_norm is None:

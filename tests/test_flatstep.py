@@ -185,3 +185,59 @@ def test_shrink_drops_the_buffers_and_goes_on_exactly(flat_all):
     _steps(batched, opt, refs, ref_opts, 2, seed=7)
     assert _flat_ran(opt)
     assert_exact(batched, refs)
+
+
+# ---- the eager step on CUDA, replayed from a CUDA graph (a CPU stand-in of the graph here) -----------
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    from mbcompile import cudagraph, optim
+    from test_cudagraph import fake_capture
+    monkeypatch.setattr(cudagraph, "_capture_cuda", fake_capture)
+    monkeypatch.setattr(optim, "_GRAPH_DEVICES", ("cpu",))
+
+
+@pytest.mark.parametrize("case", ["adam", "sgd-nesterov", "adam-amsgrad-mixed", "rmsprop-mixed", "nadam"])
+def test_graphed_eager_step_matches_torch_bit_for_bit(case, graphs_on_cpu):
+    cls, kwargs = CASES[case]
+    batched, opt, refs, ref_opts = _pair(cls, kwargs)
+    saved = {}
+
+    def before(k):
+        if k == 5:                                  # a state dict round trip: new state tensors
+            opt.load_state_dict(torch.load(_to_bytes(opt.state_dict()), weights_only=True))
+            saved["status"] = opt.cuda_graph
+
+    _steps(batched, opt, refs, ref_opts, 9, before=before)
+    assert saved["status"].startswith("CUDA graph ("), saved["status"]
+    (gs,) = opt._graphs.values()
+    assert gs.captures == 2 and gs.replays == 9 - 2 * 2   # two warm-ups, and two again after the reload
+    assert not getattr(opt, "_flat", None)
+    assert_exact(batched, refs)
+
+
+def test_graphed_step_with_frozen_models_and_a_failed_capture(graphs_on_cpu, monkeypatch):
+    cls, kwargs = CASES["adamw"]
+    batched, opt, refs, ref_opts = _pair(cls, kwargs)
+    _steps(batched, opt, refs, ref_opts, 4)
+    opt.freeze(2)                                   # another structure: its own graph
+    for x, y in batches(4, seed=3):
+        ref_backward(refs, x, y)
+        inject_grads(batched, refs)
+        opt.step()
+        for i, o in enumerate(ref_opts):
+            if i != 2:
+                o.step()
+    assert len(opt._graphs) == 2 and all(g.replays for g in opt._graphs.values())
+    assert_exact(batched, refs)
+
+    from mbcompile import cudagraph
+
+    def broken(fn, inputs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(cudagraph, "_capture_cuda", broken)
+    opt.unfreeze(2)
+    opt._graphs.clear()
+    _steps(batched, opt, refs, ref_opts, 4, seed=9)
+    assert opt.cuda_graph.startswith("no CUDA graph: capture failed"), opt.cuda_graph
+    assert _flat_ran(opt)                           # the eager one-update step took over
+    assert_exact(batched, refs)
