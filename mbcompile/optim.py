@@ -28,7 +28,6 @@ import copy
 import inspect
 import itertools
 import math
-import os
 import types
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
@@ -846,15 +845,6 @@ def _apply_all(rule, n, params, grads, states, packed, mask):
         rule.apply(c, p, g, st, unpacked[j])
 
 
-GRAPH_MAX_NUMEL = 1 << 23      # elements (all models) of a step replayed from a CUDA graph; above it the
-                               # step is not host-bound and the eager flat step (fewer passes) is faster
-_GRAPH_DEVICES = ("cuda",)
-
-
-def _capturing(dev) -> bool:
-    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def tensor_update(opt, params: list, act: list | None):
     """The host side of a step over ``params`` done now (state, step counters, per-model scalars) and
     the tensor side as a function of tensors (for a compiled program or a CUDA graph): returns
@@ -932,7 +922,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_compiled"] = None  # compiled functions and scratch space are rebuilt on demand
-        d["_workspace"], d["_masks"], d["_flat"], d["_flat_owner"], d["_graphs"] = {}, {}, {}, {}, {}
+        d["_workspace"], d["_masks"], d["_flat"], d["_flat_owner"] = {}, {}, {}, {}
         return d
 
     def __setstate__(self, state: dict) -> None:
@@ -1006,8 +996,6 @@ class BatchedOptimizer(torch.optim.Optimizer):
                 and all(p.is_contiguous() for p in params):
             self._fused_step(params, grads, act)
             return loss
-        if self._graphable(params, grads) and self._run_graphed(params, grads, act):
-            return loss
         c, prepped = self._host_prep(params, act)
         todo = [(p, g, st, sc) for (p, st, sc), g in zip(prepped, grads)]
         if self._compile:
@@ -1019,53 +1007,6 @@ class BatchedOptimizer(torch.optim.Optimizer):
         for p, g, st, sc in rest:
             self._rule.apply(c, p, g, st, sc)
         return loss
-
-    # ---- CUDA: the eager step replayed from a CUDA graph ----------------------------------------------
-    def _graphable(self, params, grads) -> bool:
-        """A CUDA step that is host-bound: launching its ops takes longer than running them."""
-        dev = params[0].device
-        if dev.type not in _GRAPH_DEVICES or self._compile or self.__dict__.get("_graph_off"):
-            return False
-        if os.environ.get("MBCOMPILE_CUDA_GRAPHS", "1") == "0" or _capturing(dev):
-            return False
-        if sum(p.numel() for p in params) > GRAPH_MAX_NUMEL:
-            return False
-        return all(t.device == dev for t in itertools.chain(params, grads))
-
-    def _run_graphed(self, params, grads, act) -> bool:
-        """The host side now, the tensor side (per-parameter, tensor mode) from a CUDA graph captured
-        on the third call with the same structure (mbcompile/cudagraph.py): parameters and state are
-        read in place, the gradients and this step's scalars copied into the graph's buffers."""
-        from . import cudagraph
-        tail, key, update = tensor_update(self, params, act)
-        k = len(params)
-        graphs = self.__dict__.setdefault("_graphs", {})
-        gkey = (tuple(map(id, params)), tuple((g.dtype, g.shape) for g in grads), key,
-                None if act is None else tuple(act))
-        gs = graphs.get(gkey)
-        if gs is None:
-            if len(graphs) >= 8:                          # structures come and go: keep the recent ones
-                graphs.pop(next(iter(graphs)))
-
-            def fn(*xs):
-                update(list(xs[:k]), list(xs[k:2 * k]), list(xs[2 * k:]))
-                return []
-            ns = sum(map(len, key[1]))
-            gs = graphs[gkey] = cudagraph.GraphedStep(fn, None, frozenset(range(k)) | frozenset(
-                range(2 * k, 2 * k + ns)))
-        gs(*params, *grads, *tail)
-        if gs.reason is not None:                         # not replayable: the eager step from now on
-            self.__dict__["_graph_off"] = gs.reason
-            self.__dict__["_flat_off"] = False
-        return True
-
-    @property
-    def cuda_graph(self) -> str | None:
-        """How the last eager step ran on CUDA: from a CUDA graph, or why not (None: not graphed)."""
-        if self.__dict__.get("_graph_off"):
-            return f"no CUDA graph: {self._graph_off}"
-        graphs = self.__dict__.get("_graphs") or {}
-        return next(reversed(graphs.values())).status if graphs else None
 
     def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None):
         """``fused=True`` on CPU: torch's own fused kernel (``torch._fused_adam_`` / ``_fused_adamw_``,
@@ -1244,7 +1185,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         self.n = len(keep)
         self._compiled = None
         self._workspace = {}
-        for k in ("_flat", "_flat_owner", "_graphs"):
+        for k in ("_flat", "_flat_owner"):
             self.__dict__.pop(k, None)
 
 
