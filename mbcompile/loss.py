@@ -50,8 +50,9 @@ def _cross_entropy(out, target, tdim, ignore_index=-100):
     tgt = target if tdim == 0 else target.unsqueeze(0).expand(n, b)
     per = F.cross_entropy(out.reshape(n * b, c), tgt.reshape(n * b), reduction="none",
                           ignore_index=ignore_index).view(n, b)
-    keep = (tgt != ignore_index).to(per.dtype)
-    return per.sum(1) / keep.sum(1)
+    if tdim is None:                   # a shared target: one count for every model
+        return per.sum(1) / (target != ignore_index).sum().to(per.dtype)
+    return per.sum(1) / (target != ignore_index).to(per.dtype).sum(1)
 
 
 def _mse(out, target, tdim):
