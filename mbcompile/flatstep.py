@@ -128,9 +128,9 @@ def _scratch(ws: dict, slot: str, n: int, total: int, like: Tensor) -> Tensor:
     return buf[:n * total].view(n, total)
 
 
-def run(opt, c, chunk: list) -> None:
+def run(opt, c, chunk: list, keys_of) -> None:
     """One rule application over a chunk of ``(p, g, st, sc)`` from :func:`plan`."""
-    n, keys_of = opt.n, _keys_fn()
+    n = opt.n
     params = [it[0] for it in chunk]
     sts = [it[2] for it in chunk]
     keys = keys_of(sts[0])
@@ -174,8 +174,3 @@ def unflatten(opt) -> None:
 def flat_view_ids(opt) -> set:
     recs = opt.__dict__.get("_flat") or {}
     return set().union(*(r.view_ids() for r in recs.values())) if recs else set()
-
-
-def _keys_fn():
-    from .optim import _device_state_keys
-    return _device_state_keys

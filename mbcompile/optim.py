@@ -847,7 +847,7 @@ def _apply_all(rule, n, params, grads, states, packed, mask):
 
 def tensor_update(opt, params: list, act: list | None):
     """The host side of a step over ``params`` done now (state, step counters, per-model scalars) and
-    the tensor side as a function of tensors (for a compiled program or a CUDA graph): returns
+    the tensor side as a function of tensors (for a compiled program: train_step's): returns
     ``(tail, key, update)``; ``update(params, grads, tail)`` runs :func:`_apply_all` and ``key`` says
     when a program built for one step fits another. The state tensors in ``tail`` are unaliased."""
     flatstep.unflatten(opt)
@@ -1003,7 +1003,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
             return loss
         chunks, rest = ([], todo) if self.__dict__.get("_flat_off") else flatstep.plan(todo, _device_state_keys)
         for chunk in chunks:                    # parameters that share their scalars: one update
-            flatstep.run(self, c, chunk)
+            flatstep.run(self, c, chunk, _device_state_keys)
         for p, g, st, sc in rest:
             self._rule.apply(c, p, g, st, sc)
         return loss
