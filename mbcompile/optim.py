@@ -139,6 +139,9 @@ def _collapse(values: list):
 # --------------------------------------------------------------------------------------------------
 # per-model scalar arithmetic (Python, exactly torch's expressions) and vectorised tensor ops
 # --------------------------------------------------------------------------------------------------
+PER_MODEL_CALLS_NUMEL = 1 << 14   # elements per model from which a per-model scalar goes op by op (CPU)
+
+
 class _Ctx:
     """What one step needs: the model count, which models step, caches for [n] operands, and a
     workspace of reusable scratch tensors (fresh allocations of large tensors cost page faults on the
@@ -303,6 +306,16 @@ class _Ctx:
     def _pointwise(self, name, x, t1, t2, v, inplace, out, tmp):
         """x + v * t1 (* or /) t2; torch rounds v * t1 first."""
         op = getattr(torch, name)
+        if isinstance(v, list) and self._per_model_calls(x, t1, t2):
+            # large CPU tensors: one call per model with its own Python scalar, torch's very op, costs
+            # n dispatches instead of a pass over memory for v * t1
+            res = x if inplace else (self.s(x, out) if self.s(x, out) is not None else torch.empty_like(x))
+            for i in range(self.n):
+                if inplace:
+                    getattr(x[i], name + "_")(t1[i], t2[i], value=v[i])
+                else:
+                    op(x[i], t1[i], t2[i], value=v[i], out=res[i])
+            return res
         if isinstance(v, (list, Tensor)):
             if self._low(x):
                 return self._back(x, op(x.float(), t1.float() * self.t(v, x), t2.float()), inplace)
@@ -311,6 +324,11 @@ class _Ctx:
         if inplace:
             return getattr(x, name + "_")(t1, t2, value=v)
         return op(x, t1, t2, value=v, out=self.s(x, out))
+
+    def _per_model_calls(self, x, t1, t2) -> bool:
+        return (x.device.type == "cpu" and not self.tensor_mode and not self._low(x) and x.dim() > 0
+                and x.shape[0] == self.n and x.numel() >= self.n * PER_MODEL_CALLS_NUMEL
+                and t1.shape == x.shape and t2.shape == x.shape)
 
     def addcmul(self, x, t1, t2, v, inplace=False, out=None, tmp=None):
         """x + v * t1 * t2 (torch rounds v * t1 first)."""

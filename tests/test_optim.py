@@ -696,3 +696,24 @@ def test_per_model_values_collapse_only_when_bitwise_equal():
     assert _same([1e-3] * 64) and _same([0, 0.0, False]) and _same([nan, nan]) and _same([None, None])
     assert not _same([0.0, -0.0]) and not _same([0, -0.0]) and not _same([nan, float("nan")])
     assert not _same([1e-3] * 63 + [2e-3]) and not _same([True, False]) and not _same(["a", "b"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_large_tensors_take_one_call_per_model_bit_for_bit(case, monkeypatch):
+    """On a CPU a per-model scalar of addcmul / addcdiv goes model by model, with torch's very op and
+    a Python scalar, once a parameter is large (PER_MODEL_CALLS_NUMEL); here every parameter is."""
+    from mbcompile import optim as mo
+    monkeypatch.setattr(mo, "PER_MODEL_CALLS_NUMEL", 1)
+    monkeypatch.setenv("MBCOMPILE_FLAT_STEP", "0")
+    used = []
+    real = mo._Ctx._per_model_calls
+
+    def spy(self, x, t1, t2):
+        used.append(real(self, x, t1, t2))
+        return used[-1]
+    monkeypatch.setattr(mo._Ctx, "_per_model_calls", spy)
+    cls, kwargs = CASES[case]
+    batched, refs, _, _ = run_injected(cls, kwargs, dtype=torch.float32, steps=6)
+    assert_exact(batched, refs)
+    if cls in (torch.optim.Adam, torch.optim.AdamW) and isinstance(kwargs["lr"], list):
+        assert any(used), "no per-model call ran"       # the step size: p.addcdiv_(m, denom, value=-s_i)
