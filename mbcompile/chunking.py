@@ -5,12 +5,14 @@ activation is several times the last-level cache, bn, relu and the residual adds
 from DRAM, and grouped convs over many groups lose locality. Measured (2-core EPYC, 32 MB L3, glibc
 malloc tuned by hostmem.py, ResNet-8, batch 32, forward+backward): at n=16 (largest batched tensor
 32 MB) one batch 205 ms, 4 chunks of 4 205 ms: no gain; at n=64 (128 MB) one batch 1253 ms, 4 chunks
-of 16 891 ms, 8 of 8 916 ms, 64 models one after another 1084 ms.
+of 16 891 ms, 8 of 8 916 ms, 64 models one after another 1084 ms. Nets heavy in elementwise ops and
+norms go the other way (n=16, 64 MB; stop 14): a squeeze-excitation CNN whole 192 ms, 2 chunks of 8
+186 ms, 16 chunks of 1 148 ms (sequential ~190 ms); a style-transfer net whole 293, chunks of 1 243.
 
 So when a CPU program's largest batched activation is at least MIN_BYTES, its first eager call with
-gradients times the whole program against chunks whose largest activation is about TARGET_BYTES
-(forward+backward on the call's own inputs, detached; the user's .grad and random streams untouched)
-and keeps the faster. A chunked program is one traced graph: inputs split along the model dim, the
+gradients times the whole program against chunks whose largest activation is about TARGET_BYTES and
+about SMALL_BYTES (forward+backward on the call's own inputs, detached; the user's .grad and random
+streams untouched; a warm-up run first, then a timed one) and keeps the fastest. A chunked program is one traced graph: inputs split along the model dim, the
 batched graph once per chunk (n=k, with the lowerings chosen for size k), outputs concatenated; the
 split's backward is one cat per parameter. Model i computes what it computes in the whole program,
 and the sequential random streams (states[i]) are per model, so chunking changes no result beyond the
@@ -34,7 +36,10 @@ import torch
 from . import lowering
 
 MIN_BYTES = 64 << 20       # consider chunking when the largest batched activation is at least this big
-TARGET_BYTES = 32 << 20    # the chunk size timed: its largest activation about this big
+TARGET_BYTES = 32 << 20    # the chunk sizes timed: their largest activation about this big (a grouped
+SMALL_BYTES = 4 << 20      # conv still has several models), and about this (one model's tensors stay
+                           # in cache between ops; elementwise- and norm-heavy nets)
+WARMUP_ONLY_S = 30.0       # warm-ups that took longer than this decide alone (no timed round after)
 
 
 def chunk_sizes(n, k):
@@ -54,10 +59,10 @@ def largest_activation(gm):
     return best
 
 
-def candidate(n, biggest):
-    """The chunk size to time: its largest activation nearest TARGET_BYTES, preferring divisors of n
+def candidate(n, biggest, target=TARGET_BYTES):
+    """A chunk size to time: its largest activation nearest ``target``, preferring divisors of n
     (all chunks then share one program shape); an uneven last chunk when no divisor is near."""
-    want = max(1.0, n * TARGET_BYTES / biggest)
+    want = max(1.0, n * target / biggest)
     divs = [d for d in range(1, n // 2 + 1) if n % d == 0]
     k0 = min(divs, key=lambda d: abs(math.log(d / want)))
     if abs(math.log(k0 / want)) > math.log(2) and round(want) <= n // 2:
@@ -122,8 +127,9 @@ class Chooser:
         if forced is None and biggest < MIN_BYTES:
             return gm
         t0 = time.perf_counter()
-        k, recs = forced or candidate(n, biggest), []
-        progs = {n: gm, k: prog.chunked(chunk_sizes(n, k), vals, recs)}
+        ks = [forced] if forced else sorted({candidate(n, biggest), candidate(n, biggest, SMALL_BYTES)})
+        recs = {k: [] for k in ks}
+        progs = {n: gm, **{k: prog.chunked(chunk_sizes(n, k), vals, recs[k]) for k in ks}}
         if forced:
             best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
         else:
@@ -136,7 +142,7 @@ class Chooser:
         prog.notes.append(f"program: {_label(n, best)} ({why}; largest batched activation "
                           f"{biggest / 2**20:.1f} MB)")
         if best != n:
-            prog.records[:] = recs                       # explain() shows the ops of one chunk
+            prog.records[:] = recs[best]                 # explain() shows the ops of one chunk
         return progs[best]
 
 
@@ -164,7 +170,7 @@ def _measure(progs, vals, backward, rounds=2):
 
     best = {k: run(gm) for k, gm in progs.items()}                  # warm-up
     total = sum(best.values())
-    if total < 5.0:                                                 # a few seconds at most
+    if total < WARMUP_ONLY_S:   # a first run is no measure (chunks of 1 model: 3.8 s, then 0.24 s a step)
         best = {k: float("inf") for k in progs}
         for _ in range(rounds if total < 1.0 else 1):
             for k, gm in progs.items():

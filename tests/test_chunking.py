@@ -85,6 +85,41 @@ def test_measured_choice_leaves_grads_and_random_streams_alone(monkeypatch):
     assert "chunk_s" in mbcompile.explain(b).times
 
 
+def test_two_chunk_sizes_are_timed_against_the_whole_program(monkeypatch):
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)
+    monkeypatch.setattr(chunking, "TARGET_BYTES", 1 << 40)   # about the whole batch per chunk: 2 of 2 (n=4)
+    monkeypatch.setattr(chunking, "SMALL_BYTES", 1)          # one model per chunk
+    models = [Net().double() for _ in SEEDS[:4]]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, seeds=SEEDS[:4])
+    _run(b, refs, torch.randn(2, 3, 8, 8, dtype=torch.float64), False)
+    note = next(s for s in _notes(b) if s.startswith("program:"))
+    assert "4 chunks of 1" in note and "2 chunks of 2" in note and "whole" in note, note
+
+
+def test_the_choice_is_timed_after_a_warm_up(monkeypatch):
+    """A program's first run (its lazy set-up) is no measure of its steps: the one whose first run
+    is slow but whose steps are fast wins."""
+    import time
+    calls = {"slow_first": 0}
+
+    def slow_first(*xs):
+        calls["slow_first"] += 1
+        time.sleep(0.3 if calls["slow_first"] == 1 else 0.001)
+        return []
+
+    def steady(*xs):
+        time.sleep(0.02)
+        return []
+    progs, vals = {4: steady, 1: slow_first}, [torch.zeros(1), torch.zeros(1)]
+    best = chunking._measure(progs, vals, backward=False)
+    assert min(best, key=best.get) == 1 and calls["slow_first"] >= 2, best
+    calls["slow_first"] = 0
+    monkeypatch.setattr(chunking, "WARMUP_ONLY_S", 0.1)       # warm-ups past the cap decide alone
+    best = chunking._measure(progs, vals, backward=False)
+    assert min(best, key=best.get) == 4 and calls["slow_first"] == 1, best
+
+
 def test_a_training_program_first_called_without_grad_decides_later(monkeypatch):
     monkeypatch.setattr(chunking, "MIN_BYTES", 0)
     b = mbcompile.batch([Net().double() for _ in range(3)])
