@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -43,9 +44,22 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
     if in_dims not in (None, 0) and not (isinstance(in_dims, tuple) and all(d in (None, 0) for d in in_dims)):
         raise InvalidInputError(f"in_dims must be None, 0 or a tuple of 0/None per positional input (the model dim "
                                 f"leads each per-model input), got {in_dims!r}")
+    _refuse_lazy(models)
     consts = check_same_architecture(models)
     return BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
                          compile=compile, consts=consts)
+
+
+def _refuse_lazy(models):
+    """Lazy modules (nn.LazyLinear, ...) have no shapes to stack until their first forward."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+    for i, m in enumerate(models):
+        for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer)):
+                raise InvalidInputError(
+                    f"model {i} has an uninitialized lazy parameter {name!r} (nn.LazyLinear, nn.LazyConv2d, ...): "
+                    f"its shape is set by the first forward. Run each model once on a sample input before "
+                    f"mbcompile.batch")
 
 
 def check_same_architecture(models):
@@ -435,7 +449,7 @@ class BatchedModule(nn.Module):
         from . import lowering
         m0 = lowering.SPENT["measure_s"]
         t0 = time.perf_counter()
-        cap = capture(self._template, uargs, ukwargs, self._consts)
+        cap = capture(self._template, uargs, ukwargs, self._consts, strict=self._strict)
         t1 = time.perf_counter()
         tdims = iter([dims[i] for i in _user_leaves(cap, leaves)])
         in_dims, user_names = [], []

@@ -2,13 +2,17 @@
 constants into mbcompile ops, then run_decompositions that keeps every op with a rule."""
 from __future__ import annotations
 
+import contextlib
+import random
 import re
+import sys
 import traceback
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from . import ops
@@ -159,12 +163,82 @@ def _export(template, args, kwargs):
         return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen
 
 
-def capture(template, args, kwargs, consts) -> Captured:
+def _random_state():
+    """Python's and numpy's global random states (what forward might draw from outside torch)."""
+    np = sys.modules.get("numpy")
+    return random.getstate(), np.random.get_state() if np is not None else None
+
+
+def _draws(before) -> list:
+    """The random modules forward drew from while capturing; their states are restored (capture
+    should not move the user's streams)."""
+    (py_rng, np_rng), (py_now, np_now) = before, _random_state()
+    draws = []
+    if py_now != py_rng:
+        draws.append("Python's random module (random.random(), random.uniform(), ...)")
+        random.setstate(py_rng)
+    if np_rng is not None and np_now is not None and (np_now[2] != np_rng[2] or (np_now[1] != np_rng[1]).any()):
+        draws.append("numpy's global random state (np.random.rand(), ...)")
+        sys.modules["numpy"].random.set_state(np_rng)
+    return draws
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _watch_attributes(template, changes: list):
+    """Record forward's assignments of plain values (numbers, strings) to the template's modules:
+    export puts the attributes back afterwards, but the graph keeps what forward read of them."""
+    paths = {id(m): p for p, m in template.named_modules()}
+    setattr_ = nn.Module.__setattr__
+
+    def watched(self, name, value):
+        p = paths.get(id(self))
+        if p is not None and not name.startswith("_") and name != "training" \
+                and type(value) in (int, float, bool, str):
+            old = self.__dict__.get(name, _MISSING)
+            if old is _MISSING or not (type(old) is type(value) and old == value):
+                where = (p + "." if p else "") + name
+                changes.append(f"{where!r}: set to {value!r}" if old is _MISSING else f"{where!r}: {old!r} -> {value!r}")
+        setattr_(self, name, value)
+
+    nn.Module.__setattr__ = watched
+    try:
+        yield
+    finally:
+        nn.Module.__setattr__ = setattr_
+
+
+def _refuse_python_state(template, draws, changes, strict):
+    """Forward that draws Python / numpy random numbers is refused (each model alone would draw anew
+    at every call; the graph keeps the one draw of capture); forward that changes a plain attribute
+    (a step counter, a cached length) warns, or with strict=True is refused."""
+    name = type(template).__name__
+    if draws:
+        raise CaptureError(
+            f"{name}.forward draws from {draws[0]}: a captured graph keeps the value drawn while capturing, "
+            f"so every later call would repeat it. Draw with torch instead (torch.rand(()), torch.bernoulli; "
+            f"with randomness='sequential' each model then gets the draws it would get alone)")
+    if changes:
+        seen = list(dict.fromkeys(changes))
+        msg = (f"{name}.forward changes plain Python attributes ({'; '.join(seen[:3])}"
+               f"{'; ...' if len(seen) > 3 else ''}). A captured graph keeps the values forward read while "
+               f"capturing, so later calls do not see them change as each model alone would. Keep such state in a "
+               f"buffer (register_buffer) updated with tensor ops")
+        if strict:
+            raise CaptureError(msg)
+        warnings.warn("mbcompile: " + msg, stacklevel=4)
+
+
+def capture(template, args, kwargs, consts, strict=False) -> Captured:
     """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
     import time
     t0 = time.perf_counter()
+    rng, changes = _random_state(), []
     try:
-        ep, seen = _export(template, args, kwargs)
+        with _watch_attributes(template, changes):
+            ep, seen = _export(template, args, kwargs)
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):
@@ -197,6 +271,7 @@ def capture(template, args, kwargs, consts) -> Captured:
                            f"torch.library.custom_op with register_autograd")
     _refuse_data_dependent_shapes(ep.graph_module, template)
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
+    _refuse_python_state(template, _draws(rng), changes, strict)
     _detach_no_grad_regions(ep.graph_module)
     _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)

@@ -161,3 +161,62 @@ def test_forward_own_value_error_stays_a_value_error():
     with pytest.raises(ValueError, match="more than 1 value per channel") as info:
         mbcompile.batch(m, n=2)(torch.randn(1, 3, 1, 1))
     assert isinstance(info.value, mbcompile.CaptureError)
+
+
+class _PyLayerDrop(nn.Module):
+    """LayerDrop with Python's random module: each model alone skips different layers at every call."""
+
+    def __init__(self, np_random=False):
+        super().__init__()
+        self.layers, self.np_random = nn.ModuleList([nn.Linear(6, 6) for _ in range(3)]), np_random
+
+    def forward(self, x):
+        import random
+        for layer in self.layers:
+            u = __import__("numpy").random.rand() if self.np_random else random.uniform(0, 1)
+            if self.training and u < 0.5:
+                continue
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+class _Anneal(nn.Module):
+    """A step counter kept in a Python int and read by forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.calls, self.mode = nn.Linear(6, 3), 0, "train"
+
+    def forward(self, x):
+        self.calls += 1
+        self.mode = "train"                      # assigning the value it has is no change
+        return self.fc(x) / (1.0 + self.calls)
+
+
+@pytest.mark.parametrize("np_random", [False, True], ids=["random", "numpy"])
+def test_python_random_in_forward_is_refused_and_its_stream_left_alone(np_random):
+    import random
+    if np_random:
+        np = pytest.importorskip("numpy")
+        np.random.seed(3)
+        want = np.random.get_state()[1].copy()
+    random.seed(3)
+    state = random.getstate()
+    with pytest.raises(mbcompile.CaptureError, match="numpy's global random" if np_random else "Python's random module"):
+        mbcompile.batch(_PyLayerDrop(np_random), n=2)(torch.randn(4, 6))
+    assert random.getstate() == state
+    if np_random:
+        assert (np.random.get_state()[1] == want).all()
+
+
+def test_a_python_attribute_changed_by_forward_warns_and_strict_refuses():
+    with pytest.warns(UserWarning, match=r"changes plain Python attributes \('calls': 0 -> 1\)\. A captured") as rec:
+        mbcompile.batch(_Anneal(), n=2)(torch.randn(4, 6))
+    assert not any("'mode'" in str(w.message) for w in rec)
+    with pytest.raises(mbcompile.CaptureError, match="'calls': 0 -> 1.*register_buffer"):
+        mbcompile.batch(_Anneal(), n=2, strict=True)(torch.randn(4, 6))
+
+
+def test_an_uninitialized_lazy_module_is_a_clear_error():
+    with pytest.raises(mbcompile.MBCompileError, match="uninitialized lazy parameter 'weight'.*Run each model once"):
+        mbcompile.batch([nn.LazyLinear(3), nn.LazyLinear(3)])
