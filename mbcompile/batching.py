@@ -7,6 +7,7 @@ import copy
 import gc
 import itertools
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -97,7 +98,8 @@ def check_same_architecture(models):
                     if kind == "_parameters" and ta[k] is not None and ta[k].requires_grad != tb[k].requires_grad:
                         raise InvalidInputError(f"model {i} differs from model 0 at '{path}.{k}': requires_grad")
             for hooks in ("_forward_hooks", "_forward_pre_hooks"):
-                if [id(h) for h in getattr(a, hooks).values()] != [id(h) for h in getattr(b, hooks).values()]:
+                ha, hb = list(getattr(a, hooks).values()), list(getattr(b, hooks).values())
+                if len(ha) != len(hb) or not all(_same_hook(x, y, ref, m) for x, y in zip(ha, hb)):
                     raise InvalidInputError(
                         f"model {i} and model 0 have different {hooks[1:-1].replace('_', ' ')}s at {where!r}: one "
                         f"batched forward runs model 0's; register the same hook function on every model (or none)")
@@ -121,6 +123,33 @@ def check_same_architecture(models):
                             f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
                             f"give the models the same {attr} or batch them apart.")
     return consts
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _same_hook(x, y, model_x, model_y) -> bool:
+    """Whether two models' hooks do the same: one function; or functions with the same code, defaults
+    and plain closure values (a lambda written in __init__; not one that closes over a module: copying
+    model 0 would not rebind it); or the same method bound to the module at the same path of each model
+    (copying rebinds it to the copy)."""
+    if x is y:
+        return True
+    if isinstance(x, types.MethodType) and isinstance(y, types.MethodType):
+        return x.__func__ is y.__func__ and _path_in(x.__self__, model_x) == _path_in(y.__self__, model_y) is not None
+    if isinstance(x, types.FunctionType) and isinstance(y, types.FunctionType):
+        cx, cy = x.__closure__ or (), y.__closure__ or ()
+        return (x.__code__ is y.__code__ and x.__defaults__ == y.__defaults__ and len(cx) == len(cy)
+                and all(_same_plain(p.cell_contents, q.cell_contents) for p, q in zip(cx, cy)))
+    return False
+
+
+def _same_plain(u, v) -> bool:
+    return type(u) is type(v) and isinstance(u, _PLAIN) and u == v
+
+
+def _path_in(mod, model):
+    return next((p for p, m in model.named_modules(remove_duplicate=False) if m is mod), None)
 
 
 def _refuse_backward_hooks(model):

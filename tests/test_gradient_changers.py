@@ -81,3 +81,39 @@ def test_forward_hooks_must_be_the_same_function_on_every_model():
     out = mbcompile.batch([a, b])(x)
     for i, m in enumerate((a, b)):
         torch.testing.assert_close(out[i], m(x))
+
+
+class _Hooked(nn.Module):
+    """Hooks written in __init__: a lambda over a plain value, a method of the model, and (when asked)
+    a lambda over a module, which copying model 0 would not rebind."""
+
+    def __init__(self, scale=0.5, over_module=False):
+        super().__init__()
+        self.a, self.b, self.g = nn.Linear(6, 6), nn.Linear(6, 3), nn.Parameter(torch.rand(3))
+        s = scale
+        self.a.register_forward_hook(lambda m, i, o: o * s + 0.1)
+        self.b.register_forward_pre_hook(self._pre)
+        self.b.register_forward_hook(self._post)
+        if over_module:
+            self.a.register_forward_pre_hook(lambda m, args: (args[0] * self.g.sum(),))
+
+    def _pre(self, m, args):
+        return (args[0] * 2,)
+
+    def _post(self, m, i, o):
+        return o * self.g                               # each model's own parameter
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_hooks_written_in_init_batch_when_they_do_the_same_on_every_model():
+    ms = [_Hooked().double() for _ in range(3)]
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out = mbcompile.batch(ms)(x)
+    for i, m in enumerate(ms):
+        torch.testing.assert_close(out[i], m(x))
+    with pytest.raises(ValueError, match="different forward hooks at 'a'"):      # 0.5 vs 0.7 inside
+        mbcompile.batch([_Hooked(0.5), _Hooked(0.7)])
+    with pytest.raises(ValueError, match="different forward pre hooks at 'a'"):  # over self.g
+        mbcompile.batch([_Hooked(over_module=True), _Hooked(over_module=True)])
