@@ -200,7 +200,8 @@ def _watch_attributes(template, changes: list):
             old = self.__dict__.get(name, _MISSING)
             if old is _MISSING or not (type(old) is type(value) and old == value):
                 where = (p + "." if p else "") + name
-                changes.append(f"{where!r}: set to {value!r}" if old is _MISSING else f"{where!r}: {old!r} -> {value!r}")
+                changes.append(f"{where!r}: set to {value!r}" if old is _MISSING
+                               else f"{where!r}: {old!r} -> {value!r}")
         setattr_(self, name, value)
 
     nn.Module.__setattr__ = watched

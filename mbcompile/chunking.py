@@ -12,11 +12,12 @@ norms go the other way (n=16, 64 MB; stop 14): a squeeze-excitation CNN whole 19
 So when a CPU program's largest batched activation is at least MIN_BYTES, its first eager call with
 gradients times the whole program against chunks whose largest activation is about TARGET_BYTES and
 about SMALL_BYTES (forward+backward on the call's own inputs, detached; the user's .grad and random
-streams untouched; a warm-up run first, then a timed one) and keeps the fastest. A chunked program is one traced graph: inputs split along the model dim, the
-batched graph once per chunk (n=k, with the lowerings chosen for size k), outputs concatenated; the
-split's backward is one cat per parameter. Model i computes what it computes in the whole program,
-and the sequential random streams (states[i]) are per model, so chunking changes no result beyond the
-floating-point summation order of the lowerings chosen for size k.
+streams untouched; a warm-up run first, then a timed one) and keeps the fastest. A chunked program is
+one traced graph: inputs split along the model dim, the batched graph once per chunk (n=k, with the
+lowerings chosen for size k), outputs concatenated; the split's backward is one cat per parameter.
+Model i computes what it computes in the whole program, and the sequential random streams (states[i])
+are per model, so chunking changes no result beyond the floating-point summation order of the
+lowerings chosen for size k.
 
 ``train_step`` compiles the chunked trace of such a program with the size this would time
 (``compiled_chunk``; not timed, which would mean compiling both). Not chunked: ``compile=True`` and

@@ -309,7 +309,9 @@ class _Ctx:
         if isinstance(v, list) and self._per_model_calls(x, t1, t2):
             # large CPU tensors: one call per model with its own Python scalar, torch's very op, costs
             # n dispatches instead of a pass over memory for v * t1
-            res = x if inplace else (self.s(x, out) if self.s(x, out) is not None else torch.empty_like(x))
+            res = x if inplace else self.s(x, out)
+            if res is None:
+                res = torch.empty_like(x)
             for i in range(self.n):
                 if inplace:
                     getattr(x[i], name + "_")(t1[i], t2[i], value=v[i])
