@@ -74,6 +74,7 @@ LAYERS = {
     "layernorm_2d": (lambda: nn.LayerNorm([4, 5]), (3, 4, 5)),
     "embedding_pad": (lambda: nn.Embedding(10, 4, padding_idx=2), None),
     "embedding_max_norm": (lambda: nn.Embedding(10, 4, max_norm=1.0), None),      # renorms the weight in place
+    "embedding_scale_grad": (lambda: nn.Embedding(10, 4, padding_idx=3, scale_grad_by_freq=True), None),
     "batchnorm_cumulative": (lambda: nn.BatchNorm1d(5, momentum=None), (6, 5)),    # 1/num_batches_tracked
     "maxpool_avgpool": (lambda: nn.Sequential(nn.Conv2d(2, 2, 1), nn.MaxPool2d(2), nn.AvgPool2d(2, ceil_mode=True),
                                               nn.AdaptiveMaxPool2d(1)), (2, 2, 9, 9)),

@@ -1,5 +1,6 @@
 """Embedding: every model's table is one block of a flat (n*V),D table; indices get offsets i*V.
-n,V,D + B,T -> n,B,T,D. padding_idx rows take no gradient, as in torch."""
+n,V,D + B,T -> n,B,T,D. padding_idx rows take no gradient, as in torch; scale_grad_by_freq counts
+each model's own indices (they are distinct rows of the flat table)."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,9 @@ def embedding(ctx, args, dims, kwargs):
     dw, di = dims[0], dims[1]
     n = ctx.n
     if dw is None:                                        # shared table, per-model indices
+        if scale_grad and di is not None and w.requires_grad:
+            raise NotImplementedError("a shared table with scale_grad_by_freq=True and per-model indices")
         return aten.embedding(w, idx, padding_idx, scale_grad), di
-    if scale_grad:
-        raise NotImplementedError("embedding with scale_grad_by_freq=True")
     w = front(w, dw, n)
     v = w.shape[1]
     if padding_idx is not None and padding_idx >= 0:      # no gradient into the padding row
@@ -32,7 +33,7 @@ def embedding(ctx, args, dims, kwargs):
         fi = front(idx, di, n)
         flat_idx = fi + off.view(n, *([1] * (fi.dim() - 1)))
     ctx.note("flat table with per-model offsets")
-    return aten.embedding(w.reshape(n * v, -1), flat_idx), 0
+    return aten.embedding(w.reshape(n * v, -1), flat_idx, -1, scale_grad), 0
 
 
 @rule(aten.embedding_renorm.default)
