@@ -54,6 +54,12 @@ def _gradient_changers():
     fn_apply, hook = torch.autograd.Function.__dict__["apply"], torch.Tensor.register_hook
 
     def apply(cls, *args, **kwargs):
+        if cls.__module__ == "torch.utils.checkpoint" and cls.__name__ == "CheckpointFunction":
+            # checkpoint(fn, *args, use_reentrant=True) runs fn under no_grad and recomputes it in its
+            # backward: traced so, the graph would hold fn's ops as constants. Capture fn itself (the
+            # batched program then keeps fn's activations, as without checkpointing)
+            fn, _preserve_rng, *fn_args = args
+            return fn(*fn_args)
         if not cls.__module__.startswith("torch."):          # torch's own (checkpoint) differentiate alike
             seen.append(f"applies the custom torch.autograd.Function {cls.__qualname__} at {_user_line()}, "
                         f"whose backward defines its gradients")

@@ -95,3 +95,37 @@ def test_causal_mask_without_is_causal(arch, bool_mask):
         torch.testing.assert_close(out[i], o, rtol=1e-9, atol=1e-10)
         for name, p in r.named_parameters():
             torch.testing.assert_close(b.get_parameter(name).grad[i], p.grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+class Checkpointed(nn.Module):
+    """Activation checkpointing, either implementation, with dropout inside the checkpointed block."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.a, self.b, self.reentrant = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3)), reentrant
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return self.head(checkpoint(self.b, torch.tanh(self.a(x)), use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_activation_checkpointing_trains_as_each_model_alone(reentrant):
+    seeds = [3, 4, 5]
+    models = [Checkpointed(reentrant).double() for _ in seeds]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models, seeds=seeds)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for _ in range(2):                                # the masks of a second call too
+        out = batched(x)
+        assert out.requires_grad
+        out.square().sum().backward()
+    for i, r in enumerate(refs):
+        torch.manual_seed(seeds[i])
+        for _ in range(2):
+            ref = r(x)
+            ref.square().sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-12)
+        for name, p in r.named_parameters():
+            torch.testing.assert_close(batched.get_parameter(name).grad[i], p.grad, rtol=1e-10, atol=1e-12)
