@@ -278,6 +278,37 @@ def test_attention_lowerings_agree(mode, mask_kind):
         torch.testing.assert_close(batched.qkv.weight.grad[i], ref.qkv.weight.grad, rtol=1e-9, atol=1e-10)
 
 
+class LearnedBias(nn.Module):
+    """A learned additive attention bias (relative positions, ALiBi slopes): SDPA's attn_mask needs a
+    gradient, which the CPU flash kernel does not give."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.bias = nn.Linear(8, 24), nn.Parameter(torch.randn(2, 5, 5) * 0.1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+
+@pytest.mark.parametrize("mode", ["measured", "fused"])
+def test_a_learned_attention_mask_is_never_given_the_fused_kernel(mode):
+    models = [LearnedBias().double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with lowering.force(**({"attention": "fused"} if mode == "fused" else {})):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    out.square().sum().backward()
+    assert not any("lowering: fused" in s for s in notes(batched)), notes(batched)
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        torch.testing.assert_close(out[i], want, rtol=1e-10, atol=1e-12)
+        want.square().sum().backward()
+        for name, p in ref.named_parameters():
+            torch.testing.assert_close(batched.get_parameter(name).grad[i], p.grad, rtol=1e-9, atol=1e-10)
+
+
 class OneConv(nn.Module):
     def __init__(self):
         super().__init__()

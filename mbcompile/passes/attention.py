@@ -63,8 +63,13 @@ def sdpa(ctx, args, dims, kwargs):
                      q, k, v, _float_mask(m, q), 0.0, is_causal, scale=scale, enable_gqa=gqa)[0]}
         if max(qf.shape[-2], kf.shape[-2]) <= SHORT and not gqa:
             cands["broadcast"] = lambda q, k, v, m: _broadcast_attention(q, k, v, m, is_causal, scale)
-        choice = lowering.choose("attention", cands, (qf, kf, vf, mf), n, extra=(is_causal, scale, gqa),
-                                 grad=(True, True, True, False), prefer=("broadcast", PREFER))
+        # a per-model float mask may be learned (a relative-position bias, ALiBi slopes): the CPU flash
+        # kernel has no gradient for attn_mask, the math and broadcast paths do
+        learned = mf is not None and mf.is_floating_point() and dm is not None
+        if learned:
+            del cands["fused"]
+        choice = lowering.choose("attention", cands, (qf, kf, vf, mf), n, extra=(is_causal, scale, gqa, learned),
+                                 grad=(True, True, True, learned), prefer=("broadcast", PREFER))
         ctx.note(choice.note("attention"))
         out = cands[choice.name](qf, kf, vf, mf)
     return (out.unflatten(0, (n, -1)) if lead else out), 0
