@@ -59,6 +59,9 @@ def _gradient_changers():
             # backward: traced so, the graph would hold fn's ops as constants. Capture fn itself (the
             # batched program then keeps fn's activations, as without checkpointing)
             fn, _preserve_rng, *fn_args = args
+            if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in fn_args):
+                with torch.no_grad():        # as torch: no input needs grad, so fn's parameters get none
+                    return fn(*fn_args)
             return fn(*fn_args)
         if not cls.__module__.startswith("torch."):          # torch's own (checkpoint) differentiate alike
             seen.append(f"applies the custom torch.autograd.Function {cls.__qualname__} at {_user_line()}, "
