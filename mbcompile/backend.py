@@ -234,6 +234,8 @@ class TrainStep:
         self.kind = kind
         self.max_grad_norm = max_grad_norm
         self._clip = None                      # (n, [n] float64 tensor) of max_grad_norm
+        from .batching import on_shrink
+        on_shrink(batched, self)
         self.last_grad_norms = None
         self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
         self._last = None                      # the last call's program (its CUDA-graph status)
@@ -303,6 +305,15 @@ class TrainStep:
         if act is not None and not any(act):
             return [], ("all frozen",), None              # forward and backward only, as opt.step() does
         return tensor_update(opt, params, act)
+
+    def _shrink_(self, keep):
+        """mbcompile.shrink_ dropped models: a per-model max_grad_norm keeps the kept models' values."""
+        m = self.max_grad_norm
+        if isinstance(m, torch.Tensor) and m.dim() == 1:
+            self.max_grad_norm = m[torch.tensor(keep, device=m.device)]
+        elif isinstance(m, (list, tuple)):
+            self.max_grad_norm = [m[k] for k in keep]
+        self._clip = None
 
     def _max_norm(self, n):
         if self.max_grad_norm is None:

@@ -8,6 +8,7 @@ import gc
 import itertools
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +50,14 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
     consts = check_same_architecture(models)
     return BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
                          compile=compile, consts=consts)
+
+
+_SHRINK_LISTENERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def on_shrink(batched, obj) -> None:
+    """Call ``obj._shrink_(keep)`` whenever ``batched`` drops models (held weakly on both sides)."""
+    _SHRINK_LISTENERS.setdefault(batched, weakref.WeakSet()).add(obj)
 
 
 def _refuse_lazy(models):
@@ -337,6 +346,8 @@ class BatchedModule(nn.Module):
         self._seeds = [self._seeds[k] for k in keep]
         self._n = len(keep)
         self._programs.clear()
+        for obj in list(_SHRINK_LISTENERS.get(self, ())):      # train_step's per-model max_grad_norm
+            obj._shrink_(keep)
         return self
 
     # ---- forward ---------------------------------------------------------------------------------

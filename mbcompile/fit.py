@@ -385,7 +385,7 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
         while run.epoch < epochs and not run.stop_training:
             it = _epoch_iter(run, train_data)
             for batch in it:
-                _train_step(run, router, batch, loss_fn, amp, max_grad_norm, scheduler_interval)
+                _train_step(run, router, batch, loss_fn, amp, _kept(max_grad_norm, run), scheduler_interval)
                 if bar is not None:
                     _postfix(bar, run, epochs)
                 for cb in callbacks:
@@ -445,6 +445,15 @@ def _epoch_iter(run, train_data):
     torch.set_rng_state(run.resume_rng)
     run.resume_rng = None
     return it
+
+
+def _kept(max_grad_norm, run):
+    """A per-model max_grad_norm (one value per original model) for the models still in the batch."""
+    if isinstance(max_grad_norm, torch.Tensor) and max_grad_norm.dim() == 1 and len(max_grad_norm) == run.n_total:
+        return max_grad_norm[run.rows.to(max_grad_norm.device)]
+    if isinstance(max_grad_norm, (list, tuple)) and len(max_grad_norm) == run.n_total:
+        return [max_grad_norm[i] for i in run.active]
+    return max_grad_norm
 
 
 def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):

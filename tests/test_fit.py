@@ -347,3 +347,25 @@ def test_fused_fit_refuses_what_train_step_cannot_do():
     opt = optimizer(batched, torch.optim.SGD, lr=0.1)
     with pytest.raises(ValueError, match="fused=False"):
         fit(batched, [dataset()], F.cross_entropy, opt, scaler=GradScaler(batched), fused=True, progress=False)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["loop", "fused"])
+def test_a_per_model_max_grad_norm_follows_the_models_left_after_a_drop(fused):
+    """Model 1 is dropped after epoch 0; models 0 and 2 go on clipped at their own max norms (0.05 and
+    0.3), each as when trained alone with torch's clip_grad_norm_."""
+    x, y = dataset()
+    ms = models(3)
+    refs = copy.deepcopy(ms)
+    lrs, norms = [0.3, 0.2, 0.1], [0.05, 1.0, 0.3]
+    batched = mbcompile.batch(ms)
+    opt = optimizer(batched, torch.optim.SGD, lr=lrs)
+    train = SharedLoader(x, y, batch_size=16, seed=4)
+    drop = Lambda(on_epoch_end=lambda run, logs: run.stop([1], "drop", "dropped") if run.epoch == 0 else None)
+    hist = fit(batched, train, F.cross_entropy, opt, epochs=3, max_grad_norm=norms, progress=False, callbacks=[drop],
+               fused=fused)
+    assert hist.active == [0, 2] and batched.n == 2
+    for pos, i in enumerate([0, 2]):
+        r = refs[i]
+        ref_epochs(r, torch.optim.SGD(r.parameters(), lr=lrs[i]), 3,
+                   lambda e: (train.set_epoch(e), list(train))[1], max_norm=norms[i])
+        assert_model(batched, pos, r)

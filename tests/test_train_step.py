@@ -229,6 +229,23 @@ def test_state_dict_round_trip_and_shrink(data):
     assert_same(a, oa, b, ob2)
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["list", "tensor"])
+def test_a_per_model_max_grad_norm_is_narrowed_by_shrink(data, as_tensor):
+    models, x, y = data
+    norms = [0.05, 1.0, 0.2]
+    a, oa, b, ob = pair(models, torch.optim.SGD, dict(lr=LRS, momentum=0.9))
+    step = mbcompile.train_step(b, F.cross_entropy, ob,
+                                max_grad_norm=torch.tensor(norms, dtype=torch.float64) if as_tensor else list(norms))
+    loop_step(a, oa, x, y, norms)
+    step(x, y)
+    for batched, o in ((a, oa), (b, ob)):
+        mbcompile.shrink_([2, 0], batched, o)
+    for _ in range(2):
+        loop_step(a, oa, x, y, [norms[2], norms[0]])
+        step(x, y)
+    assert_same(a, oa, b, ob)
+
+
 def test_max_grad_norm_equals_clip_grad_norm(data):
     models, x, y = data
     max_norm = [0.05, 1.0, 100.0]
