@@ -456,7 +456,13 @@ class BatchedModule(nn.Module):
         for (kind, target), v in zip(prog.captured.outputs, outs):
             if kind == "buffer":  # a new tensor, not copy_: autograd may have saved the old one
                 parent, _, leaf = target.rpartition(".")
-                self.get_submodule(parent)._buffers[leaf] = v.detach()
+                mod = self.get_submodule(parent)
+                old = mod._buffers[leaf]
+                if v.is_inference() and old is not None and not old.is_inference():
+                    with torch.no_grad():      # under inference_mode: in place, as eager's updates (a new
+                        old.copy_(v)           # inference tensor could never be saved for backward later)
+                else:
+                    mod._buffers[leaf] = v.detach()
             elif kind == "param":  # e.g. embedding max_norm renormalises rows in place, as eager does
                 with torch.no_grad():
                     self.get_parameter(target).data.copy_(v.detach())

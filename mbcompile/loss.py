@@ -28,6 +28,10 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
             target_in_dim = 0 if lead == n else None
     if target_in_dim not in (None, 0):
         raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
+    if target_in_dim == 0 and (not isinstance(target, torch.Tensor) or target.dim() == 0 or target.shape[0] != n):
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise InvalidInputError(f"mbcompile.loss: target_in_dim=0 means one target per model, with a leading size "
+                                f"of n={n}; got {got}")
     fast = _fast(fn)
     if fast is not None and not kwargs and isinstance(target, torch.Tensor):
         res = fast(out, target, target_in_dim)

@@ -81,3 +81,11 @@ def test_mse_module_takes_the_one_call_form():
     assert loss_mod._fast(torch.nn.MSELoss()) is not None and loss_mod._fast(torch.nn.MSELoss(reduction="sum")) is None
     torch.testing.assert_close(mbcompile.loss(torch.nn.MSELoss(), out, t),
                                torch.stack([F.mse_loss(o, t) for o in out]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fn", [F.cross_entropy, F.mse_loss, F.l1_loss], ids=["ce", "mse", "vmap"])
+def test_a_per_model_target_of_the_wrong_leading_size_is_a_clear_error(fn):
+    out = torch.randn(3, 5, 4)
+    target = torch.randint(0, 4, (4, 5)) if fn is F.cross_entropy else torch.randn(4, 5, 4)
+    with pytest.raises(mbcompile.MBCompileError, match=r"target_in_dim=0 .* n=3; got \(4, 5"):
+        mbcompile.loss(fn, out, target, target_in_dim=0)

@@ -138,3 +138,26 @@ def test_autocast_conv_norm_conv_keeps_eager_dtypes():
                 want = m(x)
                 assert out[i].dtype == want.dtype
                 torch.testing.assert_close(out[i].float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_training_forward_under_inference_mode_updates_buffers_in_place_like_eager():
+    """Batch norm's running stats updated by a train-mode call under torch.inference_mode stay normal
+    tensors (eager updates them in place), so the next training step can save them for backward."""
+    models = [nn.Sequential(nn.Linear(8, 6), nn.BatchNorm1d(6)).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models).train()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.inference_mode():
+        batched(x)
+    assert not any(b.is_inference() for b in batched.buffers())
+    out = batched(x)
+    out.square().sum().backward()
+    for i, r in enumerate(refs):
+        with torch.inference_mode():
+            r(x)
+        ref = r(x)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-12)
+        for (name, b), (_, c) in zip(r.named_buffers(), batched.unbatch(i).named_buffers()):
+            torch.testing.assert_close(c, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"model {i} {name}: {m}")
+        torch.testing.assert_close(batched.get_parameter("0.weight").grad[i], r[0].weight.grad)
