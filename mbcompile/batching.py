@@ -60,6 +60,15 @@ def on_shrink(batched, obj) -> None:
     _SHRINK_LISTENERS.setdefault(batched, weakref.WeakSet()).add(obj)
 
 
+def _leaf_name(args, kwargs, k):
+    """How the user calls the k-th input leaf: "positional input 1", "keyword input 'bias'", "... [0]"."""
+    path = pytree.tree_flatten_with_path((args, kwargs))[0][k][0]
+    head, rest = path[1], pytree.keystr(path[2:])
+    if path[0].idx == 0:
+        return f"positional input {head.idx}{rest}"
+    return f"keyword input {head.key!r}{rest}"
+
+
 def _refuse_lazy(models):
     """Lazy modules (nn.LazyLinear, ...) have no shapes to stack until their first forward."""
     from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
@@ -400,8 +409,9 @@ class BatchedModule(nn.Module):
         for k, (x, d) in enumerate(zip(leaves, dims)):
             if d is not None and (x.dim() == 0 or x.shape[0] != self._n):
                 got = "a 0-dim tensor" if x.dim() == 0 else f"leading size {x.shape[0]} (shape {tuple(x.shape)})"
-                raise InvalidInputError(f"input {k} is per-model (in_dims), so its leading dim must be n={self._n}; "
-                                        f"got {got}. Pass inputs as [n, B, ...] or mark them shared with in_dims=None.")
+                raise InvalidInputError(f"{_leaf_name(args, kwargs, k)} is per-model (in_dims), so its leading dim must "
+                                        f"be n={self._n}; got {got}. Pass inputs as [n, B, ...] or mark them shared "
+                                        f"with in_dims=None.")
         device = next(iter(self.parameters()), torch.empty(0)).device
         # strides too: the traced program keeps the views its first inputs allowed
         key = (spec, tuple((tuple(x.shape), x.stride(), x.dtype, x.device, d) if isinstance(x, torch.Tensor)

@@ -1,5 +1,6 @@
 """Bad input gets a clear mbcompile error (every one an MBCompileError, and the builtin type a caller
 would expect: ValueError, TypeError, IndexError)."""
+import re
 import warnings
 
 import pytest
@@ -220,3 +221,22 @@ def test_a_python_attribute_changed_by_forward_warns_and_strict_refuses():
 def test_an_uninitialized_lazy_module_is_a_clear_error():
     with pytest.raises(mbcompile.MBCompileError, match="uninitialized lazy parameter 'weight'.*Run each model once"):
         mbcompile.batch([nn.LazyLinear(3), nn.LazyLinear(3)])
+
+
+def test_a_per_model_input_of_the_wrong_size_is_named_as_the_caller_passed_it():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, bias=None, extra=None):
+            return self.lin(x) + bias + extra["a"][0]
+
+    b = mbcompile.batch(M(), n=3, in_dims=0)
+    ok = torch.randn(3, 5, 4)
+    for kwargs, name in [(dict(bias=torch.randn(2, 5, 4), extra={"a": [ok]}), "keyword input 'bias'"),
+                         (dict(bias=ok, extra={"a": [torch.randn(2, 5, 4)]}), "keyword input 'extra'['a'][0]")]:
+        with pytest.raises(mbcompile.MBCompileError, match=re.escape(name) + " is per-model.*n=3.*leading size 2"):
+            b(ok, **kwargs)
+    with pytest.raises(mbcompile.MBCompileError, match="positional input 0 is per-model"):
+        b(torch.randn(2, 5, 4), bias=ok, extra={"a": [ok]})
