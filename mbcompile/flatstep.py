@@ -158,16 +158,15 @@ def unflatten(opt) -> None:
     """Give every state entry its own storage again (in its parameter's memory format) and stop
     flattening: compiled steps take the state tensors as graph inputs, which must not alias."""
     opt.__dict__["_flat_off"] = True
-    recs = opt.__dict__.get("_flat") or {}
-    if not recs:
+    ids = flat_view_ids(opt)
+    if not ids:
         return
-    ids = set().union(*(r.view_ids() for r in recs.values()))
     for p, st in opt.state.items():
         for k, v in list(st.items()):
             if id(v) in ids:
                 st[k] = torch.empty_like(p, memory_format=torch.preserve_format).copy_(v) \
                     if v.shape == p.shape else v.clone()
-    recs.clear()
+    opt.__dict__["_flat"].clear()
     opt.__dict__.get("_flat_owner", {}).clear()
 
 

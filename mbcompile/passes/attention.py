@@ -68,7 +68,7 @@ def sdpa(ctx, args, dims, kwargs):
         learned = mf is not None and mf.is_floating_point() and dm is not None
         if learned:
             del cands["fused"]
-        choice = lowering.choose("attention", cands, (qf, kf, vf, mf), n, extra=(is_causal, scale, gqa, learned),
+        choice = lowering.choose("attention", cands, (qf, kf, vf, mf), n, extra=(is_causal, scale, gqa),
                                  grad=(True, True, True, learned), prefer=("broadcast", PREFER))
         ctx.note(choice.note("attention"))
         out = cands[choice.name](qf, kf, vf, mf)

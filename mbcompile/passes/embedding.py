@@ -93,9 +93,7 @@ def embedding_bag(ctx, args, dims, kwargs):
     flat_psw = None
     if psw is not None:
         flat_psw = (front(psw, dpsw, n) if dpsw is not None else psw.unsqueeze(0).expand(n, -1)).reshape(-1)
-    op = aten._embedding_bag if ctx.node is None or ctx.node.target is aten._embedding_bag.default \
-        else aten._embedding_bag_forward_only
-    out, o2b, bag_size, max_idx = op(table, flat_idx.reshape(-1), flat_off, scale_grad, mode, False, flat_psw,
+    out, o2b, bag_size, max_idx = ctx.op(table, flat_idx.reshape(-1), flat_off, scale_grad, mode, False, flat_psw,
                                      include_last, padding_idx)
     bags = starts.shape[1]
     o2b_d = bag_d = max_d = None
