@@ -76,6 +76,8 @@ def _decompositions(cpu: bool):
         if cpu:
             table.pop(torch.ops.aten.threshold_backward.default, None)
             _register_fallback(torch.ops.aten.threshold_backward.default)
+        from . import ops                    # mbcompile's layout-keeping ops: their aten forms
+        table[torch.ops.mbcompile.linear_bmm.default] = ops.linear_bmm_decomposition
         _DECOMPS[cpu] = table
     return _DECOMPS[cpu]
 

@@ -258,3 +258,42 @@ def _relayout_bwd(ctx, grad):
 
 
 relayout.register_autograd(_relayout_bwd, setup_context=_relayout_ctx)
+
+
+@torch.library.custom_op("mbcompile::linear_bmm", mutates_args=())
+def linear_bmm(x: Tensor, w: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """n,M,I @ (n,O,I)^T (+ n,O) -> n,M,O, as baddbmm. Its own backward gives the weight's gradient
+    as g^T @ x, in the weight's n,O,I layout, as torch's linear does per model: autograd's bmm
+    backward gives n,I,O, whose transpose AccumulateGrad then copies every step (a strided copy of
+    the whole weight: 0.9 ms a step for MLP 784's 16 hidden layers on this CPU)."""
+    wt = w.transpose(1, 2)
+    return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)
+
+
+@linear_bmm.register_fake
+def _(x, w, bias):
+    return x.new_empty(x.shape[0], x.shape[1], w.shape[1])
+
+
+def _linear_bmm_ctx(ctx, inputs, output):
+    x, w, bias = inputs
+    ctx.save_for_backward(x, w)
+    ctx.has_bias = bias is not None
+
+
+def _linear_bmm_bwd(ctx, g):
+    x, w = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx = torch.bmm(g, w) if need[0] else None                       # n,M,O @ n,O,I -> n,M,I
+    gw = torch.bmm(g.transpose(1, 2), x) if need[1] else None       # n,O,M @ n,M,I -> n,O,I
+    gb = g.sum(1) if ctx.has_bias and need[2] else None             # n,M,O -> n,O
+    return gx, gw, gb
+
+
+linear_bmm.register_autograd(_linear_bmm_bwd, setup_context=_linear_bmm_ctx)
+
+
+def linear_bmm_decomposition(x, w, bias=None):
+    """What Inductor and make_fx see instead of the op (so compiled programs fuse the bias)."""
+    wt = w.transpose(1, 2)
+    return torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, wt)

@@ -13,7 +13,7 @@ import torch
 
 from .axes import front, front_padded
 from .registry import aten, rule
-from .. import lowering
+from .. import lowering, ops  # noqa: F401 - mbcompile::linear_bmm
 
 
 @rule(aten.linear.default)
@@ -71,8 +71,7 @@ def _linear_bmm(x, dx, w, bias, n):
     x = front(x, dx, n)                                # n,B..,I
     lead, i = x.shape[1:-1], x.shape[-1]
     x3 = x.reshape(n, -1, i)
-    wt = w.transpose(1, 2)                             # n,I,O
-    out = torch.bmm(x3, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), x3, wt)
+    out = torch.ops.mbcompile.linear_bmm(x3, w, bias)  # baddbmm; the weight's grad in its own layout
     return out.reshape(n, *lead, w.shape[1])
 
 
