@@ -17,7 +17,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, capture
-from . import chunking, hostmem
+from . import archcheck, chunking, hostmem
 from .passes import batch_pass
 from .errors import InvalidInputError, OutOfRangeError
 
@@ -88,6 +88,7 @@ def check_same_architecture(models):
     ref_mods = dict(ref.named_modules(remove_duplicate=False))
     _refuse_backward_hooks(ref)
     consts = {}
+    shared0, paths0 = archcheck.sharing(ref), archcheck.Paths(ref)
     for i, m in enumerate(models[1:], 1):
         if m is ref:
             continue
@@ -96,6 +97,11 @@ def check_same_architecture(models):
             extra = sorted(set(mods) ^ set(ref_mods))
             raise InvalidInputError(f"model {i} has a different module tree than model 0: first difference at "
                                     f"{extra[0]!r}")
+        diff = archcheck.sharing_difference(shared0, archcheck.sharing(m))
+        if diff is not None:                           # tied weights / a reused module in one model only
+            raise InvalidInputError(diff.format(i=i) + "; tying is part of the architecture: tie (or untie) "
+                                    "the same names in every model")
+        paths = archcheck.Paths(m)
         for path, a in ref_mods.items():
             b = mods[path]
             where = path or "<root>"
@@ -126,20 +132,26 @@ def check_same_architecture(models):
                 raise InvalidInputError(f"model {i} is in {mode(b)} mode at {where!r} but model 0 is in {mode(a)} "
                                         f"mode; batched models share each module's mode: call .train() / .eval() "
                                         f"on them alike")
-            for attr, va in vars(a).items():
-                if attr.startswith("_") or attr == "training":
+            for attr in sorted(archcheck.attributes(a).keys() ^ archcheck.attributes(b).keys()):
+                raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: only one of them has the "
+                                        f"attribute {attr!r}")
+            for attr, va in archcheck.attributes(a).items():
+                vb = vars(b)[attr]
+                if attr == "training" or archcheck.same_value(va, vb, paths0, paths):
                     continue
-                vb = vars(b).get(attr)
-                if isinstance(va, (int, float, bool, str, tuple, type(None))) and va != vb:
-                    if (type(a).__name__, attr) in _PER_MODEL_SCALARS:
-                        consts.setdefault(path, {}).setdefault(attr, [getattr(mm.get_submodule(path), attr)
-                                                                      for mm in models])
-                    else:
-                        raise InvalidInputError(
-                            f"model {i} differs from model 0 in '{where}.{attr}' ({type(a).__name__}): "
-                            f"{vb!r} vs {va!r}. mbcompile batches per-model values only for Dropout*.p, "
-                            f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
-                            f"give the models the same {attr} or batch them apart.")
+                if isinstance(va, _PLAIN) and isinstance(vb, _PLAIN) and (type(a).__name__, attr) in _PER_MODEL_SCALARS:
+                    consts.setdefault(path, {}).setdefault(attr, [getattr(mm.get_submodule(path), attr)
+                                                                  for mm in models])
+                    continue
+                inner = archcheck.where_differs(va, vb, paths0, paths)
+                raise InvalidInputError(
+                    f"model {i} differs from model 0 in '{where}.{attr}{inner.partition(':')[0]}' "
+                    f"({type(a).__name__}): {inner.partition(': ')[2] if inner else ''}"
+                    f"{'' if inner else archcheck.short(vb) + ' vs ' + archcheck.short(va)}. "
+                    f"One batched forward runs model 0's code "
+                    f"and attributes for every model; mbcompile batches per-model values only for Dropout*.p, "
+                    f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
+                    f"give the models the same {attr} or batch them apart.")
     return consts
 
 
