@@ -234,3 +234,56 @@ def test_group_norm_lowerings_in_a_channels_last_chain(mode):
     notes = []
     _chain_layouts_and_numbers(models, torch.randn(2, 3, 6, 6, dtype=torch.float64), notes, group_norm=mode)
     assert f"group_norm lowering: {mode} (forced" in notes[0]
+
+
+class Copies(TorchDispatchMode):
+    """Shapes of every copy_ kernel (AccumulateGrad's layout copies run as copy_)."""
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("in_dims", [0, None])
+def test_a_batched_linear_gives_its_weight_gradient_in_the_weights_layout_without_a_copy(in_dims):
+    """baddbmm's own backward gives the transposed weight's gradient (n,I,O); its transpose then had to be
+    copied into the weight's n,O,I layout every step. mbcompile::linear_bmm computes g^T @ x directly."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5)).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(3, 4, 7, dtype=torch.float64) if in_dims == 0 else torch.randn(4, 7, dtype=torch.float64)
+    with lowering.force(linear="baddbmm", linear_shared_input="bmm"):
+        b = mbcompile.batch(models, in_dims=in_dims, strict=True)
+        out = b(x)
+    mode = Copies()
+    with mode:
+        out.square().sum().backward()
+    weights = {tuple(p.shape) for k, p in b.named_parameters() if k.endswith("weight")}
+    assert not weights & set(mode.shapes), mode.shapes
+    for i, r in enumerate(refs):
+        r(x[i] if in_dims == 0 else x).square().sum().backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+            assert q.grad.is_contiguous()
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_gradient_penalty_differentiates_the_batched_linear_twice():
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    with lowering.force(linear="baddbmm"):
+        b = mbcompile.batch(models, in_dims=0)
+        xb = x.clone().requires_grad_()
+        g, = torch.autograd.grad(b(xb).square().sum(), xb, create_graph=True)
+    g.square().sum().backward()
+    for i, r in enumerate(refs):
+        xi = x[i].clone().requires_grad_()
+        gi, = torch.autograd.grad(r(xi).square().sum(), xi, create_graph=True)
+        gi.square().sum().backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-13, msg=lambda m, name=name: f"{name}: {m}")
