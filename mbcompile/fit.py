@@ -19,8 +19,10 @@ import collections.abc
 import contextlib
 import math
 import os
+import warnings
 
 import torch
+import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .callbacks import Checkpoint
@@ -255,6 +257,8 @@ class _Router:
             raise InvalidInputError(f"data must be one of {MODES}, got {mode!r}")
         self.run, self.mode = run, "weights" if mode == "mask" else mode
         self.expand = self.mode != "per_model" and getattr(run.batched, "_in_dims", None) == 0
+        if self.mode == "weights":
+            _warn_batch_coupled(run.batched)
         if self.mode == "per_model" and getattr(run.batched, "_in_dims", 0) is None:
             raise InvalidInputError("data='per_model' feeds inputs of shape [n, B, ...]: build the batch with "
                                     "mbcompile.batch(..., in_dims=0)")
@@ -286,6 +290,20 @@ class _Router:
                                         f"got {tuple(y.shape)}")
             return x, y, 0, None
         return x, y, None, None
+
+
+def _warn_batch_coupled(batched):
+    """data='weights' runs every model on the whole shared batch: a batch norm in training then takes its
+    statistics over samples the model does not own, so model i is not the model trained alone on its
+    subset (and in cross-validation sees its held-out fold through them). Said, not refused."""
+    template = getattr(batched, "_template", batched)
+    where = next((p for p, m in template.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if where is not None:
+        warnings.warn(f"fit(data='weights'/'mask'): the model has a batch norm ({where!r}) whose training "
+                      f"statistics are taken over the whole shared batch, samples a model does not own included: "
+                      f"model i does not train exactly as alone on its own subset (for cross-validation, its "
+                      f"held-out samples reach it through those statistics). Use GroupNorm/LayerNorm, or "
+                      f"data='per_model' with each model's own batches.", stacklevel=4)
 
 
 def _expand(x, n):

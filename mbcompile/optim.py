@@ -67,6 +67,14 @@ _IMPL_KEYS = ("foreach", "fused", "capturable", "differentiable")
 # --------------------------------------------------------------------------------------------------
 def _model_count(batched) -> int:
     n = getattr(batched, "n", None)
+    if isinstance(batched, (list, tuple)) or hasattr(batched, "__next__"):
+        raise InvalidTypeError(
+            "mbcompile.optimizer takes the batched module (from mbcompile.batch), not parameters or param groups: "
+            "it makes one param group per model (param_groups[i] holds model i's hyperparameters), so settings "
+            "are not given as groups; for settings per parameter set (no weight decay for biases and norms) make one "
+            "optimizer per set with params=: mbcompile.optimizer(batched, torch.optim.AdamW, params=lambda name: "
+            "name.endswith('bias'), weight_decay=0.0, lr=[...]) and another for the rest, and step both"
+        )
     if not isinstance(n, int) or n < 1:
         raise InvalidTypeError(
             "expected a batched module (from mbcompile.batch) with an integer attribute `n`, got "
@@ -1334,13 +1342,18 @@ def _unsupported_msg(cls) -> str:
     )
 
 
-def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) -> BatchedOptimizer:
+def optimizer(batched, optim_cls: type, /, *, compile: bool = False, params=None, **hparams) -> BatchedOptimizer:
     """A per-model ``optim_cls`` over the stacked parameters of ``batched`` (one param group per model).
 
     A hyperparameter given as a ``list`` or 1-D tensor of length ``n`` is per model; anything else (a
     float, the usual tuple for ``betas``) is shared by every model.  Per-model tuples are a list of
     tuples.  ``compile=True`` runs the tensor part of the step through ``torch.compile`` (faster for
     large batches; equal to torch.optim within floating-point tolerance rather than bit for bit).
+
+    ``params`` (default: all) takes only some of the parameters: names as ``named_parameters()`` gives
+    them, the stacked parameters themselves, or a function ``name -> bool``. Two optimizers over
+    disjoint sets are what torch's param groups per parameter set are (no weight decay for biases and
+    norms); step both.
     """
     n = _model_count(batched)
     if not isinstance(optim_cls, type) or optim_cls not in _RULES:
@@ -1390,14 +1403,39 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, **hparams) 
             if isinstance(g.get(k), Tensor):
                 g[k] = g[k].item()
         groups.append(g)
-    named = [(name, p) for name, p in batched.named_parameters()]
-    params = [p for _, p in named]
+    named = _selected(batched, params)
     for name, p in named:
         if p.dim() == 0 or p.shape[0] != n:
             raise InvalidInputError(f"parameter {name!r} of shape {tuple(p.shape)} has no leading model dim of size "
                                     f"n={n}")
-    return BatchedOptimizer(params, n, optim_cls, groups, compile=compile,
+    return BatchedOptimizer([p for _, p in named], n, optim_cls, groups, compile=compile,
                             param_names=[name for name, _ in named])
+
+
+def _selected(batched, params) -> list:
+    """[(name, stacked parameter)] of ``batched`` that ``params`` selects (None: all)."""
+    named = list(batched.named_parameters())
+    if params is None:
+        return named
+    if callable(params):
+        chosen = [(k, p) for k, p in named if params(k)]
+    else:
+        if isinstance(params, (str, Tensor)):
+            params = [params]
+        by_name, by_id = dict(named), {id(p): k for k, p in named}
+        wanted = set()
+        for q in params:
+            k = q if isinstance(q, str) else by_id.get(id(q))
+            if k not in by_name:
+                what = repr(q) if isinstance(q, str) else f"a tensor of shape {tuple(q.shape)}" \
+                    if isinstance(q, Tensor) else type(q).__name__
+                raise InvalidInputError(f"params: {what} is not a parameter of the batched module (its names: "
+                                        f"{', '.join(list(by_name)[:8])}{', ...' if len(by_name) > 8 else ''})")
+            wanted.add(k)
+        chosen = [(k, p) for k, p in named if k in wanted]
+    if not chosen:
+        raise InvalidInputError("params selects no parameter of the batched module")
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------------
