@@ -1,6 +1,6 @@
 """Linear layers and matrix products.
 
-linear, shared input:     B,I  x  n,O,I   -> concat: one matmul on (n*O),I weights -> B,n,O
+linear, shared input:     B,I  x  n,O,I   -> concat: one matmul on (n*O),I weights -> n,B,O (a copy)
                                             | concat_t: (n*O),I @ I,B, transposed  -> n,B,O (a copy)
                                             | bmm: input expanded to n,B,I         -> n,B,O
                                             | loop: n linears                      -> n,B,O
@@ -44,14 +44,17 @@ def linear(ctx, args, dims, kwargs):
                              grad=(lowering.input_needs_grad(ctx), True, True))
     ctx.note(choice.note(family))
     out = cands[choice.name](x, w, bias)
-    return out, (x.dim() - 1 if choice.name == "concat" else 0)
+    return out, 0
 
 
 def _linear_concat(x, w, bias):
-    """B..,I @ (n*O),I^T -> B..,(n*O) -> B..,n,O (model dim at -2)."""
+    """B..,I @ (n*O),I^T -> B..,(n*O) -> a contiguous n,B..,O. Left as the B..,n,O view, every op
+    after it that meets a model-first tensor (a per-model dropout mask, a norm's per-model affine, the
+    next gradient) ran strided: a dropout MLP's elementwise ops 5x slower than the copy; the copy is
+    part of what is timed."""
     n, o, i = w.shape
     out = aten.linear(x, w.reshape(n * o, i), None if bias is None else bias.reshape(n * o))
-    return out.unflatten(-1, (n, o))
+    return out.unflatten(-1, (n, o)).movedim(-2, 0).contiguous()
 
 
 def _linear_concat_t(x, w, bias):
