@@ -1073,18 +1073,13 @@ class BatchedOptimizer(torch.optim.Optimizer):
         act_cpu = None if act is None else torch.tensor(act)
         prep_cache: dict = {}
         out = []
-        for p in params:
-            st = self.state[p]
+        sts = [self.state[p] for p in params]
+        for p, st in zip(params, sts):
             if len(st) == 0:
                 rule.init_state(self, p, st, hp)
-            steps = None
-            if rule.uses_step:
-                step_t = st["step"]
-                if act_cpu is None:
-                    step_t += 1
-                else:
-                    step_t += act_cpu.to(step_t.dtype)
-                steps = _collapse(step_t.tolist())
+        all_steps = self._advance_steps(sts, act_cpu) if rule.uses_step else None
+        for k, (p, st) in enumerate(zip(params, sts)):
+            steps = None if all_steps is None else _collapse(all_steps[k])
             key = steps if not isinstance(steps, list) else tuple(steps)
             sc = prep_cache.get(key)
             if sc is None:
@@ -1092,6 +1087,21 @@ class BatchedOptimizer(torch.optim.Optimizer):
             sc = rule.scalar_state(c, p, st, sc)
             out.append((p, st, sc))
         return c, out
+
+    @staticmethod
+    def _advance_steps(sts: list, act_cpu) -> list:
+        """Advance every parameter's [n] step counter (by 1, or by the active mask) and return their
+        values, one list per parameter: one foreach op and one read for all of them when they share a
+        dtype (the usual case), else one each."""
+        ts = [st["step"] for st in sts]
+        if act_cpu is None:
+            torch._foreach_add_(ts, 1)
+        else:
+            torch._foreach_add_(ts, [act_cpu.to(t.dtype) for t in ts])
+        try:
+            return torch.stack(ts).tolist()
+        except RuntimeError:                     # mixed dtypes or shapes (a hand-edited state)
+            return [t.tolist() for t in ts]
 
     def _run_compiled(self, todo, act):
         flatstep.unflatten(self)                # the compiled step's state inputs must not alias
