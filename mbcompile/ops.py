@@ -72,12 +72,14 @@ def draw_per_model(like: Optional[Tensor], like_dim: int, kind: str, a: List[flo
                    states: Tensor) -> Tensor:
     """n,*shape: model i's slice is drawn from generator state ``states[i]`` (advanced in place),
     exactly as model i alone would draw it from torch's generator. a[i] == 0 with kind
-    ``bernoulli_keep`` is p == 1 (all dropped, nothing drawn); a[i] == 1 draws nothing either."""
+    ``bernoulli_keep`` is p == 1 (all dropped, nothing drawn); a[i] == 1 draws nothing either.
+    ``bernoulli_keep_scaled`` is eager dropout's noise: the keep-mask divided in place by a[i]."""
     n = states.shape[0]
     out = torch.empty((n, *shape), dtype=dtype, device=device)
+    direct = list(out.stride()[1:]) == list(stride) or out[0].numel() <= 1   # slices laid out as eager's
     for i in range(n):
         ai = a[i] if len(a) > 1 else a[0]
-        if kind == "bernoulli_keep" and ai in (0.0, 1.0):      # eager dropout draws nothing here
+        if kind.startswith("bernoulli_keep") and ai in (0.0, 1.0):   # eager dropout draws nothing here
             out[i].fill_(ai)
             continue
         if kind == "cuda_dropout_mask":                          # fused CUDA dropout has no generator arg
@@ -85,10 +87,24 @@ def draw_per_model(like: Optional[Tensor], like_dim: int, kind: str, a: List[flo
             continue
         g = _gen(device, states[i])
         li = None if like is None else like.select(like_dim, i)
-        k = "bernoulli" if kind == "bernoulli_keep" else kind
-        out[i].copy_(draw_one(li, k, ai, b, shape, stride, dtype, device, g))
+        k = "bernoulli" if kind.startswith("bernoulli_keep") else kind
+        if direct and li is None and k in ("bernoulli", "uniform", "normal"):
+            _draw_into(out[i], k, ai, b, g)                      # into model i's slice: no copy
+        else:
+            out[i].copy_(draw_one(li, k, ai, b, shape, stride, dtype, device, g))
+        if kind == "bernoulli_keep_scaled":
+            out[i].div_(ai)
         states[i].copy_(g.get_state())
     return out
+
+
+def _draw_into(t, kind, a, b, gen):
+    """draw_one's draw, into ``t`` (a slice with the strides draw_one would allocate)."""
+    if kind == "bernoulli":
+        return t.bernoulli_(a, generator=gen)
+    if kind == "uniform":
+        return t.uniform_(a, b, generator=gen)
+    return t.normal_(a, b, generator=gen)
 
 
 @draw_per_model.register_fake

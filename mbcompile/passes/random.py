@@ -28,22 +28,24 @@ def _col(vals, like, rank):
     return t.view(len(vals), *([1] * rank))
 
 
-def _mask(ctx, shape, stride, keep, like):
-    """0/1 keep-mask: n,*shape (or *shape, shared, in "same" mode with one rate)."""
+def _mask(ctx, shape, stride, keep, like, scaled=False):
+    """0/1 keep-mask: n,*shape (or *shape, shared, in "same" mode with one rate). ``scaled``: the
+    per-model draw may return eager's noise instead (mask / keep, divided in place per model);
+    returns (mask, its model dim, whether it is scaled)."""
     mode, n = ctx.rng.mode, ctx.n
     if mode == "sequential":
-        kind = "bernoulli_keep"
+        kind = "bernoulli_keep_scaled" if scaled else "bernoulli_keep"
         if like.device.type == "cuda" and ctx.rng.fused_cuda:
-            kind = "cuda_dropout_mask"
+            kind, scaled = "cuda_dropout_mask", False
         return mb.draw_per_model(None, 0, kind, keep, 0.0, list(shape), list(stride), like.dtype,
-                                 like.device, ctx.rng.states), 0
+                                 like.device, ctx.rng.states), 0, scaled
     if mode == "same" and len(set(keep)) == 1:
-        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep[0]), None
+        return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(keep[0]), None, False
     if mode == "same":
         u = torch.rand(shape, dtype=like.dtype, device=like.device)
-        return (u.unsqueeze(0) < _col(keep, like, len(shape))).to(like.dtype), 0
+        return (u.unsqueeze(0) < _col(keep, like, len(shape))).to(like.dtype), 0, False
     k = _col(keep * n if len(keep) == 1 else keep, like, len(shape))
-    return torch.bernoulli(k.expand(n, *shape)), 0
+    return torch.bernoulli(k.expand(n, *shape)), 0, False
 
 
 @rule(mb.dropout.default, random=True)
@@ -65,9 +67,12 @@ def dropout(ctx, args, dims, kwargs):
         stride = _dense_stride(ctx, x, d)
     keep = [1.0 - v for v in ps]
     ctx.rng.fused_cuda = mode == "plain"
-    mask, md = _mask(ctx, nshape, stride, keep, xf)
+    plain = mode in ("plain", "feature")
+    mask, md, scaled = _mask(ctx, nshape, stride, keep, xf, scaled=plain)
     rank = len(shape)
-    if mode in ("plain", "feature"):
+    if plain:                                   # eager: noise = mask / (1 - p); x * noise
+        if scaled:
+            return _back(xf * mask, d)
         div = _col([k if k > 0 else 1.0 for k in keep], xf, rank)
         noise = mask / div if md == 0 else mask.unsqueeze(0) / div
         return _back(xf * noise, d)
