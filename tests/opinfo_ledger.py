@@ -6,8 +6,7 @@ Key: the OpInfo name (``name.variant``), optionally ``@float32`` / ``@float64`` 
 """
 
 LEDGER = {
-    "as_strided_scatter": "reads the unbatched input's storage layout; no rule, and the vmap fallback differs",
-    "_segment_reduce.lengths": "per-model lengths arrive as a keyword tensor, which batch_pass refuses",
-    "_segment_reduce.offsets": "per-model offsets arrive as a keyword tensor, which batch_pass refuses",
-    "searchsorted": "a per-model sorter arrives as a keyword tensor, which batch_pass refuses",
+    "as_strided.partial_views": "a storage offset other than the input's own addresses the unbatched storage, "
+                                "which a batch lays out differently: refused (UnsupportedOpError) by design",
+    "searchsorted[strict]": "a per-model sorter arrives as a keyword tensor: no rule takes it, the fallback does",
 }

@@ -91,9 +91,17 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
     seeded = _seeded(target)
     if not mapped and target not in RANDOM_OPS and not seeded:
         return target(*args, **kwargs), None                 # shared by all models: run as is
-    if _any_mapped(kdims):
-        raise UnsupportedOpError(f"{op_name(target)} (node {node.name}) takes a per-model tensor as a "
-                                 f"keyword argument, which no rule handles; at {source_line(node)}")
+    if _any_mapped(kdims):                                   # rules take tensors positionally
+        keys = [k for k in kwargs if _any_mapped(kdims[k])]
+        shared = {k: v for k, v in kwargs.items() if k not in keys}
+        npos = len(args)
+
+        def with_kw(*a, _t=target):
+            return _t(*a[:npos], **shared, **dict(zip(keys, a[npos:])))
+        with_kw.__name__ = op_name(target)
+        return _fallback(node, with_kw, list(args) + [kwargs[k] for k in keys],
+                         list(dims) + [kdims[k] for k in keys], {}, n, strict or not fallback, records,
+                         "a per-model tensor as a keyword argument")
     ctx = RuleCtx(n=n, node=node, consts=consts, rng=rng)
     ctx.op = target
     rule = RULES.get(target)
@@ -134,8 +142,41 @@ def _seeded(target):
             and torch.Tag.nondeterministic_seeded in target.tags)
 
 
+# ops that address their input's storage: a model's slice of a batch has another storage layout
+_STORAGE_OPS = {torch.ops.aten.as_strided.default, torch.ops.aten.as_strided_copy.default,
+                torch.ops.aten.as_strided_scatter.default}
+
+
+def _storage_check(node, target, args, dims, n):
+    """as_strided addresses its input's storage: each model's slice must have the strides the input
+    had alone (else it is made contiguous, as it was, or refused), and an explicit storage offset
+    reads the unbatched storage, which no batch reproduces: refused (even without strict), unless it
+    is the input's own (then dropped)."""
+    if target not in _STORAGE_OPS:
+        return args, dims
+    at = 3 if target is not torch.ops.aten.as_strided_scatter.default else 4
+    offset = args[at] if len(args) > at else None
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+    x, d = args[0], dims[0]
+    what = None
+    if d is not None and val is not None and x.select(d, 0).stride() != val.stride():
+        if not val.is_contiguous():
+            what = f"on an input with strides {tuple(val.stride())}"   # no model slice can be laid out so
+        else:
+            args, dims = [front(x, d, n).contiguous()] + list(args[1:]), [0] + list(dims[1:])
+    if offset is not None and (val is None or offset != val.storage_offset()):
+        what = f"with storage offset {offset}"
+    if what is None:
+        return list(args[:at]) + list(args[at + 1:]), list(dims[:at]) + list(dims[at + 1:])
+    raise UnsupportedOpError(
+        f"{op_name(target)} {what} addresses the unbatched input's storage, which a batch of models lays out "
+        f"differently; node {node.name}, from {source_line(node)}. Index with views instead (slicing, view, "
+        f"unfold), or call it on a contiguous tensor without storage_offset")
+
+
 def _fallback(node, target, args, dims, kwargs, n, strict, records, why):
     name = op_name(target)
+    args, dims = _storage_check(node, target, args, dims, n)
     if strict:
         raise UnsupportedOpError(
             f"{name} has no batching rule ({why}); node {node.name}, from {source_line(node)}.\n"

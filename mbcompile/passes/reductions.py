@@ -132,6 +132,10 @@ def full_reduce(ctx, args, dims, kwargs):
     if packet in (aten.max, aten.min, aten.median, aten.nanmedian):
         return getattr(aten, packet.__name__).dim(x, 1)[0], 0
     if packet is aten.count_nonzero:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dim is not None:                           # count_nonzero(x, dim): one dim, not all
+            rank = args[0].dim() - (dims[0] is not None)
+            return aten.count_nonzero.default(front(args[0], dims[0], ctx.n), _pd(dim, rank)), 0
         return aten.count_nonzero.dim_IntList(x, [1]), 0
     return getattr(aten, packet.__name__).dim(x, 1), 0
 
