@@ -189,7 +189,9 @@ class TrainStep:
 
     The optimizer's state lives in ``optimizer.state`` under the keys its own ``step`` uses, so
     ``optimizer.step()``, ``state_dict()`` / ``load_state_dict()``, freezing and ``mbcompile.shrink_``
-    keep working and train_step calls can alternate with normal steps. ``max_grad_norm`` (a float, or a
+    keep working and train_step calls can alternate with normal steps. ``loss_fn`` gets the output as
+    ``mbcompile.loss`` gives it (a model with several outputs: model i's outputs in their structure);
+    ``requires_grad_`` changes between calls change which parameters train (a new program, once). ``max_grad_norm`` (a float, or a
     list / 1-D tensor with one value per model) clips each model's gradient norm inside the program as
     ``mbcompile.clip_grad_norm_(batched, max_grad_norm)`` does in the normal loop; the per-model norms
     before clipping are then in ``step.last_grad_norms``. Results equal the separate steps up to float
@@ -249,34 +251,43 @@ class TrainStep:
 
     # ---- torch.optim SGD/Adam/AdamW (shared hyperparameters) -----------------------------------------
     def _hp(self, params):
+        """[k, 7] float64 scalars (one row per distinct step count; SGD: one row) and the row of each
+        parameter: a parameter that sat out steps (requires_grad off, no gradient) keeps its own
+        count and bias corrections, as torch.optim's per-parameter state does."""
         g = self.opt.param_groups[0]
         if self.kind == "SGD":
-            vals = (g["lr"], g["momentum"], g["dampening"], g["weight_decay"])
+            rows = [(g["lr"], g["momentum"], g["dampening"], g["weight_decay"], 0.0, 0.0, 0.0)]
+            where = (0,) * len(params)
             flags = (g["momentum"] != 0, bool(g["nesterov"]), g["weight_decay"] != 0)
         else:                                    # bias corrections in Python floats, as torch.optim does
             lr, (b1, b2) = float(g["lr"]), g["betas"]
-            st = self.opt.state.get(params[0], {}).get("step")      # a parameter that steps
-            step = (float(st) if st is not None else 0.0) + 1
-            vals = (lr, b1, b2, g["eps"], g["weight_decay"], lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5)
+            steps = []
+            for p in params:
+                st = self.opt.state.get(p, {}).get("step")
+                steps.append((float(st) if st is not None else 0.0) + 1)
+            order = sorted(set(steps))
+            where = tuple(order.index(s) for s in steps)
+            rows = [(lr, b1, b2, g["eps"], g["weight_decay"], lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5)
+                    for step in order]
             # torch's AdamW is Adam with decoupled_weight_decay=True: either spelling decays decoupled
             flags = (g["weight_decay"] != 0, self.kind == "AdamW" or bool(g.get("decoupled_weight_decay")))
-        vals = tuple(float(v) for v in vals)
+        vals = tuple(tuple(float(v) for v in r) for r in rows)
         if self._hp_cache is None or self._hp_cache[0] != vals:
             self._hp_cache = (vals, torch.tensor(vals, dtype=torch.float64))
-        return self._hp_cache[1], flags
+        return self._hp_cache[1], flags, where
 
     def _opt_tensors(self, params, flags):
-        """Optimizer state tensors in graph order, created as torch.optim would; and whether this is
-        SGD's first momentum step (its buffer starts as the first gradient)."""
-        first, out = False, []
-        for p in params:
+        """Optimizer state tensors in graph order, created as torch.optim would; and, per parameter,
+        whether this is SGD's first momentum step for it (its buffer starts as its gradient)."""
+        first, out = [False] * len(params), []
+        for k, p in enumerate(params):
             if self.kind == "SGD" and not flags[0]:
                 continue                                   # plain SGD keeps no state
             st = self.opt.state[p]
             if self.kind == "SGD":
                 if flags[0]:
                     if st.get("momentum_buffer") is None:
-                        st["momentum_buffer"], first = torch.zeros_like(p), True
+                        st["momentum_buffer"], first[k] = torch.zeros_like(p), True
                     out.append(st["momentum_buffer"])
             else:
                 if "step" not in st:
@@ -284,17 +295,17 @@ class TrainStep:
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 out += (st["step"], st["exp_avg"], st["exp_avg_sq"])
-        return out, first
+        return out, tuple(first)
 
     def _torch_update(self, params):
         """Graph inputs, cache key and in-graph update for a torch.optim optimizer."""
-        hp, flags = self._hp(params)
+        hp, flags, where = self._hp(params)
         opt_t, first = self._opt_tensors(params, flags)
         kind, n_opt = self.kind, len(opt_t)
 
         def update(ps, grads, tail):
-            _update(kind, flags, first, ps, grads, list(tail[:n_opt]), tail[n_opt])
-        return opt_t + [hp], (flags, first), update
+            _update(kind, flags, first, ps, grads, list(tail[:n_opt]), tail[n_opt], where)
+        return opt_t + [hp], (flags, first, where, tuple(hp.shape)), update
 
     # ---- mbcompile's per-model optimizer -------------------------------------------------------------
     def _per_model_update(self, params):
@@ -337,9 +348,10 @@ class TrainStep:
                 flat.append(v)
             slot.append(j)
         slot = tuple(slot)
-        hit = self._pidx.get((id(prog), slot))  # holds prog: its id is not reused for another program
-        if hit is None:
-            hit = self._pidx[(id(prog), slot)] = (prog, self._trained(prog, vals, flat, slot, target))
+        grad_on = tuple(isinstance(v, torch.Tensor) and v.requires_grad for v in flat)
+        hit = self._pidx.get((id(prog), slot, grad_on))  # holds prog: its id is not reused for another program
+        if hit is None:                                   # (requires_grad_ changes which parameters train)
+            hit = self._pidx[(id(prog), slot, grad_on)] = (prog, self._trained(prog, vals, flat, slot, target))
         pidx = hit[1]
         params = [flat[i] for i in pidx]
         if self.per_model:
@@ -449,7 +461,8 @@ def _forward_backward(prog, gm, loss_fn, kw, a, slot, pidx, target):
             a[i] = p
         outs = gm(*[a[s] for s in slot])
         user = [o for (k, _), o in zip(prog.captured.outputs, outs) if k == "user"]
-        losses = per_model_loss(loss_fn, user[0], target, **kw)
+        out = torch.utils._pytree.tree_unflatten(user, prog.captured.out_spec)   # as batched(x) returns it
+        losses = per_model_loss(loss_fn, out, target, **kw)
         return outs, losses, torch.autograd.grad(losses.sum(), ps, allow_unused=True)
 
 
@@ -463,34 +476,33 @@ def _clip_grad_norm(grads, max_norm):
     return [g * coef.to(g.dtype).view(n, *([1] * (g.dim() - 1))) for g in grads], total
 
 
-def _update(kind, flags, first, params, grads, opt_t, hp):
+def _update(kind, flags, first, params, grads, opt_t, hp, where):
     """The optimizer update, in place on params and state, with torch.optim's single-tensor formulas
-    (scalars arrive as float64 tensors in ``hp``)."""
+    (scalars arrive as float64 tensors: ``hp[where[k]]`` is parameter k's row)."""
     if kind == "SGD":
-        lr, momentum, dampening, wd = hp[0], hp[1], hp[2], hp[3]
+        lr, momentum, dampening, wd = hp[0, 0], hp[0, 1], hp[0, 2], hp[0, 3]
         has_m, nesterov, has_wd = flags
         for k, (p, g) in enumerate(zip(params, grads)):
             d = g + wd.to(g.dtype) * p if has_wd else g
             if has_m:
                 buf = opt_t[k]
-                new = d if first else buf * momentum.to(g.dtype) + (1 - dampening).to(g.dtype) * d
+                new = d if first[k] else buf * momentum.to(g.dtype) + (1 - dampening).to(g.dtype) * d
                 buf.copy_(new)
                 d = d + momentum.to(g.dtype) * new if nesterov else new
             p.sub_((lr.to(g.dtype)) * d)
         return
-    lr, b1, b2, eps, wd = hp[0], hp[1], hp[2], hp[3], hp[4]
+    lr, b1, b2, eps, wd = hp[0, 0], hp[0, 1], hp[0, 2], hp[0, 3], hp[0, 4]
     has_wd, decoupled = flags
     if not params:
         return
     dt = params[0].dtype
-    step = opt_t[0] + 1                            # every parameter's step is the same
-    for k in range(len(params)):
-        opt_t[3 * k].copy_(step)
-    # computed outside the graph (hp[5:]): Inductor would inline pow/sqrt into every vector iteration
-    step_size, bc2_sqrt = hp[5].to(dt), hp[6].to(dt)
+    for k in range(len(params)):                   # each parameter's own step count
+        opt_t[3 * k].copy_(opt_t[3 * k] + 1)
     one_m_b1, b2_, one_m_b2, eps_, wd_, decay = ((1 - b1).to(dt), b2.to(dt), (1 - b2).to(dt), eps.to(dt),
                                                  wd.to(dt), (1 - lr * wd).to(dt))
     for k, (p, g) in enumerate(zip(params, grads)):
+        # computed outside the graph (hp[:, 5:]): Inductor would inline pow/sqrt into every vector iteration
+        step_size, bc2_sqrt = hp[where[k], 5].to(dt), hp[where[k], 6].to(dt)
         m, v = opt_t[3 * k + 1], opt_t[3 * k + 2]
         if decoupled:
             p.mul_(decay)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils import _pytree as pytree
 import torch.nn as nn
 import torch.nn.functional as F
 from .errors import InvalidInputError, InvalidTypeError
@@ -11,27 +12,13 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
     """``fn(out[i], target_i)`` for every model, as one vectorised call when possible.
 
     ``target`` is shared ([B, ...]) or per model ([n, B, ...]); with ``target_in_dim="auto"`` a
-    leading size of n (different from B) means per model, B means shared, and n == B is ambiguous."""
+    leading size of n (different from B) means per model, B means shared, and n == B is ambiguous.
+    ``out`` may also be a tuple / dict of [n, ...] tensors (a model with several outputs): the loss
+    then gets model i's outputs in that structure."""
     if not isinstance(out, torch.Tensor):
-        raise InvalidTypeError(f"mbcompile.loss takes the [n, ...] output tensor the loss applies to, got "
-                               f"{type(out).__name__}; for a model returning several outputs pass that one (out[0])")
+        return _tree_loss(fn, out, target, target_in_dim, kwargs)
     n = out.shape[0]
-    if target_in_dim == "auto":
-        if not isinstance(target, torch.Tensor) or target.dim() == 0:
-            target_in_dim = None
-        else:
-            b = out.shape[1] if out.dim() > 1 else None
-            lead = target.shape[0]
-            if lead == n and lead == b:                 # as the contract says: never guessed
-                raise InvalidInputError(f"mbcompile.loss: the target's leading size {lead} equals both n and the batch "
-                                        f"size; say which it is with target_in_dim=0 (per model) or None (shared)")
-            target_in_dim = 0 if lead == n else None
-    if target_in_dim not in (None, 0):
-        raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
-    if target_in_dim == 0 and (not isinstance(target, torch.Tensor) or target.dim() == 0 or target.shape[0] != n):
-        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
-        raise InvalidInputError(f"mbcompile.loss: target_in_dim=0 means one target per model, with a leading size "
-                                f"of n={n}; got {got}")
+    target_in_dim = _target_dim(n, out.shape[1] if out.dim() > 1 else None, target, target_in_dim)
     fast = _fast(fn)
     if fast is not None and not kwargs and isinstance(target, torch.Tensor):
         res = fast(out, target, target_in_dim)
@@ -44,6 +31,57 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
     except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models
         pass
     return torch.stack([fn(out[i], target[i] if target_in_dim == 0 else target, **kwargs) for i in range(n)])
+
+
+def _target_dim(n, b, target, target_in_dim):
+    """0 (a target per model) or None (shared): "auto" reads the target's leading size (n: per model,
+    anything else: shared; n == the batch size b is ambiguous and refused)."""
+    if target_in_dim == "auto":
+        if not isinstance(target, torch.Tensor) or target.dim() == 0:
+            return None
+        lead = target.shape[0]
+        if lead == n and lead == b:                     # as the contract says: never guessed
+            raise InvalidInputError(f"mbcompile.loss: the target's leading size {lead} equals both n and the batch "
+                                    f"size; say which it is with target_in_dim=0 (per model) or None (shared)")
+        return 0 if lead == n else None
+    if target_in_dim not in (None, 0):
+        raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
+    if target_in_dim == 0 and (not isinstance(target, torch.Tensor) or target.dim() == 0 or target.shape[0] != n):
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        raise InvalidInputError(f"mbcompile.loss: target_in_dim=0 means one target per model, with a leading size "
+                                f"of n={n}; got {got}")
+    return target_in_dim
+
+
+def _tree_loss(fn, out, target, target_in_dim, kwargs):
+    """Several outputs (a tuple, dict or dataclass of [n, ...] tensors, e.g. logits and an auxiliary
+    loss): entry i is fn(model i's outputs in the same structure, target_i)."""
+    leaves = pytree.tree_leaves(out)
+    if not leaves or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in leaves):
+        raise InvalidTypeError(f"mbcompile.loss takes the [n, ...] output (a tensor, or a tuple / dict of them) the "
+                               f"loss applies to, got {type(out).__name__}")
+    n = leaves[0].shape[0]
+    if any(t.shape[0] != n for t in leaves):
+        raise InvalidInputError(f"mbcompile.loss: the outputs' leading sizes differ ({[t.shape[0] for t in leaves]}); "
+                                f"each must be n")
+    first = next((t for t in leaves if t.dim() > 1), leaves[0])
+    tdim = _target_dim(n, first.shape[1] if first.dim() > 1 else None, target, target_in_dim)
+
+    def one(i):
+        return fn(pytree.tree_map(lambda t: t[i], out), target[i] if tdim == 0 else target, **kwargs)
+    try:
+        res = torch.vmap(lambda o, t: fn(o, t, **kwargs), in_dims=(0, tdim))(out, target)
+        if isinstance(res, torch.Tensor) and res.shape == (n,):
+            return res
+    except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models
+        pass
+    try:
+        return torch.stack([one(i) for i in range(n)])
+    except Exception as e:
+        raise InvalidTypeError(
+            f"mbcompile.loss called the loss with model i's outputs as a {type(out).__name__} (the structure the "
+            f"model returns) and it failed: {type(e).__name__}: {e}. If the loss takes one tensor, pass that "
+            f"output (out[0], out['logits'])") from e
 
 
 def _cross_entropy(out, target, tdim, ignore_index=-100):

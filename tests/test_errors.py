@@ -142,6 +142,8 @@ def test_loss_of_a_tuple_output_says_which_to_pass():
     with pytest.raises(TypeError, match=r"out\[0\]") as info:
         mbcompile.loss(torch.nn.functional.mse_loss, (torch.randn(2, 3, 4),), torch.randn(3, 4))
     assert isinstance(info.value, mbcompile.MBCompileError)
+    with pytest.raises(TypeError, match="tensor, or a tuple / dict of them"):
+        mbcompile.loss(torch.nn.functional.mse_loss, ("logits",), torch.randn(3, 4))
 
 
 def test_distribution_argument_checks_get_the_validate_args_hint():
