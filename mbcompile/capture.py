@@ -261,6 +261,13 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                    "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "") +
                 f"  branch at {_user_frame(e, template)}\n"
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
+        if type(e).__name__ == "DynamicOutputShapeException":     # e.g. F.ctc_loss, torch.nonzero
+            op = str(e).strip().splitlines()[0][:200]
+            raise CaptureError(
+                f"{type(template).__name__}.forward calls {op}, whose output shape depends on the input's values "
+                f"(or whose kernel runs only on real data), which one captured graph cannot express. Compute it "
+                f"outside the batched forward: return what it takes and apply it per model in the loss "
+                f"(mbcompile.loss(fn, out, target) runs fn per model).\n  at {_user_frame(e, template)}") from e
         cls = CaptureValueError if isinstance(e, ValueError) else CaptureTypeError if isinstance(e, TypeError) \
             else CaptureError                             # forward's own error keeps its builtin type
         raise cls(f"torch.export could not capture {type(template).__name__}.forward: "

@@ -183,19 +183,23 @@ def _measure(candidates, tensors, grad):
                 if isinstance(t, torch.Tensor):
                     t.grad = None
 
-        best = {}
+        best, errors = {}, {}
         for name in candidates:                      # warm-up (oneDNN primitive creation, allocator)
             _sync(dev)
             t0 = time.perf_counter()
             try:
                 run(name)
-            except RuntimeError:                     # a kernel that refuses these strides (slow_conv2d's
-                best[name] = float("inf")            # backward on a 1x1 map): never chosen
+            except RuntimeError as e:                # a kernel that refuses these strides (slow_conv2d's
+                best[name], errors[name] = float("inf"), e   # backward on a 1x1 map): never chosen
                 continue
             _sync(dev)
             best[name] = time.perf_counter() - t0
         if all(v == float("inf") for v in best.values()):
-            raise RuntimeError(f"every lowering candidate failed on these inputs: {', '.join(candidates)}")
+            # every way of computing it fails: the inputs are wrong (a dtype mismatch), and the loop
+            # (each model's own op) fails as the model alone would: that error, as torch raised it
+            err = errors.get("loop") or next(iter(errors.values()))
+            err.add_note(f"mbcompile: every lowering of this op ({', '.join(candidates)}) failed on these inputs")
+            raise err
         if min(best.values()) > BUDGET_S:             # slow ops: the warm-up run is the measurement
             return best
         # a big candidate already 3x slower than the best keeps its warm-up time: timing it again

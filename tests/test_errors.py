@@ -242,3 +242,25 @@ def test_a_per_model_input_of_the_wrong_size_is_named_as_the_caller_passed_it():
             b(ok, **kwargs)
     with pytest.raises(mbcompile.MBCompileError, match="positional input 0 is per-model"):
         b(torch.randn(2, 5, 4), bias=ok, extra={"a": [ok]})
+
+
+def test_an_input_of_the_wrong_dtype_fails_as_alone_with_the_op_named():
+    b = mbcompile.batch(nn.Linear(4, 3), n=2)
+    with pytest.raises(RuntimeError, match="must have the same dtype") as e:
+        b(torch.randn(5, 4, dtype=torch.float64))
+    notes = "\n".join(getattr(e.value, "__notes__", []))
+    assert "aten.linear.default" in notes and "linear.py" in notes
+
+
+def test_an_op_with_a_data_dependent_output_shape_names_the_line_and_the_way_out():
+    class Ctc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(6, 5)
+
+        def forward(self, x, tgt):
+            lp = torch.log_softmax(self.l(x), -1)
+            return torch.nn.functional.ctc_loss(lp, tgt, [4] * x.shape[1], [2] * x.shape[1], reduction="none")
+    b = mbcompile.batch(Ctc(), n=2)
+    with pytest.raises(mbcompile.CaptureError, match=r"_ctc_loss.*mbcompile.loss.*test_errors\.py:\d+: return"):
+        b(torch.randn(4, 3, 6), torch.tensor([[1, 2], [3, 3], [2, 4]]))

@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedOpError, source_line
+from ..errors import MBCompileError, UnsupportedOpError, source_line
 from .axes import front
 from .registry import RANDOM_OPS, RULES, RuleCtx, module_path
 from ..errors import InvalidInputError
@@ -118,6 +118,12 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
             return out, d
         except NotImplementedError as e:
             why = f"rule declined: {e}"
+        except Exception as e:
+            if not isinstance(e, MBCompileError) and not getattr(e, "_mbcompile_noted", False):
+                e.add_note(f"mbcompile: raised while batching {op_name(target)} (node {node.name}), from "
+                           f"{source_line(node)}")
+                e._mbcompile_noted = True
+            raise
     return _fallback(node, target, args, dims, kwargs, n, strict or not fallback, records, why)
 
 
