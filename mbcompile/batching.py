@@ -585,8 +585,32 @@ def _user_leaves(cap, leaves):
 def _trace(fn, vals):
     """``fn`` traced by make_fx on fake copies of ``vals`` (under no_grad: the graph's ops, not autograd's)."""
     with torch.no_grad():
-        return make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
+        gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
             *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
+    _drop_identity_views(gm)
+    return gm
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _drop_identity_views(gm):
+    """Views to the shape and strides their input has already (the rules' ``reshape(n, -1, i)`` of a
+    tensor that is n,B,i): each is a dispatch in forward and a node in autograd's backward, for
+    nothing. Not of a graph input (the program would hand back the caller's own tensor)."""
+    dropped = False
+    for nd in list(gm.graph.nodes):
+        if nd.op != "call_function" or nd.target not in _VIEWS or not isinstance(nd.args[0], torch.fx.Node):
+            continue
+        src = nd.args[0]
+        a, o = src.meta.get("val"), nd.meta.get("val")
+        if (src.op != "placeholder" and isinstance(a, torch.Tensor) and isinstance(o, torch.Tensor)
+                and a.shape == o.shape and a.stride() == o.stride() and a.dtype == o.dtype):
+            nd.replace_all_uses_with(src)
+            gm.graph.erase_node(nd)
+            dropped = True
+    if dropped:
+        gm.recompile()
 
 
 _NO_STATES = torch.empty(0, dtype=torch.uint8)     # the RNG-states input when randomness != "sequential"
