@@ -416,3 +416,27 @@ def test_a_preferred_candidate_wins_only_within_its_factor(monkeypatch, t_pref, 
     assert c.name == chosen
     assert ("preferred within 1.15x" in c.why) == (chosen == "broadcast")
     lowering.clear_cache()
+
+
+def test_the_batched_graph_keeps_no_view_that_changes_nothing():
+    """The rules' reshape(n, -1, i) of a tensor already n,B,i is dropped from the program (a dispatch
+    and a backward node each, for nothing); the numbers stay each model's own."""
+    models = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+              for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    with lowering.force(linear="baddbmm", linear_shared_input="bmm"):
+        b = mbcompile.batch(models)
+        out = b(x)
+    gm = mbcompile.explain(b).gm
+    for nd in gm.graph.nodes:
+        if nd.op == "call_function" and nd.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+            src = nd.args[0]
+            assert src.op == "placeholder" or src.meta["val"].shape != nd.meta["val"].shape, gm.code
+    assert sum(nd.target is torch.ops.mbcompile.linear_bmm.default for nd in gm.graph.nodes) == 3
+    out.sum().backward()
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(out[i], r(x), rtol=1e-12, atol=1e-12)
+        r(x).sum().backward()
+        for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
+            torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-12)
