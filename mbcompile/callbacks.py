@@ -121,6 +121,13 @@ class LRLogger(Callback):
     def on_epoch_end(self, run, logs):
         logs["lr"] = self._lr if self._lr is not None else run.lrs()
 
+    def state_dict(self):                # the epoch's rates, for a run resumed within the epoch
+        return {"lr": None if self._lr is None else torch.as_tensor(self._lr, dtype=torch.float64).clone()}
+
+    def load_state_dict(self, state):
+        lr = state.get("lr")
+        self._lr = None if lr is None else lr.clone()
+
 
 class Checkpoint(Callback):
     """Save the whole run to ``path`` (atomically) every ``every_steps`` optimizer steps and/or every

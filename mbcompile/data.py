@@ -134,6 +134,17 @@ def per_sample_losses(fn, out, target, target_in_dim=None):
     return res.reshape(n, b)
 
 
+def _ignore_index(fn):
+    """The class index ``fn`` leaves out of its mean (cross entropy / NLL), or None."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+    if isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return fn.ignore_index
+    if fn in (F.cross_entropy, F.nll_loss):
+        return -100
+    return None
+
+
 def weighted_losses(fn, out, target, weights, target_in_dim=None):
     """Per-model weighted mean over each model's own samples -> (loss [n], count [n]).
 
@@ -142,6 +153,13 @@ def weighted_losses(fn, out, target, weights, target_in_dim=None):
     tells the caller to report nan."""
     w = weights.to(out.dtype)
     per = per_sample_losses(fn, out, target, target_in_dim)  # n,B
+    ig = _ignore_index(fn)
+    if ig is not None and isinstance(target, torch.Tensor) and not target.is_floating_point():
+        # a class target equal to ignore_index counts for nothing, as in torch's mean over the subset: a
+        # sample weighs by its valid targets (a sequence's tokens; 0 or 1 for one class per sample)
+        n, b = out.shape[:2]
+        t = target if target_in_dim == 0 else target.expand(n, *target.shape)
+        w = w * (t != ig).reshape(n, b, -1).sum(-1).to(w.dtype)
     owned = w != 0
     num = torch.where(owned, per, torch.zeros((), dtype=per.dtype)).mul(w).sum(1)
     den = w.sum(1)

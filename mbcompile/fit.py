@@ -100,6 +100,8 @@ class Run:
         self.stop_training = False
         self.epoch_rng = None       # torch's global RNG state at the start of the epoch (loader shuffles)
         self.loader_rng = None      # the loader's own generators' states at the start of the epoch
+        self.loader_gens = []       # those generators (their states now go into a checkpoint too)
+        self.loader_rng_now = None  # from a checkpoint: their states when it was written
         self.resume_rng = None
         self.acc = {"sum": torch.zeros(self.n_total, dtype=torch.float64),
                     "count": torch.zeros(self.n_total, dtype=torch.float64)}
@@ -177,6 +179,7 @@ class Run:
              "history": self.history.state_dict(),
              "retired": {int(i): sd for i, sd in self.history.retired.items()},
              "torch_rng": torch.get_rng_state(), "epoch_rng": self.epoch_rng, "loader_rng": self.loader_rng,
+             "loader_rng_now": [g.get_state() for g in self.loader_gens],
              "lowering": ckpt.lowering_choices()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             s["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -220,6 +223,7 @@ class Run:
         self.epoch, self.step, self.step_in_epoch = s["epoch"], s["step"], s["step_in_epoch"]
         self.acc = {k: v.clone() for k, v in s["acc"].items()}
         self.epoch_rng, self.loader_rng, self.resume_rng = s["epoch_rng"], s["loader_rng"], s["torch_rng"]
+        self.loader_rng_now = s.get("loader_rng_now")
         if "cuda_rng" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda_rng"])
         self._refresh()
@@ -360,9 +364,12 @@ def fit(batched, train_data, loss_fn, optimizer, *, epochs=1, val_data=None, met
     n_total = batched.n
     schedulers = [] if scheduler is None else list(scheduler) if isinstance(scheduler, (list, tuple)) else [scheduler]
     for s in schedulers:
-        if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if isinstance(s, torch.optim.lr_scheduler.ReduceLROnPlateau) and not hasattr(s, "num_bad_epochs_per_model"):
             raise InvalidTypeError("torch's ReduceLROnPlateau compares one number for all models; use "
                                    "mbcompile.optim.ReduceLROnPlateau(opt, ...), which keeps one per model")
+        if getattr(s, "optimizer", optimizer) is not optimizer:
+            raise InvalidInputError(f"the scheduler {type(s).__name__} steps another optimizer than the one fit "
+                                    f"trains with: build it on that optimizer (opt), or it never changes an lr")
     if scheduler_interval not in ("epoch", "step"):
         raise InvalidInputError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     if not getattr(optimizer, "_mbcompile_per_model", False):
@@ -442,15 +449,18 @@ def _epoch_iter(run, train_data):
     gens = [g for g in (getattr(train_data, "generator", None),
                         getattr(getattr(train_data, "sampler", None), "generator", None))
             if isinstance(g, torch.Generator)]   # a DataLoader's or its sampler's own generator
+    run.loader_gens = gens
     if run.step_in_epoch == 0 and run.resume_rng is None:
         for cb in run.callbacks:
             cb.on_epoch_start(run)
         run.epoch_rng = torch.get_rng_state()
         run.loader_rng = [g.get_state() for g in gens]
         return iter(train_data)
-    if run.step_in_epoch == 0:  # resumed at an epoch boundary
+    if run.step_in_epoch == 0:  # resumed at an epoch boundary: every stream as it was when saved
         torch.set_rng_state(run.resume_rng)
-        run.resume_rng = None
+        for g, st in zip(gens, run.loader_rng_now or []):
+            g.set_state(st)
+        run.resume_rng = run.loader_rng_now = None
         return _epoch_iter(run, train_data)
     torch.set_rng_state(run.epoch_rng)
     for g, st in zip(gens, run.loader_rng or []):

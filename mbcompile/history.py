@@ -210,7 +210,8 @@ class History:
         return {"n": self.n, "hparams": {k: [_plain(x) for x in v] for k, v in self.hparams.items()},
                 "modes": dict(self.modes), "epochs": list(self.epochs),
                 "metrics": {k: [list(r) for r in v] for k, v in self.metrics.items()},
-                "steps": {"step": list(self.steps["step"]), "loss": [list(r) for r in self.steps["loss"]]},
+                "steps": {k: [list(r) if isinstance(r, (list, tuple)) else r for r in v]
+                          for k, v in self.steps.items()},           # step, loss, and lr (LRLogger)
                 "status": list(self.status), "active": list(self.active)}
 
     def load_state_dict(self, s: dict):
@@ -219,7 +220,9 @@ class History:
         self.modes = dict(s["modes"])
         self.epochs = list(s["epochs"])
         self.metrics = {k: [list(r) for r in v] for k, v in s["metrics"].items()}
-        self.steps = {"step": list(s["steps"]["step"]), "loss": [list(r) for r in s["steps"]["loss"]]}
+        self.steps = {k: [list(r) if isinstance(r, (list, tuple)) else r for r in v] for k, v in s["steps"].items()}
+        self.steps.setdefault("step", [])
+        self.steps.setdefault("loss", [])
         self.status = list(s["status"])
         self.active = list(s["active"])
         return self

@@ -211,7 +211,8 @@ def optimize(study, objective, suggest, *, n_trials: int, batch_size: int, group
     """Run ``n_trials`` trials of ``study`` in this process, ``batch_size`` at a time (see the module
     docstring). ``objective(batch: TrialBatch)`` trains the batch and returns the final values of the
     trials still in it (``[batch.n]``, or ``None`` when none is left). An exception fails the trials still
-    in the batch and is re-raised unless it is an instance of ``catch``. ``callbacks``: called as
+    in the batch and is re-raised unless it is an instance of ``catch`` (in ``suggest``: that trial
+    fails; re-raised, every trial of this call not yet finished fails with it). ``callbacks``: called as
     ``cb(study, frozen_trial)`` for each finished trial. Returns the numbers of the trials run here."""
     if batch_size < 1 or n_trials < 0:
         raise InvalidInputError(f"batch_size must be >= 1 and n_trials >= 0, got {batch_size}, {n_trials}")
@@ -229,14 +230,19 @@ def optimize(study, objective, suggest, *, n_trials: int, batch_size: int, group
             done += len(trials)
             numbers += [t.number for t in trials]
             groups: dict = {}
-            for t in trials:
+            for k, t in enumerate(trials):
                 try:
                     p = suggest(t)
                 except optuna.TrialPruned:
                     TrialBatch(study, [t], [None], None, hb)._tell(t, TrialState.PRUNED)
                     continue
-                except Exception:
+                except Exception as e:
                     TrialBatch(study, [t], [None], None, hb)._fail_all()
+                    if isinstance(e, catch):                   # that trial failed; the others go on
+                        continue
+                    rest = [u for g in groups.values() for u in g[0]] + trials[k + 1:]
+                    if rest:                                   # nothing of this call stays RUNNING
+                        TrialBatch(study, rest, [None] * len(rest), None, hb)._fail_all()
                     raise
                 key = group_by(p) if group_by is not None else None
                 groups.setdefault(key, ([], []))

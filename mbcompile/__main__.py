@@ -1,0 +1,6 @@
+"""``python -m mbcompile``: the ``mbcompile`` command (mbcompile.cli)."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
