@@ -104,9 +104,13 @@ def _all_same(pairs, pu, pv, depth) -> bool:
 
 def _eq(u, v) -> bool:
     try:
+        if getattr(u, "shape", None) != getattr(v, "shape", None):       # numpy arrays of other shapes
+            return False
         r = u == v
         if isinstance(r, torch.Tensor):
             return False
+        if hasattr(r, "all") and not isinstance(r, bool):                  # numpy: elementwise
+            r = r.all()
         r = bool(r)
     except Exception:  # noqa: BLE001 - values that cannot be compared are not shown equal
         return False

@@ -169,3 +169,13 @@ def test_parameters_held_in_a_plain_list_compare_by_their_names():
     swapped.order = [swapped.b, swapped.a]
     with pytest.raises(ValueError, match=r"'<root>\.order\[0\]' \(Listed\): <module 'b'> vs <module 'a'>"):
         mbcompile.batch([models[0], swapped])
+
+
+def test_numpy_arrays_compare_by_value():
+    np = pytest.importorskip("numpy")
+    m0, m1 = _pair(2.0, 2.0)
+    m0.table, m1.table = np.array([1.0, 2.0]), np.array([1.0, 2.0])
+    mbcompile.batch([m0, m1])
+    m1.table = np.array([1.0, 3.0])
+    with pytest.raises(ValueError, match=r"'<root>\.table' \(Holder\): array\(\[1\., 3\.\]\)"):
+        mbcompile.batch([m0, m1])
