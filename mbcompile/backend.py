@@ -110,7 +110,8 @@ class CompiledProgram:
         self.dynamo = None
 
     def _key(self, args):
-        return (torch.is_grad_enabled(), tuple((a.requires_grad, a.stride()) for a in args))
+        return (torch.is_grad_enabled(), tuple((a.requires_grad, a.stride()) if isinstance(a, torch.Tensor)
+                                               else (type(a).__name__, repr(a)) for a in args))
 
     def _compile(self, args):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import gc
 import itertools
+import operator
 import time
 import types
 import weakref
@@ -19,7 +20,7 @@ from torch.utils import _pytree as pytree
 from .capture import _PER_MODEL_SCALARS, Captured, capture
 from . import archcheck, chunking, hostmem
 from .passes import batch_pass
-from .errors import InvalidInputError, OutOfRangeError
+from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError
 
 RANDOMNESS = ("sequential", "different", "same")
 
@@ -32,6 +33,12 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
         if n is None:
             raise InvalidInputError("mbcompile.batch(model, n=...) needs n, the number of copies (or pass a list of "
                                     "models)")
+        try:
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)                      # an int (numpy's too), never a float or a string
+        except TypeError:
+            raise InvalidTypeError(f"mbcompile.batch needs n, the number of copies, as an int; got {n!r}") from None
         if int(n) < 1:
             raise InvalidInputError(f"mbcompile.batch needs n >= 1 models, got n={n}")
         models = [models] * int(n)
@@ -311,6 +318,14 @@ class BatchedModule(nn.Module):
     def extra_repr(self):
         return f"n={self._n}, model={type(self._template).__name__}, randomness={self._randomness!r}"
 
+    def __getstate__(self):
+        """Pickling (torch.save of the whole module) leaves out the captured programs: they hold traced
+        closures, and the next call after loading captures again."""
+        state = dict(self.__dict__)
+        state["_programs"], state["_fast_programs"] = {}, {}
+        state.pop("_last_program", None)
+        return state
+
     def unbatch(self, i: int) -> nn.Module:
         """Model i as a plain module of the original class, with its own copy of weights and buffers."""
         if not -self._n <= i < self._n:
@@ -320,6 +335,7 @@ class BatchedModule(nn.Module):
             for name, p in self.named_parameters(remove_duplicate=False):
                 tgt = m.get_parameter(name)
                 tgt.data = p[i].detach().clone()
+                tgt.requires_grad_(p.requires_grad)    # as the stacked one is now (requires_grad_ after batch)
             for name, b in self.named_buffers(remove_duplicate=False):
                 parent, _, leaf = name.rpartition(".")
                 m.get_submodule(parent)._buffers[leaf] = b[i].detach().clone()
@@ -333,8 +349,9 @@ class BatchedModule(nn.Module):
         key = str(device)
         if key not in self._rng_states:
             dev = torch.device(device)
-            self._rng_states[key] = torch.stack(
-                [torch.Generator(device=dev).manual_seed(s).get_state() for s in self._seeds])
+            with torch.inference_mode(False):          # a first call under inference_mode: still a normal
+                self._rng_states[key] = torch.stack(   # tensor, which later training calls update in place
+                    [torch.Generator(device=dev).manual_seed(s).get_state() for s in self._seeds])
         return self._rng_states[key]
 
     def get_rng_state(self) -> dict:
@@ -513,6 +530,13 @@ class BatchedModule(nn.Module):
     def _build(self, args, kwargs, leaves, dims, spec):
         self._sync_template()
         ul = [x.select(0, 0) if d is not None else x for x, d in zip(leaves, dims)]
+        seen = set()                                     # one tensor passed twice (per model here, shared
+        for k, x in enumerate(ul):                       # there): export must see separate inputs
+            if isinstance(x, torch.Tensor):
+                key = x.untyped_storage().data_ptr() if x.device.type != "meta" else id(x)
+                if key in seen:
+                    ul[k] = x.clone()
+                seen.add(key)
         uargs, ukwargs = pytree.tree_unflatten(ul, spec)
         from . import lowering
         m0 = lowering.SPENT["measure_s"]

@@ -42,7 +42,12 @@ class Explanation:
 
 def explain(batched):
     """Show, op by op, how the last captured forward of ``batched`` was lowered."""
+    from .batching import BatchedModule
+    if not isinstance(batched, BatchedModule):
+        from .errors import InvalidTypeError
+        raise InvalidTypeError(f"mbcompile.explain takes a batched module (from mbcompile.batch), got "
+                               f"{type(batched).__name__}")
     prog = getattr(batched, "_last_program", None)
     if prog is None:
-        return Explanation([], {}, None, getattr(batched, "n", None))
+        return Explanation([], {}, None, batched.n, ["nothing captured yet: call the batched module once"])
     return Explanation(list(prog.records), dict(prog.times), prog.gm, batched.n, prog.notes)

@@ -1,0 +1,106 @@
+"""The batched module's API at its edges (found by a held-out sweep), each against the model alone:
+non-tensor inputs with compile=True, a first call under inference_mode then training, pickling after a
+call, one tensor passed as a per-model and a shared input, requires_grad_ after batching carried to
+unbatch, n of the wrong type, and explain() of what is not a batch."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mbcompile
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+
+    def forward(self, x, k=1, mode="a"):
+        h = self.l(x) * k
+        return h if mode == "a" else -h
+
+
+def _models():
+    torch.manual_seed(0)
+    return [Scaled().double() for _ in range(2)]
+
+
+X = torch.randn(4, 3, dtype=torch.float64)
+
+
+def test_compile_true_takes_non_tensor_inputs():
+    models = _models()
+    b = mbcompile.batch(copy.deepcopy(models), compile=True)
+    for args, kw in (((X, 2), {}), ((X,), {"mode": "b"}), ((X, 3), {"mode": "a"})):
+        out = b(*args, **kw)
+        for i, m in enumerate(models):
+            torch.testing.assert_close(out[i], m(*args, **kw), rtol=1e-12, atol=1e-12)
+
+
+def test_a_first_call_under_inference_mode_does_not_stop_training_later():
+    m = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
+    b = mbcompile.batch(m, n=2, seeds=[0, 1])
+    with torch.inference_mode():
+        b(X)
+    b(X).sum().backward()                               # the per-model RNG states are normal tensors
+    assert b.get_parameter("0.weight").grad is not None
+
+
+def test_a_batch_pickles_after_a_call_and_trains_on_after_loading():
+    models = _models()
+    b = mbcompile.batch(copy.deepcopy(models))
+    b(X, 2)
+    buf = io.BytesIO()
+    torch.save(b, buf)
+    pickle.dumps(b)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    out = back(X, 2)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(X, 2), rtol=1e-12, atol=1e-12)
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 3)
+
+    def forward(self, a, c):
+        return self.l(a) + c.mean(0)
+
+
+def test_one_tensor_as_a_per_model_and_a_shared_input():
+    torch.manual_seed(0)
+    models = [Two().double() for _ in range(2)]
+    xs = torch.randn(2, 4, 3, dtype=torch.float64)
+    b = mbcompile.batch(models, in_dims=(0,))
+    out = b(xs, c=xs)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(xs[i], c=xs), rtol=1e-12, atol=1e-12)
+
+
+def test_requires_grad_set_after_batching_carries_to_unbatch():
+    b = mbcompile.batch(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), n=3)
+    b.get_parameter("0.weight").requires_grad_(False)
+    u = b.unbatch(1)
+    assert not u[0].weight.requires_grad and u[0].bias.requires_grad and u[2].weight.requires_grad
+
+
+@pytest.mark.parametrize("n", [2.5, True, "3", None])
+def test_n_of_the_wrong_type_is_a_type_error(n):
+    with pytest.raises((TypeError, ValueError), match="needs n"):
+        mbcompile.batch(nn.Linear(3, 2), n=n)
+
+
+def test_n_may_be_a_numpy_int():
+    np = pytest.importorskip("numpy")
+    assert mbcompile.batch(nn.Linear(3, 2), n=np.int64(3)).n == 3
+
+
+def test_explain_says_what_it_needs():
+    with pytest.raises(TypeError, match="takes a batched module"):
+        mbcompile.explain(nn.Linear(2, 2))
+    assert "nothing captured yet" in str(mbcompile.explain(mbcompile.batch(nn.Linear(2, 2), n=2)))
