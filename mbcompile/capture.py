@@ -261,6 +261,14 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                    "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "") +
                 f"  branch at {_user_frame(e, template)}\n"
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
+        if "Unsupported input type" in str(e):                    # a torch.dtype / torch.device argument
+            import re
+            found = re.search(r"Unsupported input type <class '([^']+)'>", str(e))
+            kind = found.group(1) if found else "an unsupported type"
+            raise CaptureError(
+                f"{type(template).__name__}.forward takes an argument of type {kind}, which torch.export cannot "
+                f"take as an input. Pass it as a string (torch.float64 -> 'float64', mapped back in forward) or "
+                f"set it as an attribute of the model before mbcompile.batch") from e
         if type(e).__name__ == "DynamicOutputShapeException":     # e.g. F.ctc_loss, torch.nonzero
             op = str(e).strip().splitlines()[0][:200]
             raise CaptureError(

@@ -104,3 +104,16 @@ def test_explain_says_what_it_needs():
     with pytest.raises(TypeError, match="takes a batched module"):
         mbcompile.explain(nn.Linear(2, 2))
     assert "nothing captured yet" in str(mbcompile.explain(mbcompile.batch(nn.Linear(2, 2), n=2)))
+
+
+def test_a_dtype_argument_is_a_capture_error_that_says_what_to_do():
+    class ToDtype(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x, dt=torch.float32):
+            return self.l(x).to(dt)
+    b = mbcompile.batch(ToDtype(), n=2)
+    with pytest.raises(mbcompile.CaptureError, match=r"torch\.dtype.*as a string"):
+        b(torch.randn(2, 3), dt=torch.float64)
