@@ -119,10 +119,9 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
         except NotImplementedError as e:
             why = f"rule declined: {e}"
         except Exception as e:
-            if not isinstance(e, MBCompileError) and not getattr(e, "_mbcompile_noted", False):
-                e.add_note(f"mbcompile: raised while batching {op_name(target)} (node {node.name}), from "
-                           f"{source_line(node)}")
-                e._mbcompile_noted = True
+            note = f"mbcompile: raised while batching {op_name(target)} (node {node.name}), from {source_line(node)}"
+            if not isinstance(e, MBCompileError) and note not in getattr(e, "__notes__", ()):
+                e.add_note(note)                      # which op of the user's forward, where
             raise
     return _fallback(node, target, args, dims, kwargs, n, strict or not fallback, records, why)
 
