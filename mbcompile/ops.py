@@ -309,6 +309,20 @@ def _linear_bmm_bwd(ctx, g):
 linear_bmm.register_autograd(_linear_bmm_bwd, setup_context=_linear_bmm_ctx)
 
 
+def _linear_bmm_vmap(info, in_dims, x, w, bias):
+    """Under torch.vmap (torch.func over a batched module): the vmapped dim in front of each operand
+    that has it, and broadcasting matmul:  V,n,M,I @ (V,)n,I,O (+ (V,)n,1,O) -> V,n,M,O."""
+    x, w = (t.movedim(d, 0) if d is not None else t for t, d in zip((x, w), in_dims[:2]))
+    out = torch.matmul(x, w.transpose(-1, -2))
+    if bias is not None:
+        b = bias.movedim(in_dims[2], 0) if in_dims[2] is not None else bias
+        out = out + b.unsqueeze(-2)
+    return (out, None) if out.dim() == 3 else (out, 0)      # n,M,O: no operand carried the vmapped dim
+
+
+linear_bmm.register_vmap(_linear_bmm_vmap)
+
+
 def linear_bmm_decomposition(x, w, bias=None):
     """What Inductor and make_fx see instead of the op (so compiled programs fuse the bias)."""
     wt = w.transpose(1, 2)

@@ -287,3 +287,16 @@ def test_a_gradient_penalty_differentiates_the_batched_linear_twice():
         gi.square().sum().backward()
         for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
             torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-13, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_batched_linear_op_runs_under_torch_vmap():
+    """torch.vmap over a batched module's op (an ensemble of ensembles): the op's vmap rule."""
+    from mbcompile import ops  # noqa: F401 - registers mbcompile::linear_bmm
+    x = torch.randn(5, 2, 4, 3, dtype=torch.float64)
+    w, b = torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    out = torch.vmap(lambda xx: torch.ops.mbcompile.linear_bmm(xx, w, b))(x)
+    ws = torch.randn(5, 2, 6, 3, dtype=torch.float64)
+    out_w = torch.vmap(lambda ww: torch.ops.mbcompile.linear_bmm(x[0], ww, None))(ws)
+    for k in range(5):
+        torch.testing.assert_close(out[k], torch.baddbmm(b.unsqueeze(1), x[k], w.transpose(1, 2)))
+        torch.testing.assert_close(out_w[k], torch.bmm(x[0], ws[k].transpose(1, 2)))
