@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 _BASE = frozenset(vars(nn.Module()))     # nn.Module's own bookkeeping (_parameters, hooks, ...)
-_PLAIN = (int, float, bool, str, bytes, complex, type(None))
+PLAIN = (int, float, bool, str, bytes, complex, type(None))   # compared by value
 MAX_DEPTH, MAX_LEN = 6, 10_000
 
 
@@ -48,8 +48,8 @@ def same_value(u, v, pu: Paths, pv: Paths, depth: int = 0) -> bool:
     if u is v:
         return True
     if type(u) is not type(v):
-        return isinstance(u, _PLAIN) and isinstance(v, _PLAIN) and _eq(u, v)
-    if isinstance(u, _PLAIN):
+        return isinstance(u, PLAIN) and isinstance(v, PLAIN) and _eq(u, v)
+    if isinstance(u, PLAIN):
         return _eq(u, v)
     if depth > MAX_DEPTH:
         return False
@@ -120,7 +120,7 @@ def _eq(u, v) -> bool:
 def where_differs(u, v, pu: Paths, pv: Paths, depth: int = 0) -> str:
     """'' or the path inside two differing values to their first difference (".scale", "[1]",
     ".config.num_labels") with both values there, for an error message."""
-    if depth < 4 and type(u) is type(v) and not isinstance(u, (_PLAIN, torch.Tensor, nn.Module)):
+    if depth < 4 and type(u) is type(v) and not isinstance(u, (PLAIN, torch.Tensor, nn.Module)):
         if isinstance(u, (list, tuple)) and len(u) == len(v):
             pairs = [(f"[{k}]", a, b) for k, (a, b) in enumerate(zip(u, v))]
         elif isinstance(u, dict) and list(u) == list(v):

@@ -193,8 +193,9 @@ class TrainStep:
     keep working and train_step calls can alternate with normal steps. ``loss_fn`` gets the output as
     ``mbcompile.loss`` gives it (a model with several outputs: model i's outputs in their structure);
     ``requires_grad_`` changes between calls change which parameters train (a new program, once).
-    ``max_grad_norm`` (a float, or a list / 1-D tensor with one value per model) clips each model's gradient norm inside the program as
-    ``mbcompile.clip_grad_norm_(batched, max_grad_norm)`` does in the normal loop; the per-model norms
+    ``max_grad_norm`` (a float, or a list / 1-D tensor with one value per model) clips each model's
+    gradient norm inside the program as ``mbcompile.clip_grad_norm_(batched, max_grad_norm)`` does in
+    the normal loop; the per-model norms
     before clipping are then in ``step.last_grad_norms``. Results equal the separate steps up to float
     rounding (Inductor fuses the update), not bit for bit; ``p.grad`` is not filled, and the
     optimizer's step hooks do not run. Batch-norm buffers and "sequential" RNG streams advance as in

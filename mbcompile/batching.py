@@ -139,14 +139,17 @@ def check_same_architecture(models):
                 raise InvalidInputError(f"model {i} is in {mode(b)} mode at {where!r} but model 0 is in {mode(a)} "
                                         f"mode; batched models share each module's mode: call .train() / .eval() "
                                         f"on them alike")
-            for attr in sorted(archcheck.attributes(a).keys() ^ archcheck.attributes(b).keys()):
+            attrs_a, attrs_b = archcheck.attributes(a), archcheck.attributes(b)
+            only = sorted(attrs_a.keys() ^ attrs_b.keys())
+            if only:
                 raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: only one of them has the "
-                                        f"attribute {attr!r}")
-            for attr, va in archcheck.attributes(a).items():
-                vb = vars(b)[attr]
-                if attr == "training" or archcheck.same_value(va, vb, paths0, paths):
+                                        f"attribute {only[0]!r}")
+            for attr, va in attrs_a.items():
+                vb = attrs_b[attr]
+                if archcheck.same_value(va, vb, paths0, paths):
                     continue
-                if isinstance(va, _PLAIN) and isinstance(vb, _PLAIN) and (type(a).__name__, attr) in _PER_MODEL_SCALARS:
+                plain = isinstance(va, archcheck.PLAIN) and isinstance(vb, archcheck.PLAIN)
+                if plain and (type(a).__name__, attr) in _PER_MODEL_SCALARS:
                     consts.setdefault(path, {}).setdefault(attr, [getattr(mm.get_submodule(path), attr)
                                                                   for mm in models])
                     continue
@@ -160,9 +163,6 @@ def check_same_architecture(models):
                     f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
                     f"give the models the same {attr} or batch them apart.")
     return consts
-
-
-_PLAIN = (int, float, bool, str, type(None))
 
 
 def _same_hook(x, y, model_x, model_y) -> bool:
@@ -182,7 +182,7 @@ def _same_hook(x, y, model_x, model_y) -> bool:
 
 
 def _same_plain(u, v) -> bool:
-    return type(u) is type(v) and isinstance(u, _PLAIN) and u == v
+    return type(u) is type(v) and isinstance(u, archcheck.PLAIN) and u == v
 
 
 def _path_in(mod, model):

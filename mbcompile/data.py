@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from .errors import InvalidInputError
 
 MODES = ("shared", "per_model", "weights", "mask")
@@ -136,8 +138,6 @@ def per_sample_losses(fn, out, target, target_in_dim=None):
 
 def _ignore_index(fn):
     """The class index ``fn`` leaves out of its mean (cross entropy / NLL), or None."""
-    import torch.nn as nn
-    import torch.nn.functional as F
     if isinstance(fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         return fn.ignore_index
     if fn in (F.cross_entropy, F.nll_loss):

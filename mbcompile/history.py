@@ -210,8 +210,7 @@ class History:
         return {"n": self.n, "hparams": {k: [_plain(x) for x in v] for k, v in self.hparams.items()},
                 "modes": dict(self.modes), "epochs": list(self.epochs),
                 "metrics": {k: [list(r) for r in v] for k, v in self.metrics.items()},
-                "steps": {k: [list(r) if isinstance(r, (list, tuple)) else r for r in v]
-                          for k, v in self.steps.items()},           # step, loss, and lr (LRLogger)
+                "steps": _copy_steps(self.steps),           # step, loss, and lr (LRLogger)
                 "status": list(self.status), "active": list(self.active)}
 
     def load_state_dict(self, s: dict):
@@ -220,9 +219,7 @@ class History:
         self.modes = dict(s["modes"])
         self.epochs = list(s["epochs"])
         self.metrics = {k: [list(r) for r in v] for k, v in s["metrics"].items()}
-        self.steps = {k: [list(r) if isinstance(r, (list, tuple)) else r for r in v] for k, v in s["steps"].items()}
-        self.steps.setdefault("step", [])
-        self.steps.setdefault("loss", [])
+        self.steps = {"step": [], "loss": [], **_copy_steps(s["steps"])}
         self.status = list(s["status"])
         self.active = list(s["active"])
         return self
@@ -332,3 +329,8 @@ def _write_text(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _copy_steps(steps: dict) -> dict:
+    """{name: per-step rows} with every row its own list."""
+    return {k: [list(r) if isinstance(r, (list, tuple)) else r for r in v] for k, v in steps.items()}
