@@ -110,9 +110,10 @@ class GradScaler:
         return apply(outputs)
 
     @torch.no_grad()
-    def _unscale_grads_(self, optimizer, inv_scale: Tensor, allow_fp16: bool) -> Tensor:
-        """Per-model check for inf/nan and multiply by inv_scale; returns found_inf [n] float32."""
-        found = torch.zeros(self.n, dtype=torch.float32, device=inv_scale.device)
+    def _unscale_grads_(self, optimizer, inv_scale: Tensor | None, allow_fp16: bool) -> Tensor:
+        """Per-model check for inf/nan and multiply by inv_scale (None: check only); returns found_inf
+        [n] float32."""
+        found = torch.zeros(self.n, dtype=torch.float32, device=self._scale.device)
         seen = False
         for p in _unique_params(optimizer):
             g = p.grad
@@ -129,7 +130,8 @@ class GradScaler:
             bad = ~torch.isfinite(g).reshape(self.n, -1).all(dim=1)
             found = torch.maximum(found, bad.to(device=found.device, dtype=found.dtype))
             # torch multiplies by the float32 inv_scale in the gradient's precision (float for half types)
-            g.mul_(self._view(inv_scale.to(g.device), g))
+            if inv_scale is not None:
+                g.mul_(self._view(inv_scale.to(g.device), g))
         if not seen:
             raise AssertionError("No inf checks were recorded for this optimizer.")
         return found
@@ -163,7 +165,12 @@ class GradScaler:
         st = self._per_optimizer_states[id(optimizer)]
         if st["stage"] is _Stage.STEPPED:
             raise StateError("step() has already been called since the last update().")
-        if st["stage"] is _Stage.READY:
+        if st["stage"] is _Stage.READY and optimizer.fused_cpu():
+            # as torch does for a fused optimizer: check only, and the fused kernel divides each
+            # model's gradients by its scale (a division, not a product with the float32 reciprocal)
+            st["found_inf"] = self._unscale_grads_(optimizer, None, allow_fp16=False)
+            kwargs = {**kwargs, "grad_scale": self._scale}
+        elif st["stage"] is _Stage.READY:
             self.unscale_(optimizer)
         found = st["found_inf"]
         retval = optimizer.step(*args, active=found == 0, **kwargs)

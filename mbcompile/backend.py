@@ -22,6 +22,8 @@ from collections import Counter
 
 import torch
 import torch.fx as fx
+from torch.optim.optimizer import _get_scalar_dtype
+
 from .errors import InvalidInputError
 from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
@@ -293,7 +295,7 @@ class TrainStep:
                     out.append(st["momentum_buffer"])
             else:
                 if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 out += (st["step"], st["exp_avg"], st["exp_avg_sq"])

@@ -28,7 +28,8 @@ Families and candidates (shapes: n models, B batch):
     linear_shared_input shared input: concat (one matmul on (n*O),I weights) | concat_t (the same as
                         (n*O),I @ I,B: BLAS prefers the tall operand first) | bmm (input expanded) | loop
     program             (chunking.py, not through choose) the whole batched program | chunks of k
-                        models: MBCOMPILE_LOWERING="program=chunks4" / "program=whole"
+                        models (and, where k=1 is timed, chunks of 1 with the default lowerings):
+                        MBCOMPILE_LOWERING="program=chunks4" / "program=whole"
 A loop candidate is the sequential computation itself, so the measured choice is never slower than
 sequential op by op (up to timing noise).
 """

@@ -995,9 +995,16 @@ class BatchedOptimizer(torch.optim.Optimizer):
             act = [a and b for a, b in zip(act, extra)]
         return None if all(act) else act
 
+    def fused_cpu(self) -> bool:
+        """Whether steps run torch's fused CPU kernel (``fused=True``; parameters contiguous on CPU)."""
+        return bool(self.param_groups[0].get("fused")) and all(
+            p.device.type == "cpu" and p.is_contiguous() for p in self._params)
+
     @torch.no_grad()
-    def step(self, closure: Callable | None = None, *, active=None):
-        """One optimizer step for every model (that is not frozen and, if given, is in `active`)."""
+    def step(self, closure: Callable | None = None, *, active=None, grad_scale: Tensor | None = None):
+        """One optimizer step for every model (that is not frozen and, if given, is in `active`).
+        ``grad_scale`` ([n], from mbcompile.GradScaler.step): the gradients are still scaled, and the
+        fused kernel divides them by it, as torch's GradScaler has a fused optimizer do."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1020,10 +1027,11 @@ class BatchedOptimizer(torch.optim.Optimizer):
             grads.append(g)
         if not params:
             return loss
-        if self.param_groups[0].get("fused") and params[0].device.type == "cpu" \
-                and all(p.is_contiguous() for p in params):
-            self._fused_step(params, grads, act)
+        if self.fused_cpu():
+            self._fused_step(params, grads, act, grad_scale)
             return loss
+        if grad_scale is not None:
+            raise StateError("grad_scale is for fused=True optimizers on CPU (mbcompile.GradScaler passes it)")
         c, prepped = self._host_prep(params, act)
         todo = [(p, g, st, sc) for (p, st, sc), g in zip(prepped, grads)]
         if self._compile:
@@ -1036,19 +1044,22 @@ class BatchedOptimizer(torch.optim.Optimizer):
             self._rule.apply(c, p, g, st, sc)
         return loss
 
-    def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None):
+    def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None, grad_scale=None):
         """``fused=True`` on CPU: torch's own fused kernel (``torch._fused_adam_`` / ``_fused_adamw_``,
         what ``torch.optim.Adam(fused=True)`` runs) on each model's slices, one call per set of models
         that share every hyperparameter. Model i's update is bit for bit that of its own fused optimizer."""
         hp = self._gather_hparams()
         keys = self._rule.keys                 # lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled
         sts = [st for _, st, _ in self._host_prep(params, act, hp)[1]]   # state, steps advanced, amsgrad's max
+        scales = [None] * self.n if grad_scale is None else grad_scale.tolist()
         sets: dict = {}
         for i in range(self.n):
             if act is None or act[i]:
-                sets.setdefault(tuple(v[i] if isinstance(v, list) else v for v in map(hp.get, keys)), []).append(i)
+                vals = tuple(v[i] if isinstance(v, list) else v for v in map(hp.get, keys))
+                sets.setdefault(vals + (scales[i],), []).append(i)
         for vals, models in sets.items():
             h = dict(zip(keys, vals))
+            scale = None if vals[-1] is None else torch.tensor(vals[-1], dtype=torch.float32)
 
             def each(ts, contiguous=False):     # model after model, as n separate optimizers would see them
                 return [t[i].contiguous() if contiguous else t[i] for i in models for t in ts]
@@ -1058,7 +1069,8 @@ class BatchedOptimizer(torch.optim.Optimizer):
             fn(each(params), each(grads, contiguous=True), each([st["exp_avg"] for st in sts]),
                each([st["exp_avg_sq"] for st in sts]), mx,
                [st["step"][i:i + 1] for i in models for st in sts], lr=h["lr"], beta1=h["beta1"], beta2=h["beta2"],
-               weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=h["amsgrad"], maximize=h["maximize"])
+               weight_decay=h["weight_decay"], eps=h["eps"], amsgrad=h["amsgrad"], maximize=h["maximize"],
+               grad_scale=scale)
 
     def _host_prep(self, params: list[Tensor], act: list | None, hp: dict | None = None):
         """The host-side part of a step over ``params`` (the parameters that have a gradient), for the
@@ -1366,7 +1378,10 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, params=None
     norms); step both.
     """
     n = _model_count(batched)
-    if not isinstance(optim_cls, type) or optim_cls not in _RULES:
+    if not isinstance(optim_cls, type):
+        raise InvalidTypeError(f"mbcompile.optimizer takes a torch.optim class such as torch.optim.AdamW, "
+                               f"not {optim_cls!r}")
+    if optim_cls not in _RULES:
         raise UnsupportedOptimizerError(_unsupported_msg(optim_cls))
     sig = inspect.signature(optim_cls.__init__)
     allowed = [k for k in sig.parameters if k not in ("self", "params")]
@@ -1394,7 +1409,7 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, params=None
                 )
     if "betas" in per_key:
         for i, b in enumerate(per_key["betas"]):
-            if not (isinstance(b, tuple) and len(b) == 2):
+            if not (isinstance(b, tuple) and len(b) == 2 and all(isinstance(v, (int, float, Tensor)) for v in b)):
                 raise InvalidInputError(
                     f"betas for model {i} is {b!r}; per-model betas are a list of n={n} (beta1, beta2) tuples"
                 )

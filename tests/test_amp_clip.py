@@ -44,10 +44,12 @@ def assert_exact(batched, refs):
 # ---------------------------------------------------------------------------------------------------
 # GradScaler
 # ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
 @pytest.mark.parametrize("clip", [False, True], ids=["step", "unscale-clip-step"])
-def test_grad_scaler_bit_exact_against_n_torch_scalers(clip):
+def test_grad_scaler_bit_exact_against_n_torch_scalers(clip, fused):
     """Odd growth/backoff factors, per-model initial scales; models 1 and 3 overflow at different
-    steps: only they are skipped (Adam's step count included) and every scale matches torch's."""
+    steps: only they are skipped (Adam's step count included) and every scale matches torch's.
+    Fused Adam without unscale_: the kernel divides by each model's scale, as torch's scaler has it."""
     dtype = torch.float32
     models = make_models(dtype=dtype)
     refs = copy.deepcopy(models)
@@ -55,9 +57,9 @@ def test_grad_scaler_bit_exact_against_n_torch_scalers(clip):
     lrs = [1e-2, 2e-2, 3e-2, 4e-2]
     init = [2.0**10, 2.0**12, 1000.0, 2.0**3]
     kw = dict(growth_factor=3.0, backoff_factor=0.3, growth_interval=2)
-    opt = optimizer(batched, torch.optim.Adam, lr=lrs)
+    opt = optimizer(batched, torch.optim.Adam, lr=lrs, fused=fused)
     scaler = GradScaler(batched, init_scale=init, **kw)
-    ref_opts = [torch.optim.Adam(r.parameters(), lr=lr) for r, lr in zip(refs, lrs)]
+    ref_opts = [torch.optim.Adam(r.parameters(), lr=lr, fused=fused) for r, lr in zip(refs, lrs)]
     ref_scalers = [torch.amp.GradScaler("cpu", init_scale=s, **kw) for s in init]
     bad = [(2, 1), (3, 1), (5, 3), (6, 1)]
     for xs, y in per_model_data(9, dtype, bad=bad):

@@ -97,6 +97,31 @@ def test_two_chunk_sizes_are_timed_against_the_whole_program(monkeypatch):
     assert "4 chunks of 1" in note and "2 chunks of 2" in note and "whole" in note, note
 
 
+@pytest.mark.parametrize("per_model", [False, True])
+def test_each_models_own_program_is_timed_and_may_win(monkeypatch, per_model):
+    """Where chunks of one model are timed, so are chunks of one with the default lowerings (each
+    model's own ops in its own layout); when that wins, each model still computes what it alone does,
+    and explain() shows its ops (no channels-last relayouts)."""
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)
+    monkeypatch.setattr(chunking, "TARGET_BYTES", 1)
+    timed = {}
+
+    def measure(progs, vals, backward):
+        timed.update(dict.fromkeys(progs))
+        return {k: (0.0 if k == chunking.PLAIN else 1.0) for k in progs}
+    monkeypatch.setattr(chunking, "_measure", measure)
+    models = [Net().double() for _ in SEEDS]
+    refs = copy.deepcopy(models)
+    x = torch.randn(*((5,) if per_model else ()), 2, 3, 8, 8, dtype=torch.float64)
+    b = mbcompile.batch(models, in_dims=0 if per_model else None, seeds=SEEDS)
+    _run(b, refs, x, per_model)
+    assert set(timed) == {5, 1, chunking.PLAIN}, timed
+    note = next(s for s in _notes(b) if s.startswith("program:"))
+    assert note.startswith("program: 5 chunks of 1, default lowerings"), note
+    text = str(mbcompile.explain(b))
+    assert "MBCOMPILE_LOWERING=default" in text and "nhwc" not in text, text
+
+
 def test_the_choice_is_timed_after_a_warm_up(monkeypatch):
     """A program's first run (its lazy set-up) is no measure of its steps: the one whose first run
     is slow but whose steps are fast wins."""

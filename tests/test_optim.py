@@ -610,6 +610,10 @@ def test_clear_errors():
         optimizer(batched, torch.optim.SGD, lr=torch.ones(5))
     with pytest.raises(ValueError, match="tuples"):
         optimizer(batched, torch.optim.Adam, betas=[0.9, 0.99, 0.9, 0.99])
+    with pytest.raises(ValueError, match="list of n=4 \\(beta1, beta2\\) tuples"):   # a list inside the tuple
+        optimizer(batched, torch.optim.Adam, betas=([0.9, 0.8, 0.7, 0.6], 0.999))
+    with pytest.raises(TypeError, match="torch.optim class such as"):
+        optimizer(batched, "SGD", lr=0.1)
     with pytest.raises(ValueError, match="model 2"):
         optimizer(batched, torch.optim.SGD, lr=[0.1, 0.1, -1.0, 0.1])
     with pytest.raises(ValueError, match="model 1"):

@@ -109,3 +109,22 @@ def test_requires_grad_switched_between_calls_trains_what_eager_trains(make_opt)
     if isinstance(oa, torch.optim.Adam):                    # its own step count: 4 against 6
         steps = [float(oa.state[p]["step"]) for p in a.parameters()]
         assert steps == [float(ob.state[p]["step"]) for p in b.parameters()] and steps[0] == 4 and steps[1] == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_torch_adam_state_step_has_torch_optims_dtype(dtype):
+    """torch.optim keeps ``step`` in float64 under a float64 default dtype, float32 otherwise; so
+    does train_step's state (checkpoints then match torch's)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        b = mbcompile.batch(nn.Linear(4, 3), n=2)
+        opt = torch.optim.Adam(b.parameters(), lr=0.01)
+        mbcompile.train_step(b, F.mse_loss, opt)(torch.randn(5, 4), torch.randn(5, 3))
+        ref = nn.Linear(4, 3)
+        ropt = torch.optim.Adam(ref.parameters(), lr=0.01)
+        F.mse_loss(ref(torch.randn(5, 4)), torch.randn(5, 3)).backward()
+        ropt.step()
+    finally:
+        torch.set_default_dtype(saved)
+    assert {st["step"].dtype for st in opt.state.values()} == {ropt.state[ref.weight]["step"].dtype} == {dtype}
