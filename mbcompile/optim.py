@@ -30,6 +30,7 @@ import itertools
 import math
 import types
 from collections import defaultdict
+from collections.abc import MutableMapping
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -672,9 +673,11 @@ class _Adagrad(_Rule):
     def init_state(self, opt, p, st, hp):
         st["step"] = _zeros_step(opt.n)
         v = hp["initial_accumulator_value"]
+        if p.is_complex():                     # torch.optim.Adagrad: complex(v, v) for a complex parameter
+            v = [complex(a, a) for a in v] if isinstance(v, list) else complex(v, v)
         if isinstance(v, list):
             st["sum"] = (
-                torch.tensor(v, dtype=torch.float64)
+                torch.tensor(v, dtype=torch.complex128 if p.is_complex() else torch.float64)
                 .to(device=p.device, dtype=p.dtype)
                 .view(opt.n, *([1] * (p.dim() - 1)))
                 .expand_as(p)
@@ -862,6 +865,41 @@ def supported_optimizers() -> list[type]:
 # --------------------------------------------------------------------------------------------------
 # the optimizer
 # --------------------------------------------------------------------------------------------------
+class _RealState(MutableMapping):
+    """A complex parameter's state seen as real (``view_as_real``: ...,2), as torch.optim steps complex
+    parameters: each real and imaginary part is its own element. State a rule creates while it
+    applies (shaped like the real view) is stored back complex, as torch.optim keeps it."""
+
+    def __init__(self, st: dict, shape):
+        self.st, self.shape = st, shape
+
+    def __getitem__(self, k):
+        v = self.st[k]
+        return torch.view_as_real(v) if isinstance(v, Tensor) and v.is_complex() else v
+
+    def __setitem__(self, k, v):
+        if isinstance(v, Tensor) and v.is_floating_point() and v.shape == self.shape:
+            v = torch.view_as_complex(v)
+        self.st[k] = v
+
+    def __delitem__(self, k):
+        del self.st[k]
+
+    def __iter__(self):
+        return iter(self.st)
+
+    def __len__(self):
+        return len(self.st)
+
+
+def _as_real(p: Tensor, g: Tensor, st: dict):
+    """``(p, g, st)`` for a rule: a complex parameter, its gradient and its state as real views."""
+    if not p.is_complex():
+        return p, g, st
+    pr = torch.view_as_real(p)
+    return pr, torch.view_as_real(g), _RealState(st, pr.shape)
+
+
 def _apply_all(rule, n, params, grads, states, packed, mask):
     """Tensor part of a step over every parameter, in tensor mode (for torch.compile and
     mbcompile.train_step): ``packed`` is :func:`_pack_prepped`'s (its layout a constant of the graph)."""
@@ -870,7 +908,7 @@ def _apply_all(rule, n, params, grads, states, packed, mask):
     c = _Ctx(n, None, tensor_mode=True)
     c.active = mask  # a bool [n] tensor
     for p, g, st, j in zip(params, grads, states, sidx):
-        rule.apply(c, p, g, st, unpacked[j])
+        rule.apply(c, *_as_real(p, g, st), unpacked[j])
 
 
 def tensor_update(opt, params: list, act: list | None):
@@ -1041,7 +1079,7 @@ class BatchedOptimizer(torch.optim.Optimizer):
         for chunk in chunks:                    # parameters that share their scalars: one update
             flatstep.run(self, c, chunk, _device_state_keys)
         for p, g, st, sc in rest:
-            self._rule.apply(c, p, g, st, sc)
+            self._rule.apply(c, *_as_real(p, g, st), sc)
         return loss
 
     def _fused_step(self, params: list[Tensor], grads: list[Tensor], act: list | None, grad_scale=None):

@@ -274,4 +274,10 @@ def scatter_into_view(ctx, args, dims, kwargs):
         if not a:
             a = [kwargs.pop("dim", 0)] if "dim" in kwargs else [0]
         a[0] = pdim(a[0], r, 0)
-    return ctx.op(x.contiguous() if x.stride(0) == 0 else x, src, *a, **kwargs), 0
+    x = x.contiguous() if x.stride(0) == 0 else x
+    if x.is_complex():       # autograd has no complex *_scatter: n,A,C,2 real views, the same positions
+        sr = torch.view_as_real(src.to(x.dtype))
+        sr = sr.movedim(-1, -2) if ctx.op is aten.diagonal_scatter.default else sr   # diagonal last
+        out = ctx.op(torch.view_as_real(x), sr, *a, **kwargs)
+        return torch.view_as_complex(out if out.stride(-1) == 1 else out.contiguous()), 0
+    return ctx.op(x, src, *a, **kwargs), 0
