@@ -127,3 +127,42 @@ def test_train_step_refuses_what_it_does_not_fuse():
         backend.train_step(b, F.cross_entropy, torch.optim.Adam(b.parameters(), amsgrad=True))
     with pytest.raises(ValueError, match="RMSprop"):
         backend.train_step(b, F.cross_entropy, torch.optim.RMSprop(b.parameters()))
+
+
+class _Scatters(nn.Module):
+    """Message passing into a buffer made in forward (shared by the models): index_add_, scatter_add_,
+    index_put_ (accumulating and not) with per-model values."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 8)
+        self.register_buffer("idx", torch.tensor([1, 0, 2, 1, 3, 4, 4, 5, 0, 2]))
+
+    def forward(self, x):                                # B,6,5
+        h = self.lin(x)
+        a = torch.zeros(x.shape[0], 6, 8, dtype=x.dtype).index_add_(1, self.idx, h[:, self.idx])
+        s = torch.zeros(x.shape[0], 6, 8, dtype=x.dtype).scatter_add_(
+            1, self.idx[:6].view(1, 6, 1).expand(x.shape[0], 6, 8), h)
+        p = torch.zeros(6, 8, dtype=x.dtype)
+        p.index_put_((self.idx[:4],), h[0, :4], accumulate=True)
+        q = torch.zeros(6, 8, dtype=x.dtype)
+        q[self.idx[4:7]] = h[1, 1:4]
+        return a.sum(1) + s.sum(1) + p.sum(0) + q.sum(0)
+
+
+@pytest.mark.parametrize("how", ["compile", "train_step"])
+def test_scatters_into_a_shared_buffer_stay_per_model_when_compiled(how):
+    """Inductor writes an out-of-place scatter into its input's buffer: an expanded shared zeros
+    would take every model's messages (found wrong by a held-out sweep). Each model against itself."""
+    torch.manual_seed(0)
+    models = [_Scatters().double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    b = mbcompile.batch(models, compile=how == "compile")
+    if how == "compile":
+        losses = mbcompile.loss(F.mse_loss, b(x), y)
+    else:
+        opt = mbcompile.optimizer(b, torch.optim.SGD, lr=[0.0] * 3)
+        losses = mbcompile.train_step(b, F.mse_loss, opt)(x, y)
+    want = torch.stack([F.mse_loss(r(x), y) for r in refs])
+    torch.testing.assert_close(losses.detach(), want.detach(), rtol=1e-10, atol=1e-12)

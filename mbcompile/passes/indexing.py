@@ -16,6 +16,12 @@ def _rank(x, d):
     return x.dim() - (d is not None)
 
 
+def _target(x, d, n):
+    """The tensor an out-of-place scatter writes into, n,...: a shared one is materialised (eager
+    copies it anyway; Inductor would write every model's values into the one expanded buffer)."""
+    return front(x, d, n).contiguous() if d is None else front(x, d, n)
+
+
 @rule(aten.index_select.default)
 def index_select(ctx, args, dims, kwargs):
     x, dim, idx = args
@@ -61,7 +67,7 @@ def scatter(ctx, args, dims, kwargs):
     x, dim = args[0], args[1]
     r = max(_rank(x, dims[0]), 1)
     args = [front(a, dd, ctx.n) if isinstance(a, torch.Tensor) else a for a, dd in zip(args, dims)]
-    args[1] = pdim(dim, r, 0)
+    args[0], args[1] = _target(x, dims[0], ctx.n), pdim(dim, r, 0)
     return ctx.op(*args, **kwargs), 0
 
 
@@ -113,7 +119,7 @@ def index_put(ctx, args, dims, kwargs):
     x, indices, values = args[:3]
     dx, di, dv = dims[:3]
     n = ctx.n
-    x = front(x, dx, n)
+    x = _target(x, dx, n)
     shape = x.shape[1:]
     if len(indices) == 1 and indices[0] is not None and indices[0].dtype == torch.bool:
         return _mask_put(ctx, x, indices[0], di[0], values, dv, *args[3:]), 0
