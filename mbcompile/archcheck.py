@@ -14,6 +14,7 @@ import types
 import weakref
 
 import torch
+from torch.utils.hooks import RemovableHandle
 import torch.nn as nn
 
 _BASE = frozenset(vars(nn.Module()))     # nn.Module's own bookkeeping (_parameters, hooks, ...)
@@ -75,6 +76,8 @@ def same_value(u, v, pu: Paths, pv: Paths, depth: int = 0) -> bool:
                 and rec(zip(u.__defaults__ or (), v.__defaults__ or ()))
                 and same_value(u.__kwdefaults__, v.__kwdefaults__, pu, pv, depth + 1)
                 and rec((p.cell_contents, q.cell_contents) for p, q in zip(cu, cv)))
+    if isinstance(u, RemovableHandle):                         # bookkeeping: the hooks themselves are compared
+        return True
     if isinstance(u, weakref.ref):                             # RNN's _flat_weight_refs: their targets
         return same_value(u(), v(), pu, pv, depth + 1)
     if isinstance(u, types.MethodType):
@@ -83,19 +86,34 @@ def same_value(u, v, pu: Paths, pv: Paths, depth: int = 0) -> bool:
         return rec([(u.func, v.func), (u.args, v.args), (u.keywords, v.keywords)])
     if isinstance(u, (types.BuiltinFunctionType, types.ModuleType, type)):
         return False                                           # not the same object
-    if type(u).__eq__ is not object.__eq__ and type(u).__module__.partition(".")[0] not in _LAZY:
+    if type(u).__eq__ is not object.__eq__ and type(u).__module__.partition(".")[0] != "transformers":
         return _eq(u, v)                                       # a type that says what equal means
     du, dv = getattr(u, "__dict__", None), getattr(v, "__dict__", None)
     if du is None or dv is None:
         return False
-    lazy = _LAZY.get(type(u).__module__.partition(".")[0], ())
+    lazy = LAZY.get(type(u).__module__.partition(".")[0], ())
     return list(du) == list(dv) and rec((du[k], dv[k]) for k in du
                                         if not (k in lazy and (du[k] is None or dv[k] is None)))
 
 
-# attributes a library sets on its first forward, None until then: not a difference when one model has
-# run and the other not (transformers: problem_type, inferred from the labels as model 0's forward will)
-_LAZY = {"transformers": ("problem_type",)}
+# attributes a library infers on its first forward, None until then (transformers: problem_type, from
+# the labels). Models that have run and models that have not differ only there: the batch captures with
+# None and infers as the models that have not run will, and a set value that differs from what it
+# inferred is refused then (lazy_differences, batching.BatchedModule._check_lazy)
+LAZY = {"transformers": ("problem_type",)}
+
+
+def lazy_differences(models) -> dict:
+    """{(module path, attribute): [value per model]} for LAZY attributes of a submodule's ``config``
+    that some models have set and some not (None)."""
+    out = {}
+    for path, mod in models[0].named_modules():
+        cfg = getattr(mod, "config", None)
+        for attr in LAZY.get(type(cfg).__module__.partition(".")[0], ()):
+            vals = [getattr(getattr(m.get_submodule(path), "config", None), attr, None) for m in models]
+            if any(v is None for v in vals) and any(v is not None for v in vals):
+                out[(path, attr)] = vals
+    return out
 
 
 def _all_same(pairs, pu, pv, depth) -> bool:

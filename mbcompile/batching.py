@@ -55,8 +55,16 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
                                 f"leads each per-model input), got {in_dims!r}")
     _refuse_lazy(models)
     consts = check_same_architecture(models)
-    return BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
-                         compile=compile, consts=consts)
+    batched = BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
+                            compile=compile, consts=consts)
+    lazy = archcheck.lazy_differences(models)
+    for (path, attr), vals in lazy.items():
+        if len({v for v in vals if v is not None}) > 1:
+            raise InvalidInputError(f"models differ in '{path or '<root>'}.config.{attr}': {vals}; one batched "
+                                    f"forward runs one setting for every model: give them the same")
+        setattr(batched._template.get_submodule(path).config, attr, None)   # inferred as the unset ones will
+    object.__setattr__(batched, "_lazy", lazy)
+    return batched
 
 
 _SHRINK_LISTENERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -109,12 +117,19 @@ def check_same_architecture(models):
             raise InvalidInputError(diff.format(i=i) + "; tying is part of the architecture: tie (or untie) "
                                     "the same names in every model")
         paths = archcheck.Paths(m)
+        class_diff = None          # two classes of one name: said last, when no attribute names the difference
         for path, a in ref_mods.items():
             b = mods[path]
             where = path or "<root>"
-            if type(a) is not type(b) and not _same_parametrized_class(a, b):
-                raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: {type(b).__name__} vs "
-                                        f"{type(a).__name__}")
+            ta, tb = type(a), type(b)
+            if ta is not tb and not _same_parametrized_class(a, b) and not _same_class_def(ta, tb, paths0, paths):
+                class_diff = class_diff or (
+                    f"model {i} differs from model 0 at {where!r}: {tb.__module__}.{tb.__qualname__} vs "
+                    f"{ta.__module__}.{ta.__qualname__}" + (
+                        " (two classes of that name whose bodies differ: defined apart, or by a factory called "
+                        "with other arguments)" if ta.__qualname__ == tb.__qualname__ else ""))
+                if ta.__qualname__ != tb.__qualname__:
+                    raise InvalidInputError(class_diff)
             for kind in ("_parameters", "_buffers"):
                 ta, tb = getattr(a, kind), getattr(b, kind)
                 if ta.keys() != tb.keys() or any((ta[k] is None) != (tb[k] is None) for k in ta):
@@ -162,6 +177,8 @@ def check_same_architecture(models):
                     f"and attributes for every model; mbcompile batches per-model values only for Dropout*.p, "
                     f"MultiheadAttention.dropout, LSTM/GRU/RNN.dropout and LeakyReLU.negative_slope; "
                     f"give the models the same {attr} or batch them apart.")
+        if class_diff:
+            raise InvalidInputError(class_diff)
     return consts
 
 
@@ -203,6 +220,29 @@ def _refuse_backward_hooks(model):
                     f"parameter '{path + '.' if path else ''}{name}' has a gradient hook (Tensor.register_hook): "
                     f"the batched parameter is a new tensor. Register the hook on batched.get_parameter("
                     f"'{path + '.' if path else ''}{name}') (its gradient is [n, ...])")
+
+
+def _same_class_def(ta, tb, pa, pb):
+    """Two class objects from one class statement run twice (a factory function): same name, bases and
+    body (each method the same code, closing over the same values)."""
+    if (ta.__qualname__, ta.__module__, ta.__bases__) != (tb.__qualname__, tb.__module__, tb.__bases__):
+        return False
+    da, db = {k: v for k, v in vars(ta).items() if k not in _CLASS_OWN}, \
+        {k: v for k, v in vars(tb).items() if k not in _CLASS_OWN}
+    def same(u, v):
+        u, v = (x.__func__ if isinstance(x, (staticmethod, classmethod)) else x for x in (u, v))
+        if not (isinstance(u, types.FunctionType) and isinstance(v, types.FunctionType)):
+            return archcheck.same_value(u, v, pa, pb)
+        cu, cv = u.__closure__ or (), v.__closure__ or ()    # super()'s __class__ cell: the class itself
+        return (u.__code__ is v.__code__ and len(cu) == len(cv)
+                and archcheck.same_value((u.__defaults__, u.__kwdefaults__), (v.__defaults__, v.__kwdefaults__), pa, pb)
+                and all((x.cell_contents, y.cell_contents) == (ta, tb)
+                        or archcheck.same_value(x.cell_contents, y.cell_contents, pa, pb) for x, y in zip(cu, cv)))
+    return da.keys() == db.keys() and all(same(da[k], db[k]) for k in da)
+
+
+_CLASS_OWN = {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
+              "__static_attributes__", "__classcell__"}
 
 
 def _same_parametrized_class(a, b):
@@ -527,6 +567,22 @@ class BatchedModule(nn.Module):
         for (path, mod), (_, shell) in zip(t.named_modules(), self.named_modules()):
             mod.training = shell.training
 
+    def _check_lazy(self):
+        """After a capture: the values the template inferred (archcheck.LAZY) must be those the models
+        that set theirs have; else those models would run with another (a regression head as a
+        classifier)."""
+        for (path, attr), vals in list(self.__dict__.get("_lazy", {}).items()):
+            got = getattr(self._template.get_submodule(path).config, attr, None)
+            if got is None:
+                continue                                   # not inferred by this forward: later
+            bad = [i for i, v in enumerate(vals) if v is not None and v != got]
+            if bad:
+                raise InvalidInputError(
+                    f"model {bad[0]} has '{path or '<root>'}.config.{attr}' = {vals[bad[0]]!r}, but models "
+                    f"{[i for i, v in enumerate(vals) if v is None]} have None and infer {got!r} from these "
+                    f"inputs; one batched forward runs one setting: set {attr} alike on every model")
+            del self._lazy[(path, attr)]
+
     def _build(self, args, kwargs, leaves, dims, spec):
         self._sync_template()
         ul = [x.select(0, 0) if d is not None else x for x, d in zip(leaves, dims)]
@@ -542,6 +598,7 @@ class BatchedModule(nn.Module):
         m0 = lowering.SPENT["measure_s"]
         t0 = time.perf_counter()
         cap = capture(self._template, uargs, ukwargs, self._consts, strict=self._strict)
+        self._check_lazy()
         t1 = time.perf_counter()
         tdims = iter([dims[i] for i in _user_leaves(cap, leaves)])
         in_dims, user_names = [], []

@@ -85,15 +85,15 @@ def _no_kv_cache(template):
     """A transformers decoder with ``config.use_cache`` returns a key/value cache object (DynamicCache),
     which is no tensor pytree; training never reads it. Capture with ``use_cache=False`` (the output's
     ``past_key_values`` is None); a call passing ``use_cache=True`` itself is still refused."""
-    cfg = getattr(template, "config", None)
-    on = bool(getattr(cfg, "use_cache", False))
-    if on:
-        cfg.use_cache = False
+    cfgs = {id(c): c for c in (getattr(m, "config", None) for m in template.modules())
+            if getattr(c, "use_cache", False) is True}   # every submodule's (T5's stacks copy theirs)
+    for c in cfgs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        if on:
-            cfg.use_cache = True
+        for c in cfgs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager

@@ -179,3 +179,31 @@ def test_numpy_arrays_compare_by_value():
     m1.table = np.array([1.0, 3.0])
     with pytest.raises(ValueError, match=r"'<root>\.table' \(Holder\): array\(\[1\., 3\.\]\)"):
         mbcompile.batch([m0, m1])
+
+
+def _factory(width, act=torch.tanh):
+    """A class statement run once per model (the usual sweep factory), closing over its arguments."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(6, width)
+
+        def forward(self, x):
+            return act(self.l(x))
+    return Net().double()
+
+
+def test_classes_from_one_factory_batch_and_match_each_model():
+    models = [_factory(5) for _ in range(3)]
+    assert type(models[0]) is not type(models[1])
+    out = mbcompile.batch(copy.deepcopy(models))(X)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m(X), rtol=1e-12, atol=1e-12)
+
+
+def test_classes_from_one_factory_that_differ_are_refused_naming_what_differs():
+    with pytest.raises(ValueError, match=r"at 'l.weight': shape/dtype \(4, 6\)"):
+        mbcompile.batch([_factory(5), _factory(4)])
+    with pytest.raises(ValueError, match=r"_factory.<locals>.Net vs .*_factory.<locals>.Net \(two classes of that name "
+                                         r"whose bodies differ"):
+        mbcompile.batch([_factory(5), _factory(5, act=torch.sigmoid)])     # forward closes over another act

@@ -95,7 +95,19 @@ def test_gpt2_tied_weights_dropout_and_loss_match_each_model_alone(gpt2_batch):
     grads_match(batched, models)    # lm_head/wte: one stacked tensor gets both gradient contributions
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+class _Wrapped(torch.nn.Module):
+    """A user module around a transformers decoder: no config of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.body(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5", "wrapped"])
 def test_decoder_with_the_default_use_cache(arch):
     """A decoder's default config returns a key/value cache object: captured with use_cache=False (its
     past_key_values is None), outputs and gradients still each model's own."""
@@ -103,16 +115,25 @@ def test_decoder_with_the_default_use_cache(arch):
     if arch == "gpt2":
         make = lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # noqa: E731
             vocab_size=100, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0, eos_token_id=0))
-    else:
+    elif arch == "llama":
         make = lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(  # noqa: E731
             vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=32, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    elif arch == "t5":                  # its decoder stack holds a copy of the config
+        make = lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(  # noqa: E731
+            vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0))
+    else:
+        make = _Wrapped
     models = [make().double().eval() for _ in range(2)]
-    assert models[0].config.use_cache
+    cfgs = [m.config for m in models[0].modules() if hasattr(m, "config")]
+    assert any(c.use_cache for c in cfgs)
     batched = mbcompile.batch(copy.deepcopy(models))
     ids, mask = inputs()
     out = batched(input_ids=ids, attention_mask=mask, labels=ids)
-    assert out.past_key_values is None and batched._template.config.use_cache
+    assert out.past_key_values is None
+    assert [m.config.use_cache for m in batched._template.modules() if hasattr(m, "config")] == \
+        [c.use_cache for c in cfgs]                          # restored after capture
     out.loss.sum().backward()
     for i, m in enumerate(models):
         o = m(input_ids=ids, attention_mask=mask, labels=ids)
@@ -120,6 +141,50 @@ def test_decoder_with_the_default_use_cache(arch):
         torch.testing.assert_close(out.logits[i], o.logits, **TOL)
         torch.testing.assert_close(out.loss[i], o.loss, rtol=1e-5, atol=1e-6)
     grads_match(batched, models)
+
+
+def test_gradient_checkpointing_on_a_list_of_models_trains_each_alone():
+    """Each model's gradient-checkpointing hook handles are bookkeeping, not an architecture difference."""
+    torch.manual_seed(2)
+    models = [transformers.BertForSequenceClassification(bert_config(layers=1)).double() for _ in range(2)]
+    for m in models:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.eval()
+    batched = mbcompile.batch(copy.deepcopy(models))
+    ids, mask = inputs()
+    labels = torch.tensor([0, 1, 2, 1])
+    out = batched(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.sum().backward()
+    for i, m in enumerate(models):
+        o = m(input_ids=ids, attention_mask=mask, labels=labels)
+        o.loss.backward()
+        torch.testing.assert_close(out.logits[i], o.logits, **TOL)
+    grads_match(batched, models)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_problem_type_set_on_some_models_must_be_what_the_others_infer(which):
+    """problem_type is inferred from the labels on a model's first forward: a model that has run (or was
+    set so) batches with ones that have not when the batch infers the same; a model set to another
+    (regression, where the labels say classification) is refused, naming the field."""
+    torch.manual_seed(3)
+    ids, mask = inputs()
+    labels = torch.tensor([0, 1, 2, 1])
+    models = [transformers.BertForSequenceClassification(bert_config(layers=1)).double().eval() for _ in range(2)]
+    models[which](input_ids=ids, attention_mask=mask, labels=labels)        # infers single_label_classification
+    assert models[which].config.problem_type == "single_label_classification"
+    assert models[1 - which].config.problem_type is None
+    out = mbcompile.batch(copy.deepcopy(models))(input_ids=ids, attention_mask=mask, labels=labels)
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out.loss[i], m(input_ids=ids, attention_mask=mask, labels=labels).loss, **TOL)
+    models[1 - which].config.problem_type = None             # it has run now: not inferred yet, again
+    models[which].config.problem_type = "regression"
+    batched = mbcompile.batch(models)
+    with pytest.raises(ValueError, match=f"model {which} has '<root>.config.problem_type' = 'regression'"):
+        batched(input_ids=ids, attention_mask=mask, labels=labels)
+    models[1 - which].config.problem_type = "multi_label_classification"
+    with pytest.raises(ValueError, match="problem_type"):
+        mbcompile.batch(models)
 
 
 def test_unbatch_save_pretrained_roundtrip(gpt2_batch, tmp_path):
