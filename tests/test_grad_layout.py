@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mbcompile
 from mbcompile import lowering
+from mbcompile.passes import linalg
 
 
 class Pooled(nn.Module):
@@ -249,9 +250,11 @@ class Copies(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("in_dims", [0, None])
-def test_a_batched_linear_gives_its_weight_gradient_in_the_weights_layout_without_a_copy(in_dims):
+def test_a_batched_linear_gives_its_weight_gradient_in_the_weights_layout_without_a_copy(in_dims, monkeypatch):
     """baddbmm's own backward gives the transposed weight's gradient (n,I,O); its transpose then had to be
-    copied into the weight's n,O,I layout every step. mbcompile::linear_bmm computes g^T @ x directly."""
+    copied into the weight's n,O,I layout every step. mbcompile::linear_bmm computes g^T @ x directly
+    (for weights from LINEAR_BMM_MIN_NUMEL elements: here every one)."""
+    monkeypatch.setattr(linalg, "LINEAR_BMM_MIN_NUMEL", 0)
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 5)).double() for _ in range(3)]
     refs = copy.deepcopy(models)
@@ -271,7 +274,9 @@ def test_a_batched_linear_gives_its_weight_gradient_in_the_weights_layout_withou
             torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_a_gradient_penalty_differentiates_the_batched_linear_twice():
+@pytest.mark.parametrize("min_numel", [0, 1 << 30], ids=["linear_bmm", "baddbmm"])
+def test_a_gradient_penalty_differentiates_the_batched_linear_twice(min_numel, monkeypatch):
+    monkeypatch.setattr(linalg, "LINEAR_BMM_MIN_NUMEL", min_numel)
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double() for _ in range(3)]
     refs = copy.deepcopy(models)
@@ -287,6 +292,21 @@ def test_a_gradient_penalty_differentiates_the_batched_linear_twice():
         gi.square().sum().backward()
         for (name, p), (_, q) in zip(r.named_parameters(), b.named_parameters()):
             torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-13, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_small_batched_linears_run_as_plain_baddbmm_and_big_ones_as_linear_bmm():
+    """The custom op's dispatch costs more than the weight copy it saves below LINEAR_BMM_MIN_NUMEL."""
+    big = linalg.LINEAR_BMM_MIN_NUMEL // 3 + 1             # n=3: n*O*I past the threshold
+    for width, custom in ((4, False), (big, True)):
+        models = [nn.Linear(1, width).double() for _ in range(3)]
+        with lowering.force(linear="baddbmm"):
+            b = mbcompile.batch(models, in_dims=0, strict=True)
+            x = torch.randn(3, 2, 1, dtype=torch.float64)
+            out = b(x)
+        targets = {nd.target for nd in b._last_program.gm.graph.nodes}
+        assert (torch.ops.mbcompile.linear_bmm.default in targets) == custom, targets
+        for i, m in enumerate(models):
+            torch.testing.assert_close(out[i], m(x[i]), rtol=1e-12, atol=1e-12)
 
 
 def test_the_batched_linear_op_runs_under_torch_vmap():
