@@ -203,17 +203,22 @@ class _Ctx:
             buf = self.ws[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
         return buf[:numel].view(like.shape)
 
-    def t(self, v, like: Tensor):
+    def t(self, v, like: Tensor, rounded: bool = False):
         """v as an operand against `like` ([n, *shape]): a Python scalar stays as it is, a per-model
-        list becomes a [n, 1, ...] tensor in like's dtype (as torch casts a Python scalar)."""
+        list becomes a [n, 1, ...] tensor in like's dtype (as torch casts a Python scalar).
+        ``rounded``: for float16/bfloat16 `like`, each value rounded to like's dtype first, as torch's
+        CPU add does with its alpha / scalar operand (mul, div and lerp keep a float32 scalar)."""
+        rounded = rounded and self._low(like)
         if isinstance(v, Tensor):
+            v = v.to(like.dtype) if rounded else v
             base = _h2d(v.to(dtype=self.opdtype(like)), like.device)
         elif isinstance(v, list):
             dtype = self.opdtype(like)
-            key = ("f", tuple(v), dtype, like.device)
+            key = ("f", tuple(v), dtype, like.device, rounded and like.dtype)
             base = self._cache.get(key)
             if base is None:
-                base = _h2d(torch.tensor(v, dtype=torch.float64).to(dtype), like.device)
+                f64 = torch.tensor(v, dtype=torch.float64)
+                base = _h2d((f64.to(like.dtype) if rounded else f64).to(dtype), like.device)
                 self._cache[key] = base
         else:
             return v
@@ -273,7 +278,7 @@ class _Ctx:
     def add_scaled(self, x, y, a, inplace=False, out=None):
         """x + a * y, rounded like torch's x.add(y, alpha=a) (a fused multiply-add)."""
         if isinstance(a, (list, Tensor)):
-            at = self.t(a, x)
+            at = self.t(a, x, rounded=True)
             if self._low(x):
                 return self._back(x, torch.addcmul(x.float(), y.float(), at), inplace)
             return x.addcmul_(y, at) if inplace else torch.addcmul(x, y, at, out=self.s(x, out))
@@ -292,7 +297,7 @@ class _Ctx:
         return x.div_(v) if inplace else torch.div(x, v, out=self.s(x, out))
 
     def add(self, x, v, inplace=False, out=None):
-        v = self.t(v, x)
+        v = self.t(v, x, rounded=True)
         if isinstance(v, Tensor) and self._low(x):
             return self._back(x, x.float() + v, inplace)
         return x.add_(v) if inplace else torch.add(x, v, out=self.s(x, out))
