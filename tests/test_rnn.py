@@ -236,3 +236,28 @@ def test_packed_sequence_is_a_clear_error():
 
     with pytest.raises(mbcompile.CaptureError, match="PackedSequence"):
         mbcompile.batch(Packed().double(), n=2)(torch.randn(T, B, I, dtype=F64))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.LSTM(6, 8, num_layers=2), lambda: nn.RNN(6, 8),
+                                  lambda: nn.RNN(6, 8, nonlinearity="relu"), lambda: nn.GRU(6, 8)],
+                         ids=["lstm", "rnn_tanh", "rnn_relu", "gru"])
+def test_recurrent_layers_under_cpu_autocast_match_each_model_alone(make):
+    """Under bfloat16 autocast torch runs an LSTM / RNN whole in bfloat16 (a GRU's linears one by one):
+    the batch returns the same dtypes, the LSTM (oneDNN, as alone) the same numbers, and the first call
+    may be the autocast one (choosing the LSTM lowering once crashed inside autocast)."""
+    torch.manual_seed(0)
+    models = [make() for _ in range(3)]
+    b = mbcompile.batch(copy.deepcopy(models))
+    x = torch.randn(5, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, h = b(x)
+        alone = [m(x) for m in models]
+    exact = not isinstance(models[0], nn.RNN)
+    for i, (o, hi) in enumerate(alone):
+        hb, hi = (h[0], hi[0]) if isinstance(h, tuple) else (h, hi)
+        assert out.dtype == o.dtype and hb.dtype == hi.dtype
+        tol = dict(rtol=0, atol=0) if exact else dict(rtol=2e-2, atol=2e-2)   # cells in bf16: ulps apart
+        torch.testing.assert_close(out[i], o, **tol)
+        torch.testing.assert_close(hb[i], hi, **tol)
+    out.float().sum().backward()                        # the backward runs too
+    assert all(p.grad is not None for p in b.parameters())

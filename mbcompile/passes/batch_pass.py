@@ -111,7 +111,7 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
     if rule is not None:
         try:
             out, d = rule(ctx, args, dims, kwargs)
-            out = _eager_dtype(node, out)
+            out = out if ctx.own_dtype else _eager_dtype(node, out)
             if records is not None:
                 records.append(Record(node.name, op_name(target), f"rule {rule.__module__.rsplit('.', 1)[-1]}."
                                       f"{rule.__name__}", ctx.notes, module_path(node), source_line(node)))

@@ -51,6 +51,7 @@ class RuleCtx:
     consts: Any = None                  # PerModelConsts or None
     rng: Any = None                     # the program's randomness state (passes/random.py)
     notes: list = field(default_factory=list)
+    own_dtype: bool = False             # the rule's result dtype stands (not the captured graph's)
 
     def note(self, text: str):
         """Say how the op was lowered; shown by explain()."""

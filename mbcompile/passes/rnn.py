@@ -97,8 +97,21 @@ def _batched(h, like):
 
 # ---- full layers ---------------------------------------------------------------------------------
 
+# under CPU autocast torch runs these whole in the lower precision (autocast casts their inputs and
+# weights); a GRU is not on autocast's list: alone, its linears meet autocast one by one, as here
+_AUTOCAST_WHOLE = ("lstm", "tanh", "relu")
+
+
 def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_layers, p, train,
             bidirectional, batch_first):
+    dev = x.device.type
+    if mode in _AUTOCAST_WHOLE and dev == "cpu" and torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        cast = lambda t: t.to(low) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        ctx.own_dtype = True                         # the capture recorded float32 results; alone: low
+        with torch.autocast(dev, enabled=False):     # n,.. all in bf16, as the op alone sees them
+            return _layers(ctx, mode, cast(x), dx, cast(h0), dh, cast(c0), dc, [cast(t) for t in params],
+                           dparams, has_biases, num_layers, p, train, bidirectional, batch_first)
     n = ctx.n
     D = 2 if bidirectional else 1
     w = [front(t, d, n) for t, d in zip(params, dparams)]      # each n,*shape
@@ -283,12 +296,14 @@ def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
     """"cells" or "fused". Only a plain LSTM (biases, no proj_size) on CPU in float32 can use torch's fused kernel
     (oneDNN); there the faster of the two is measured once per signature and cached
     (``MBCOMPILE_RNN_LOWERING=cells|fused`` forces one)."""
-    if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" or x.dtype != torch.float32 \
-            or not torch.backends.mkldnn.is_available():
+    if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" \
+            or x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return "cells"
     forced = os.environ.get("MBCOMPILE_RNN_LOWERING")
     if forced in ("cells", "fused"):
         return forced
+    if x.dtype == torch.bfloat16:          # what nn.LSTM runs alone in bfloat16 (oneDNN): its numbers
+        return "fused"
     xl = x.shape if dx is None else front(x, dx, n).shape[1:]
     key = (x.dtype, tuple(xl), dx is None, tuple(tuple(t.shape) for t in wl), D, batch_first, train, n)
     if key not in _CHOICE:
