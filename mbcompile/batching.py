@@ -227,17 +227,20 @@ def _same_class_def(ta, tb, pa, pb):
     body (each method the same code, closing over the same values)."""
     if (ta.__qualname__, ta.__module__, ta.__bases__) != (tb.__qualname__, tb.__module__, tb.__bases__):
         return False
-    da, db = {k: v for k, v in vars(ta).items() if k not in _CLASS_OWN}, \
-        {k: v for k, v in vars(tb).items() if k not in _CLASS_OWN}
+    def body(t):
+        return {k: v for k, v in vars(t).items() if k not in _CLASS_OWN}
+
     def same(u, v):
         u, v = (x.__func__ if isinstance(x, (staticmethod, classmethod)) else x for x in (u, v))
         if not (isinstance(u, types.FunctionType) and isinstance(v, types.FunctionType)):
             return archcheck.same_value(u, v, pa, pb)
         cu, cv = u.__closure__ or (), v.__closure__ or ()    # super()'s __class__ cell: the class itself
         return (u.__code__ is v.__code__ and len(cu) == len(cv)
-                and archcheck.same_value((u.__defaults__, u.__kwdefaults__), (v.__defaults__, v.__kwdefaults__), pa, pb)
+                and archcheck.same_value((u.__defaults__, u.__kwdefaults__), (v.__defaults__, v.__kwdefaults__),
+                                         pa, pb)
                 and all((x.cell_contents, y.cell_contents) == (ta, tb)
                         or archcheck.same_value(x.cell_contents, y.cell_contents, pa, pb) for x, y in zip(cu, cv)))
+    da, db = body(ta), body(tb)
     return da.keys() == db.keys() and all(same(da[k], db[k]) for k in da)
 
 

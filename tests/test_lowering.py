@@ -434,8 +434,8 @@ def test_the_batched_graph_keeps_no_view_that_changes_nothing():
         if nd.op == "call_function" and nd.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
             src = nd.args[0]
             assert src.op == "placeholder" or src.meta["val"].shape != nd.meta["val"].shape, gm.code
-    assert sum(nd.target in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default)
-               for nd in gm.graph.nodes) == 3                # small weights: plain baddbmm (linalg.LINEAR_BMM_MIN_NUMEL)
+    # small weights: plain baddbmm (linalg.LINEAR_BMM_MIN_NUMEL)
+    assert sum(nd.target in (torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default) for nd in gm.graph.nodes) == 3
     out.sum().backward()
     for i, r in enumerate(refs):
         torch.testing.assert_close(out[i], r(x), rtol=1e-12, atol=1e-12)

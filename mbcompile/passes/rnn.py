@@ -15,7 +15,9 @@ Results: (output, h_n[, c_n]) with the model dim in front, exactly torch's shape
 
 One exception, measured: a plain float32 LSTM layer on CPU may instead run torch's own fused oneDNN
 kernel model after model (``mbcompile::lstm_fused``, one graph op with its own backward op), which on
-CPUs is often faster than batched GEMMs; the faster lowering is timed once per layer signature.
+CPUs is often faster than batched GEMMs; the faster lowering is timed once per layer signature. A
+bfloat16 LSTM (or one under CPU autocast, where torch runs LSTM and RNN whole in the autocast dtype)
+takes the fused kernel, as the model alone does.
 PackedSequence inputs are refused with a clear error (capture fails inside the RNN module's forward).
 """
 from __future__ import annotations
@@ -293,8 +295,9 @@ _CHOICE: dict = {}
 
 
 def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
-    """"cells" or "fused". Only a plain LSTM (biases, no proj_size) on CPU in float32 can use torch's fused kernel
-    (oneDNN); there the faster of the two is measured once per signature and cached
+    """"cells" or "fused". Only a plain LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use
+    torch's fused kernel (oneDNN); in float32 the faster of the two is measured once per signature and
+    cached, in bfloat16 (a bf16 model, or autocast) it is the fused one, what the LSTM alone runs
     (``MBCOMPILE_RNN_LOWERING=cells|fused`` forces one)."""
     if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" \
             or x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
