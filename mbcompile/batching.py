@@ -361,6 +361,18 @@ class BatchedModule(nn.Module):
     def extra_repr(self):
         return f"n={self._n}, model={type(self._template).__name__}, randomness={self._randomness!r}"
 
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            cls = type(self.__dict__.get("_template"))
+            if callable(getattr(cls, name, None)) and not name.startswith("__"):
+                raise AttributeError(
+                    f"'{name}' is a method of {cls.__name__}, and mbcompile batches forward only: reach it "
+                    f"through forward (say forward(self, x, mode='{name}'), branching on the string: each mode "
+                    f"is captured once), or call batched.unbatch(i).{name}(...) for model i alone") from None
+            raise
+
     def __getstate__(self):
         """Pickling (torch.save of the whole module) leaves out the captured programs: they hold traced
         closures, and the next call after loading captures again."""

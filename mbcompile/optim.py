@@ -1492,6 +1492,14 @@ def _selected(batched, params) -> list:
             params = [params]
         by_name, by_id = dict(named), {id(p): k for k, p in named}
         wanted = set()
+        params = list(params)
+        if any(isinstance(q, dict) for q in params):
+            raise InvalidInputError(
+                "params: torch-style param groups ({'params': [...], 'weight_decay': ...}) are not taken: the "
+                "per-model optimizer has one param group per model. Make one mbcompile.optimizer per set of "
+                "parameters, each with its own settings, and step both (docs/optimizers.md, 'Settings per "
+                "parameter set'): optimizer(b, AdamW, params=decay, weight_decay=0.1) and "
+                "optimizer(b, AdamW, params=no_decay, weight_decay=0.0)")
         for q in params:
             k = q if isinstance(q, str) else by_id.get(id(q))
             if k not in by_name:

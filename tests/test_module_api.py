@@ -117,3 +117,30 @@ def test_a_dtype_argument_is_a_capture_error_that_says_what_to_do():
     b = mbcompile.batch(ToDtype(), n=2)
     with pytest.raises(mbcompile.CaptureError, match=r"torch\.dtype.*as a string"):
         b(torch.randn(2, 3), dt=torch.float64)
+
+
+class _TwoWay(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(4, 2), nn.Linear(2, 4)
+
+    def decode(self, z):
+        return self.dec(z)
+
+    def forward(self, x, mode="full"):
+        return self.decode(x) if mode == "decode" else self.decode(self.enc(x))
+
+
+def test_a_models_other_methods_say_forward_is_batched_and_a_mode_argument_reaches_them():
+    """Only forward is batched: batched.decode is an AttributeError that says so (never model 0's
+    decode on model 0's weights); a string argument to forward reaches the method per model."""
+    models = [_TwoWay().double() for _ in range(2)]
+    b = mbcompile.batch(copy.deepcopy(models))
+    z = torch.randn(3, 2, dtype=torch.float64)
+    with pytest.raises(AttributeError, match="batches forward only.*mode='decode'.*unbatch\\(i\\).decode"):
+        b.decode(z)
+    with pytest.raises(AttributeError, match="has no attribute 'nothing'"):
+        b.nothing
+    out = b(z, mode="decode")
+    for i, m in enumerate(models):
+        torch.testing.assert_close(out[i], m.decode(z), rtol=1e-12, atol=1e-12)

@@ -86,6 +86,10 @@ def test_params_that_are_not_the_batched_modules_are_refused():
         mbcompile.optimizer(b, torch.optim.SGD, params=[torch.zeros(3)], lr=0.1)
     with pytest.raises(ValueError, match="selects no parameter"):
         mbcompile.optimizer(b, torch.optim.SGD, params=lambda k: False, lr=0.1)
+    decay, no_decay = [b.get_parameter("fc1.weight")], [b.get_parameter("fc1.bias")]
+    with pytest.raises(ValueError, match="one mbcompile.optimizer per set of parameters"):   # nanoGPT's groups
+        mbcompile.optimizer(b, torch.optim.AdamW, params=[{"params": decay, "weight_decay": 0.1},
+                                                          {"params": no_decay, "weight_decay": 0.0}])
 
 
 def test_param_groups_instead_of_the_batched_module_say_what_to_do():
