@@ -84,7 +84,9 @@ def same_value(u, v, pu: Paths, pv: Paths, depth: int = 0) -> bool:
         return u.__func__ is v.__func__ and same_value(u.__self__, v.__self__, pu, pv, depth + 1)
     if isinstance(u, functools.partial):
         return rec([(u.func, v.func), (u.args, v.args), (u.keywords, v.keywords)])
-    if isinstance(u, (types.BuiltinFunctionType, types.ModuleType, type)):
+    if isinstance(u, type):
+        return _same_class(u, v, pu, pv, depth)
+    if isinstance(u, (types.BuiltinFunctionType, types.ModuleType)):
         return False                                           # not the same object
     if type(u).__eq__ is not object.__eq__ and type(u).__module__.partition(".")[0] != "transformers":
         return _eq(u, v)                                       # a type that says what equal means
@@ -114,6 +116,28 @@ def lazy_differences(models) -> dict:
             if any(v is None for v in vals) and any(v is not None for v in vals):
                 out[(path, attr)] = vals
     return out
+
+
+_CLASS_OWN = {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
+              "__static_attributes__", "__classcell__"}
+_COMPARING: set = set()     # class pairs under comparison: a method's super() cell holds its own class
+
+
+def _same_class(u, v, pu, pv, depth) -> bool:
+    """Two class objects from one class statement run twice (a factory function): same name, bases and
+    body (each method the same code, closing over the same values)."""
+    if (u.__qualname__, u.__module__, u.__bases__) != (v.__qualname__, v.__module__, v.__bases__):
+        return False
+    key = (id(u), id(v))
+    if key in _COMPARING:
+        return True
+    unwrap = lambda x: x.__func__ if isinstance(x, (staticmethod, classmethod)) else x  # noqa: E731
+    du, dv = ({k: unwrap(x) for k, x in vars(t).items() if k not in _CLASS_OWN} for t in (u, v))
+    _COMPARING.add(key)
+    try:
+        return du.keys() == dv.keys() and _all_same(((du[k], dv[k]) for k in du), pu, pv, depth + 1)
+    finally:
+        _COMPARING.discard(key)
 
 
 def _all_same(pairs, pu, pv, depth) -> bool:

@@ -55,13 +55,14 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
                                 f"leads each per-model input), got {in_dims!r}")
     _refuse_lazy(models)
     consts = check_same_architecture(models)
-    batched = BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
-                            compile=compile, consts=consts)
     lazy = archcheck.lazy_differences(models)
     for (path, attr), vals in lazy.items():
         if len({v for v in vals if v is not None}) > 1:
             raise InvalidInputError(f"models differ in '{path or '<root>'}.config.{attr}': {vals}; one batched "
                                     f"forward runs one setting for every model: give them the same")
+    batched = BatchedModule(models, in_dims=in_dims, seeds=seeds, randomness=randomness, strict=strict,
+                            compile=compile, consts=consts)
+    for path, attr in lazy:
         setattr(batched._template.get_submodule(path).config, attr, None)   # inferred as the unset ones will
     object.__setattr__(batched, "_lazy", lazy)
     return batched
@@ -121,14 +122,14 @@ def check_same_architecture(models):
         for path, a in ref_mods.items():
             b = mods[path]
             where = path or "<root>"
-            ta, tb = type(a), type(b)
-            if ta is not tb and not _same_parametrized_class(a, b) and not _same_class_def(ta, tb, paths0, paths):
+            ca, cb = type(a), type(b)
+            if ca is not cb and not _same_parametrized_class(a, b) and not archcheck.same_value(ca, cb, paths0, paths):
                 class_diff = class_diff or (
-                    f"model {i} differs from model 0 at {where!r}: {tb.__module__}.{tb.__qualname__} vs "
-                    f"{ta.__module__}.{ta.__qualname__}" + (
+                    f"model {i} differs from model 0 at {where!r}: {cb.__module__}.{cb.__qualname__} vs "
+                    f"{ca.__module__}.{ca.__qualname__}" + (
                         " (two classes of that name whose bodies differ: defined apart, or by a factory called "
-                        "with other arguments)" if ta.__qualname__ == tb.__qualname__ else ""))
-                if ta.__qualname__ != tb.__qualname__:
+                        "with other arguments)" if ca.__qualname__ == cb.__qualname__ else ""))
+                if ca.__qualname__ != cb.__qualname__:
                     raise InvalidInputError(class_diff)
             for kind in ("_parameters", "_buffers"):
                 ta, tb = getattr(a, kind), getattr(b, kind)
@@ -220,32 +221,6 @@ def _refuse_backward_hooks(model):
                     f"parameter '{path + '.' if path else ''}{name}' has a gradient hook (Tensor.register_hook): "
                     f"the batched parameter is a new tensor. Register the hook on batched.get_parameter("
                     f"'{path + '.' if path else ''}{name}') (its gradient is [n, ...])")
-
-
-def _same_class_def(ta, tb, pa, pb):
-    """Two class objects from one class statement run twice (a factory function): same name, bases and
-    body (each method the same code, closing over the same values)."""
-    if (ta.__qualname__, ta.__module__, ta.__bases__) != (tb.__qualname__, tb.__module__, tb.__bases__):
-        return False
-    def body(t):
-        return {k: v for k, v in vars(t).items() if k not in _CLASS_OWN}
-
-    def same(u, v):
-        u, v = (x.__func__ if isinstance(x, (staticmethod, classmethod)) else x for x in (u, v))
-        if not (isinstance(u, types.FunctionType) and isinstance(v, types.FunctionType)):
-            return archcheck.same_value(u, v, pa, pb)
-        cu, cv = u.__closure__ or (), v.__closure__ or ()    # super()'s __class__ cell: the class itself
-        return (u.__code__ is v.__code__ and len(cu) == len(cv)
-                and archcheck.same_value((u.__defaults__, u.__kwdefaults__), (v.__defaults__, v.__kwdefaults__),
-                                         pa, pb)
-                and all((x.cell_contents, y.cell_contents) == (ta, tb)
-                        or archcheck.same_value(x.cell_contents, y.cell_contents, pa, pb) for x, y in zip(cu, cv)))
-    da, db = body(ta), body(tb)
-    return da.keys() == db.keys() and all(same(da[k], db[k]) for k in da)
-
-
-_CLASS_OWN = {"__dict__", "__weakref__", "__module__", "__qualname__", "__doc__", "__firstlineno__",
-              "__static_attributes__", "__classcell__"}
 
 
 def _same_parametrized_class(a, b):

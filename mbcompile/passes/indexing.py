@@ -66,8 +66,8 @@ def gather(ctx, args, dims, kwargs):
 def scatter(ctx, args, dims, kwargs):
     x, dim = args[0], args[1]
     r = max(_rank(x, dims[0]), 1)
-    args = [front(a, dd, ctx.n) if isinstance(a, torch.Tensor) else a for a, dd in zip(args, dims)]
-    args[0], args[1] = _target(x, dims[0], ctx.n), pdim(dim, r, 0)
+    args = [_target(x, dims[0], ctx.n), pdim(dim, r, 0)] + [
+        front(a, dd, ctx.n) if isinstance(a, torch.Tensor) else a for a, dd in zip(args[2:], dims[2:])]
     return ctx.op(*args, **kwargs), 0
 
 
