@@ -18,7 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, capture
-from . import archcheck, chunking, hostmem
+from . import archcheck, chunking, hostmem, ops
 from .passes import batch_pass
 from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError
 
@@ -241,6 +241,7 @@ class Program:
     times: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)     # program-level notes (host malloc, chunks), for explain()
     chunked: object = None    # (sizes, vals, records) -> the program traced over chunks (chunking.py), or None
+    eager: object = None      # gm as eager code runs it (ops.eager_module: mbcompile's ops as Python calls)
 
 
 class _RNG:
@@ -620,7 +621,7 @@ class BatchedModule(nn.Module):
         gm = _trace(batched_forward, vals + [states])
         t2 = time.perf_counter()
         prog.gm = gm
-        prog.call = gm
+        prog.call = prog.eager = ops.eager_module(gm)
         prog.times = {"capture_s": t1 - t0, "batch_s": t2 - t1, "export_s": cap.seconds,
                       "measure_s": lowering.SPENT["measure_s"] - m0}     # lowering timing, part of batch_s
         if self._compile:                                # compiled at first call; adds times["compile_s"]

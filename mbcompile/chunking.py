@@ -42,7 +42,7 @@ import time
 
 import torch
 
-from . import lowering
+from . import lowering, ops
 
 MIN_BYTES = 8 << 20        # consider chunking when the largest batched activation is at least this big
 TARGET_BYTES = 32 << 20    # the chunk sizes timed: their largest activation about this big (a grouped
@@ -122,23 +122,23 @@ class Chooser:
     def __call__(self, *vals):
         grad = torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in vals)
         if self.training and not grad:                 # measure where backward runs: not yet
-            return self.prog.gm(*vals)
+            return self.prog.eager(*vals)
         self.prog.call = self._decide(vals, backward=grad)
         return self.prog.call(*vals)
 
     def _decide(self, vals, backward):
         prog, n = self.prog, self.n
-        gm = prog.gm
+        gm = prog.eager
         how, forced = _plan(n)
         if how == "whole":
             return gm
-        biggest = largest_activation(gm)
+        biggest = largest_activation(prog.gm)
         if forced is None and biggest < MIN_BYTES:
             return gm
         t0 = time.perf_counter()
         ks = [forced] if forced else sorted({candidate(n, biggest), candidate(n, biggest, SMALL_BYTES)})
         recs = {k: [] for k in ks}
-        progs = {n: gm, **{k: prog.chunked(chunk_sizes(n, k), vals, recs[k]) for k in ks}}
+        progs = {n: gm, **{k: ops.eager_module(prog.chunked(chunk_sizes(n, k), vals, recs[k])) for k in ks}}
         if 1 in ks and not forced:
             # one model at a time with the default lowerings: at n=1 those are the model's own ops in
             # its own layout. Each op's measured lowering can still lose there, by the layout copies
@@ -148,7 +148,7 @@ class Chooser:
             # models one after another (up to timing noise)
             recs[PLAIN] = []
             with lowering.force("default"):
-                progs[PLAIN] = prog.chunked(chunk_sizes(n, 1), vals, recs[PLAIN])
+                progs[PLAIN] = ops.eager_module(prog.chunked(chunk_sizes(n, 1), vals, recs[PLAIN]))
         if forced:
             best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
         else:
