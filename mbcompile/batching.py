@@ -373,7 +373,13 @@ class BatchedModule(nn.Module):
         _retie(m, self._template)
         for mod, shell in zip(m.modules(), self._shells):
             mod.training = shell.training
+        apply_consts(m, self.model_consts(i))
         return m
+
+    def model_consts(self, i: int) -> dict:
+        """Model i's own values of the attributes batched per model ({module path: {attr: value}}:
+        Dropout.p, LeakyReLU.negative_slope, ...); the template holds model 0's."""
+        return {path: {attr: vals[i] for attr, vals in attrs.items()} for path, attrs in self._consts.items()}
 
     # ---- randomness ------------------------------------------------------------------------------
     def _states(self, device):
@@ -413,6 +419,14 @@ class BatchedModule(nn.Module):
         for k, v in self._rng_states.items():
             self._rng_states[k] = v[idx].clone()
         self._seeds = [self._seeds[k] for k in keep]
+        consts = {}                                    # per-model Dropout.p, ...: the kept models' values
+        for path, attrs in self._consts.items():
+            for attr, vals in attrs.items():
+                new = [vals[k] for k in keep]
+                setattr(self._template.get_submodule(path), attr, new[0])   # the template: model keep[0]
+                if any(v != new[0] for v in new):
+                    consts.setdefault(path, {})[attr] = new
+        self._consts = consts
         self._n = len(keep)
         self._programs.clear()
         for obj in list(_SHRINK_LISTENERS.get(self, ())):      # train_step's per-model max_grad_norm
@@ -643,6 +657,13 @@ class BatchedModule(nn.Module):
             prog.chunked = trace
             prog.call = chunking.Chooser(prog, n, self.training)
         return prog
+
+
+def apply_consts(module: nn.Module, consts: dict) -> None:
+    """Set the per-model attribute values ``consts`` ({path: {attr: value}}) on a plain module."""
+    for path, attrs in consts.items():
+        for attr, v in attrs.items():
+            setattr(module.get_submodule(path), attr, v)
 
 
 def _user_leaves(cap, leaves):

@@ -7,7 +7,8 @@ A run checkpoint is a dict of tensors, dicts, lists, numbers and strings only::
      "model": batched.state_dict(), "rng": batched.get_rng_state(),
      "optimizer": ..., "scaler": ..., "schedulers": [...], "callbacks": [...],
      "epoch": e, "step": global step, "step_in_epoch": k, "history": History.state_dict(),
-     "retired": {str(i): state_dict of a model removed from the batch}, "torch_rng": ..., ...}
+     "retired": {i: state_dict of a model removed from the batch}, "retired_consts": {i: its Dropout.p, ...},
+     "torch_rng": ..., ...}
 
 ``fit(..., resume=path)`` restores all of it and continues exactly where the run stopped.
 """

@@ -156,6 +156,7 @@ class Run:
                 if i in models:
                     self.history.retired[i] = {name: t.clone() for name, t in
                                                self.batched.unbatch(k).state_dict().items()}
+                    self.history.retired_consts[i] = self.batched.model_consts(k)
             shrink_(keep, self.batched, self.optimizer, self.scaler, self.schedulers)
             self.history.active[:] = [self.active[k] for k in keep]
         else:  # freeze (also for a drop that would empty the batch)
@@ -178,6 +179,7 @@ class Run:
              "acc": {k: v.clone() for k, v in self.acc.items()},
              "history": self.history.state_dict(),
              "retired": {int(i): sd for i, sd in self.history.retired.items()},
+             "retired_consts": {int(i): c for i, c in self.history.retired_consts.items()},
              "torch_rng": torch.get_rng_state(), "epoch_rng": self.epoch_rng, "loader_rng": self.loader_rng,
              "loader_rng_now": [g.get_state() for g in self.loader_gens],
              "lowering": ckpt.lowering_choices()}
@@ -217,6 +219,7 @@ class Run:
             raise ckpt.CheckpointError(f"checkpoint {os.fspath(path)!r} does not fit this run: {e}") from e
         self.history.load_state_dict(s["history"])
         self.history.retired = {int(i): sd for i, sd in s["retired"].items()}
+        self.history.retired_consts = {int(i): c for i, c in s.get("retired_consts", {}).items()}
         self.frozen = set(s["frozen"])
         if self.frozen and hasattr(self.optimizer, "freeze"):
             self.optimizer.freeze([self.active.index(i) for i in self.frozen])

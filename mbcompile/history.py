@@ -53,6 +53,7 @@ class History:
         self.batched = None                    # the live batch (not saved); used by model() / export()
         self.active = list(range(self.n))      # original index of each model still in the batch
         self.retired: dict = {}                # original index -> state_dict of a model removed from the batch
+        self.retired_consts: dict = {}         # original index -> its per-model attributes (Dropout.p, ...)
 
     # ---- recording -------------------------------------------------------------------------------
     def log_epoch(self, epoch: int, values: dict):
@@ -149,8 +150,10 @@ class History:
         if i in self.active:
             return self.batched.unbatch(self.active.index(i))
         if i in self.retired:
+            from .batching import apply_consts
             m = self.batched.unbatch(0)
             m.load_state_dict(self.retired[i])
+            apply_consts(m, self.retired_consts.get(i, {}))
             return m
         raise NotFoundError(f"model {i} is neither in the batch nor among the retired models")
 
