@@ -139,3 +139,38 @@ def test_number_read_from_a_per_model_tensor_is_a_capture_error():
     for strict in (False, True):
         with pytest.raises(mbcompile.CaptureError, match=r"(?s)the line the error.*index with it"):
             mbcompile.batch(Scaled(), n=3, strict=strict)(torch.randn(4, 6))
+
+
+class PairDist(nn.Module):
+    """Pairwise distances of the points with themselves (a zero diagonal), as contrastive losses use."""
+    def __init__(self, mode):
+        super().__init__()
+        self.l, self.mode = nn.Linear(6, 4), mode
+
+    def forward(self, x):
+        h = self.l(x)
+        return torch.cdist(h, h, compute_mode=self.mode)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("rows,mode", [(30, "use_mm_for_euclid_dist_if_necessary"), (8, "use_mm_for_euclid_dist"),
+                                       (8, "use_mm_for_euclid_dist_if_necessary")])
+def test_cdist_gradient_at_zero_distance(rows, mode, compile):
+    """Above 25 rows (or with use_mm) torch computes cdist as _euclidean_dist, whose own backward gives
+    0 at a zero distance; its decomposition (mm, clamp, sqrt) gave NaN gradients. A point's distance to
+    itself is the square root of the product's rounding error (~1e-8 here, alone too), so values agree
+    to that, not to the last bit."""
+    torch.manual_seed(0)
+    models = [PairDist(mode).double() for _ in range(3)]
+    refs = [copy.deepcopy(m) for m in models]
+    x = torch.randn(rows, 6, dtype=torch.float64)
+    b = mbcompile.batch(models, compile=compile)
+    out = b(x)
+    out.sum().backward()
+    for i, r in enumerate(refs):
+        ref = r(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-7)
+        assert b.l.weight.grad[i].isfinite().all() and b.l.bias.grad[i].isfinite().all()
+        torch.testing.assert_close(b.l.weight.grad[i], r.l.weight.grad, rtol=1e-9, atol=1e-6)
+        torch.testing.assert_close(b.l.bias.grad[i], r.l.bias.grad, rtol=1e-9, atol=1e-6)

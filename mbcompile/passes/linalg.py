@@ -212,7 +212,9 @@ defbatched(aten.linalg_lu_solve.default, aten.linalg_ldl_solve.default, aten.orm
            core={0: 2, 1: 1, 2: 2})
 defbatched(aten.lu_unpack.default, aten.linalg_householder_product.default, core={0: 2, 1: 1})
 defbatched(aten.triangular_solve.default, aten.linalg_solve_triangular.default, aten.cholesky_solve.default,
-           aten._cdist_forward.default, core={0: 2, 1: 2})
+           aten._cdist_forward.default, aten._euclidean_dist.default, core={0: 2, 1: 2})
+# _euclidean_dist: cdist's matmul path (above 25 rows, or compute_mode="use_mm..."), kept whole: its own
+# backward gives 0 at a zero distance, where its decomposition (mm, clamp, sqrt) gave NaN
 defbatched(aten.linalg_pinv.atol_rtol_tensor, core={0: 2, 1: 0, 2: 0})
 defbatched(aten._linalg_solve_ex.default, core=_solve_core)
 
@@ -222,3 +224,4 @@ def check_errors(ctx, args, dims, kwargs):
     """Error codes n,..: one check over every model's codes, read as a batch."""
     aten._linalg_check_errors(front(args[0], dims[0], ctx.n), args[1], is_matrix=False)
     return None, None
+
