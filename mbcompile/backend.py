@@ -80,8 +80,33 @@ def _decompositions(cpu: bool):
             _register_fallback(torch.ops.aten.threshold_backward.default)
         from . import ops                    # mbcompile's layout-keeping ops: their aten forms
         table[torch.ops.mbcompile.linear_bmm.default] = ops.linear_bmm_decomposition
+        aten = torch.ops.aten
+        for op in (aten.replication_pad1d_backward, aten.replication_pad2d_backward,
+                   aten.replication_pad3d_backward):
+            table[op.default] = _replication_pad_backward
         _DECOMPS[cpu] = table
     return _DECOMPS[cpu]
+
+
+def _replication_pad_backward(grad, x, padding):
+    """Replication padding's gradient as slices and sums, for Inductor to generate. Its fallback to
+    ATen's kernel failed Inductor's stride check whenever Inductor laid the padded input out
+    channels-last (after a conv): ATen returns the gradient in the input's layout, the meta kernel
+    contiguous. Per padded dim:  g[..., :lo] sums into the first element, g[..., lo+size:] into the last."""
+    g = grad
+    for d in range(len(padding) // 2):
+        dim, lo, hi = x.dim() - 1 - d, padding[2 * d], padding[2 * d + 1]
+        size = x.shape[dim]
+        if lo < 0 or hi < 0:
+            return NotImplemented
+        mid = g.narrow(dim, lo, size)
+        first = mid.narrow(dim, 0, 1) + g.narrow(dim, 0, lo).sum(dim, keepdim=True)
+        last = g.narrow(dim, lo + size, hi).sum(dim, keepdim=True)
+        if size == 1:
+            g = first + last
+        else:
+            g = torch.cat([first, mid.narrow(dim, 1, size - 2), mid.narrow(dim, size - 1, 1) + last], dim)
+    return g
 
 
 def mbcompile_backend(gm: fx.GraphModule, example_inputs, **kwargs):

@@ -166,3 +166,32 @@ def test_scatters_into_a_shared_buffer_stay_per_model_when_compiled(how):
         losses = mbcompile.train_step(b, F.mse_loss, opt)(x, y)
     want = torch.stack([F.mse_loss(r(x), y) for r in refs])
     torch.testing.assert_close(losses.detach(), want.detach(), rtol=1e-10, atol=1e-12)
+
+
+class _PadAfterConv(nn.Module):
+    """A replication pad of a conv's output: Inductor lays that out channels-last, and ATen's
+    replication_pad*_backward (a fallback kernel) then failed Inductor's stride check."""
+    def __init__(self, dims):
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv, self.pad = conv(3, 4, 1), {1: (2, 1), 2: (1, 2, 3, 0), 3: (1, 0, 0, 2, 1, 1)}[dims]
+
+    def forward(self, x):
+        return F.pad(self.conv(x), self.pad, mode="replicate").square()
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_replication_pad_after_a_conv_compiles_with_each_models_gradients(dims):
+    torch.manual_seed(0)
+    models = [_PadAfterConv(dims).double() for _ in range(3)]
+    refs = [copy.deepcopy(m) for m in models]
+    x = torch.randn(2, 3, *[5] * dims, dtype=torch.float64)
+    b = mbcompile.batch(models, compile=True)
+    out = b(x)
+    out.sum().backward()
+    for i, r in enumerate(refs):
+        ref = r(x)
+        ref.sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.conv.weight.grad[i], r.conv.weight.grad, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b.conv.bias.grad[i], r.conv.bias.grad, rtol=1e-10, atol=1e-10)
