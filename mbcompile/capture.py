@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
 
 from . import ops
-from .errors import CaptureError, CaptureTypeError, CaptureValueError, InvalidInputError, source_line
+from .errors import (CaptureError, CaptureTypeError, CaptureValueError, InvalidInputError,
+                     UnsupportedOpError, source_line)
 from .passes import RULES
 from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
@@ -286,6 +287,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                            f"differentiable ops (a straight-through estimator is x + (f(x) - x).detach()), or as a "
                            f"torch.library.custom_op with register_autograd")
     _refuse_data_dependent_shapes(ep.graph_module, template)
+    _refuse_own_generators(ep.graph_module)
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
     _refuse_python_state(template, _draws(rng), changes, strict)
     _detach_no_grad_regions(ep.graph_module)
@@ -418,7 +420,31 @@ def _generic_random(t, node):
     writes = [a.name for a in s.arguments if a.alias_info is not None and a.alias_info.is_write]
     return (len(s.returns) == 1 and str(s.returns[0].type) == "Tensor" and writes in ([], ["self"])
             and isinstance(node.meta.get("val"), torch.Tensor)
-            and not any(isinstance(a, torch.Generator) for a in (*node.args, *node.kwargs.values())))
+            and _generator_arg(s, node) is None)
+
+
+def _refuse_own_generators(gm):
+    """A draw from a torch.Generator that forward creates (or is given): the captured program would
+    hold one generator object for every model and every call, while each model alone makes a fresh one
+    (or advances its own); no per-model stream reproduces that, so it is refused, not guessed."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and isinstance(_generator_arg(node.target._schema, node), fx.Node):
+            raise UnsupportedOpError(
+                f"{node.target} draws from a torch.Generator made in (or passed to) forward, at "
+                f"{source_line(node)}: mbcompile gives each model its own stream of torch's default "
+                f"generator (seeds=...), and cannot batch a generator object. Draw without generator= "
+                f"(each model then draws its own numbers, reproducibly), or draw the noise outside and "
+                f"pass it to forward as an input")
+
+
+def _generator_arg(schema, node):
+    """The node's explicit ``generator=`` (a Generator, or the lifted object export makes of one
+    created in forward), else None."""
+    for k, a in enumerate(schema.arguments):
+        if a.name == "generator":
+            return node.args[k] if k < len(node.args) else node.kwargs.get("generator")
+    return None
 
 
 def _random_call(g, target, args, kwargs, inplace, device):

@@ -415,3 +415,29 @@ def test_random_ops_inside_no_grad_blocks_draw_per_model():
         want.square().sum().backward()
         torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b.get_parameter("mu.weight").grad[i], r.mu.weight.grad, rtol=1e-10, atol=1e-12)
+
+
+class _OwnGenerator(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc, self.how = nn.Linear(4, 4), how
+
+    def forward(self, x, g=None):
+        if self.how == "made":
+            g = torch.Generator().manual_seed(0)
+            return self.fc(x) + torch.randn(x.shape, generator=g)
+        if self.how == "perm":
+            g = torch.Generator().manual_seed(0)
+            return self.fc(x[torch.randperm(x.shape[0], generator=g)])
+        return F.dropout(self.fc(x), 0.5, True) + torch.rand(x.shape, generator=g)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("how", ["made", "perm", "passed"])
+def test_a_draw_from_an_explicit_generator_is_refused_with_its_line(how, strict):
+    """One generator object cannot give each model what it draws alone (a fresh one per call, or its
+    own): refused naming the op and the user's line (it crashed inside the random-op rewrite)."""
+    b = mbcompile.batch([_OwnGenerator(how) for _ in range(3)], strict=strict)
+    kw = {"g": torch.Generator().manual_seed(1)} if how == "passed" else {}
+    with pytest.raises(mbcompile.UnsupportedOpError, match=r"(?s)generator.*test_random.py.*generator=g"):
+        b(torch.randn(5, 4), **kw)
