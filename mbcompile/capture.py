@@ -141,6 +141,19 @@ def _size_from_data(e, template):
         f"  export said: {str(e).splitlines()[0][:300]}")
 
 
+def _is_branch(frame: str) -> bool:
+    """Whether the user's line (from :func:`_user_frame`) may decide something (if / while / for /
+    assert, a conditional expression, and / or / not, a call into code that branches), rather than only
+    read a number out of a tensor there (float(t), int(t), .item(), .tolist())."""
+    m = re.match(r".*?:\d+: (.*)$", frame, re.S)
+    code = m.group(1).strip() if m else ""
+    if not code:
+        return True                     # unknown: the branch message, as before
+    if re.match(r"(if|elif|while|for|assert)\b", code) or re.search(r"\s(if|and|or|not)\s", code):
+        return True
+    return not re.search(r"\b(float|int)\(|\.(item|tolist)\(", code)   # reads no number on this line
+
+
 def _user_frame(e, model):
     import inspect
     try:
@@ -252,6 +265,13 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                 f"p.mul_(m).add_(q.detach(), alpha=1 - m).\n  at {_user_frame(e, template)}") from e
         if "Could not extract specialized integer" in str(e):     # a size or a count, not a branch
             raise _size_from_data(e, template) from e
+        if _data_dependent(e) and not _is_branch(_user_frame(e, template)):
+            raise CaptureError(
+                f"{type(template).__name__}.forward turns a tensor into a Python number (float(t), int(t), "
+                f".item(), .tolist()) and computes with it, which one captured graph cannot express: the number "
+                f"depends on the data. Keep it a tensor (x / x.abs().max() rather than x / float(x.abs().max())); where the "
+                f"number decides a branch, write the branch with torch.cond or torch.where.\n"
+                f"  at {_user_frame(e, template)}\n  export said: {str(e).splitlines()[0][:300]}") from e
         if _data_dependent(e):
             dists = any("/torch/distributions/" in fr.filename for fr in traceback.extract_tb(e.__traceback__))
             raise CaptureError(

@@ -191,6 +191,24 @@ def test_capture_error_points_at_the_users_line():
         b(torch.randn(2, 4))
 
 
+class ReadsANumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        scale = float(x.abs().max())  # a number read from the data, no branch
+        return self.fc(x / scale)
+
+
+def test_a_number_read_from_the_data_is_named_as_such_not_as_a_branch():
+    b = mbcompile.batch(ReadsANumber(), n=2)
+    with pytest.raises(mbcompile.CaptureError, match=r"(?s)turns a tensor into a Python number.*a number read from") \
+            as info:
+        b(torch.randn(2, 4))
+    assert "control flow" not in str(info.value)
+
+
 def test_explain_shows_rules_and_lowerings():
     b = mbcompile.batch([MLP().double() for _ in range(2)])
     b(torch.randn(2, 10, dtype=torch.float64))
