@@ -62,8 +62,8 @@ def source_line(node) -> str:
     def where(kind):
         for s, code in reversed(frames):
             path = s.split('"')[1] if '"' in s else s
-            if "/mbcompile/" in path and "/tests/" not in path:
-                continue
+            if ("/mbcompile/" in path and "/tests/" not in path) or path.startswith("<eval_with_key>"):
+                continue                               # ours, or code FX generated (a cond's dynamo graph)
             is_torch = "/torch/" in path
             if kind == "user" and not is_torch:
                 return f"{s}: {code}"

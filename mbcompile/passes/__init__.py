@@ -8,4 +8,4 @@ Lookup order for an op (written down, as in lightning-thunder):
 """
 from .registry import RULES, rule  # noqa: F401
 from . import (pointwise, reductions, views, indexing, linalg, conv, norms,  # noqa: F401
-               embedding, attention, random, pooling, rnn)
+               embedding, attention, random, pooling, rnn, control)

@@ -102,7 +102,7 @@ def _call(node, env, n, strict, consts, rng, records, fallback):
         return _fallback(node, with_kw, list(args) + [kwargs[k] for k in keys],
                          list(dims) + [kdims[k] for k in keys], {}, n, strict or not fallback, records,
                          "a per-model tensor as a keyword argument")
-    ctx = RuleCtx(n=n, node=node, consts=consts, rng=rng)
+    ctx = RuleCtx(n=n, node=node, consts=consts, rng=rng, strict=strict or not fallback)
     ctx.op = target
     rule = RULES.get(target)
     why = "no batching rule"

@@ -52,6 +52,7 @@ class RuleCtx:
     rng: Any = None                     # the program's randomness state (passes/random.py)
     notes: list = field(default_factory=list)
     own_dtype: bool = False             # the rule's result dtype stands (not the captured graph's)
+    strict: bool = False                # no fallback (for rules that batch subgraphs: passes/control.py)
 
     def note(self, text: str):
         """Say how the op was lowered; shown by explain()."""
