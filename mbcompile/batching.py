@@ -54,6 +54,8 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
         raise InvalidInputError(f"in_dims must be None, 0 or a tuple of 0/None per positional input (the model dim "
                                 f"leads each per-model input), got {in_dims!r}")
     _refuse_lazy(models)
+    for m in {id(m): m for m in models}.values():
+        _detach_hook_weights(m)
     consts = check_same_architecture(models)
     lazy = archcheck.lazy_differences(models)
     for (path, attr), vals in lazy.items():
@@ -156,6 +158,9 @@ def check_same_architecture(models):
                                         f"mode; batched models share each module's mode: call .train() / .eval() "
                                         f"on them alike")
             attrs_a, attrs_b = archcheck.attributes(a), archcheck.attributes(b)
+            for attr in _hook_weights(a) & _hook_weights(b):     # recomputed by the hook at every call
+                attrs_a.pop(attr, None)
+                attrs_b.pop(attr, None)
             only = sorted(attrs_a.keys() ^ attrs_b.keys())
             if only:
                 raise InvalidInputError(f"model {i} differs from model 0 at {where!r}: only one of them has the "
@@ -183,11 +188,30 @@ def check_same_architecture(models):
     return consts
 
 
+def _hook_weights(mod) -> set:
+    """Attributes that a forward pre-hook of the hook-based nn.utils.weight_norm / spectral_norm
+    recomputes from parameters before every call (``weight`` from ``weight_g``, ``weight_v``)."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    return {h.name for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
+
+
+def _detach_hook_weights(model):
+    """Such an attribute, computed by the last forward with grad, cannot be deep-copied (model 0 is
+    copied into the template); its value is recomputed at every call, so it is detached first."""
+    for mod in model.modules():
+        for name in _hook_weights(mod):
+            t = getattr(mod, name, None)
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                setattr(mod, name, t.detach())
+
+
 def _same_hook(x, y, model_x, model_y) -> bool:
     """Whether two models' hooks do the same: one function; or functions with the same code, defaults
     and plain closure values (a lambda written in __init__; not one that closes over a module: copying
     model 0 would not rebind it); or the same method bound to the module at the same path of each model
-    (copying rebinds it to the copy)."""
+    (copying rebinds it to the copy); or objects of one class with equal plain attributes (the hook
+    objects of nn.utils.weight_norm / spectral_norm)."""
     if x is y:
         return True
     if isinstance(x, types.MethodType) and isinstance(y, types.MethodType):
@@ -196,6 +220,10 @@ def _same_hook(x, y, model_x, model_y) -> bool:
         cx, cy = x.__closure__ or (), y.__closure__ or ()
         return (x.__code__ is y.__code__ and x.__defaults__ == y.__defaults__ and len(cx) == len(cy)
                 and all(_same_plain(p.cell_contents, q.cell_contents) for p, q in zip(cx, cy)))
+    if type(x) is type(y) and not isinstance(x, (types.FunctionType, types.MethodType)) and callable(x):
+        vx, vy = getattr(x, "__dict__", None), getattr(y, "__dict__", None)   # a hook object (the hook
+        return vx is not None and vy is not None and vx.keys() == vy.keys() and \
+            all(_same_plain(vx[k], vy[k]) for k in vx)       # form of weight_norm): equal plain settings
     return False
 
 
@@ -262,8 +290,8 @@ class BatchedModule(nn.Module):
         except RuntimeError as e:
             raise InvalidInputError(
                 f"mbcompile.batch copies model 0 and copy.deepcopy failed: {e}. A module holding a computed tensor "
-                f"as an attribute cannot be copied (the old torch.nn.utils.weight_norm keeps one: use "
-                f"torch.nn.utils.parametrizations.weight_norm, or run one forward under torch.no_grad() first)") from e
+                f"as an attribute (one with a grad_fn) cannot be copied: compute it in forward, or run one forward "
+                f"under torch.no_grad() before batching") from e
         object.__setattr__(self, "_programs", {})
         self._n, self._in_dims, self._randomness = n, in_dims, randomness
         self._strict, self._compile, self._consts = strict, compile, consts or {}

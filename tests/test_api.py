@@ -252,3 +252,43 @@ def test_autocast_is_part_of_the_program_key():
     full = b(x)
     assert full.dtype == torch.float32
     torch.testing.assert_close(full[1], models[1](x))
+
+
+@pytest.mark.parametrize("what", ["list", "n"])
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_hook_based_weight_and_spectral_norm_batch(norm, what):
+    """The deprecated hook forms keep ``weight`` as a tensor the hook recomputes before every call
+    (not copyable once computed with grad, and a different tensor in each model): they were refused
+    ("different forward pre hooks", "differs in '0.weight'") or failed to copy. Spectral norm's power
+    iteration updates its buffers in forward: each model's own, over two calls."""
+    import warnings
+    wrap = getattr(nn.utils, norm)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return nn.Sequential(wrap(nn.Linear(6, 5)), nn.ReLU(), nn.Linear(5, 3)).double()
+
+    x = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    seeds = [0, 1, 2] if what == "list" else [0, 0, 0]
+    models, refs = [make(s) for s in seeds], [make(s) for s in seeds]
+    models[0](x).sum().backward()                 # weight now carries a grad_fn
+    refs[0](x)
+    for i in ([] if what == "list" else [1, 2]):
+        refs[i](x)
+    for m in models + refs:
+        m.zero_grad()
+    b = mbcompile.batch(models) if what == "list" else mbcompile.batch(models[0], n=3)
+    for _ in range(2):
+        b.zero_grad()
+        out = b(x)
+        out.sum().backward()
+        for i, r in enumerate(refs):
+            r.zero_grad()
+            ref = r(x)
+            ref.sum().backward()
+            torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+            for name, p in r.named_parameters():
+                torch.testing.assert_close(b.get_parameter(name).grad[i], p.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.unbatch(2).eval()(x), refs[2].eval()(x), rtol=1e-12, atol=1e-12)
