@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, capture
@@ -191,8 +193,6 @@ def check_same_architecture(models):
 def _hook_weights(mod) -> set:
     """Attributes that a forward pre-hook of the hook-based nn.utils.weight_norm / spectral_norm
     recomputes from parameters before every call (``weight`` from ``weight_g``, ``weight_v``)."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
     return {h.name for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
 
 
