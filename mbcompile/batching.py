@@ -270,6 +270,7 @@ class Program:
     notes: list = field(default_factory=list)     # program-level notes (host malloc, chunks), for explain()
     chunked: object = None    # (sizes, vals, records) -> the program traced over chunks (chunking.py), or None
     eager: object = None      # gm as eager code runs it (ops.eager_module: mbcompile's ops as Python calls)
+    chunk: object = None      # what chunking.Chooser picked: n (whole), k (chunks of k), 0 (chunks of 1, default lowerings)
 
 
 class _RNG:

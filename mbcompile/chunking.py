@@ -27,8 +27,8 @@ Model i computes what it computes in the whole program, and the sequential rando
 are per model, so chunking changes no result beyond the floating-point summation order of the
 lowerings chosen for size k.
 
-``train_step`` compiles the chunked trace of such a program with the size this would time
-(``compiled_chunk``; not timed, which would mean compiling both). Not chunked: ``compile=True`` and
+``train_step`` compiles the chunked trace of such a program with the size this measured in eager mode
+(``compiled_chunk``; timing compiled candidates would mean compiling each). Not chunked: ``compile=True`` and
 ``torch.compile(batched)`` (they use ``Program.gm``, the whole program),
 programs with fallbacks, per-model constants (lists of n values baked into the graph), random ops
 outside ``randomness="sequential"``, and other devices. ``MBCOMPILE_LOWERING=default`` never chunks;
@@ -95,16 +95,23 @@ def _plan(n):
     return ("whole", None) if setting in ("default", "whole") else ("measure", None)
 
 
-def compiled_chunk(prog, n):
-    """The chunk size ``train_step`` compiles a big CPU program with (not timed: that would mean
-    compiling both), or None: the eager chooser's candidate, under the same conditions."""
+def compiled_chunk(prog, n, vals=None):
+    """The chunk size ``train_step`` compiles a big CPU program with, or None (whole): what the eager
+    chooser measured (timing its candidates now, on ``vals``, if it has not run yet: compiling each
+    candidate would cost far more). PLAIN (chunks of 1, default lowerings) when that won. MLP 784 at
+    n=16 (its 12 MB fc1 weight over MIN_BYTES): the eager chooser picked whole (8.4 against 9.6 ms) and
+    the compiled step agrees (10.1 against 10.8 ms in chunks of 8, which this chose blind before)."""
     how, k = _plan(n)
     if prog.chunked is None or how == "whole":
         return None
     if how == "forced":
         return k
-    biggest = largest_activation(prog.gm)
-    return candidate(n, biggest) if biggest >= MIN_BYTES else None
+    if prog.chunk is None and isinstance(prog.call, Chooser) and vals is not None:
+        prog.call = prog.call._decide(vals, backward=True)
+    if prog.chunk is None:                       # not measured (eval-mode program): the size it would time
+        biggest = largest_activation(prog.gm)
+        return candidate(n, biggest) if biggest >= MIN_BYTES else None
+    return None if prog.chunk == n else prog.chunk
 
 
 def _has_random(gm):
@@ -130,10 +137,9 @@ class Chooser:
         prog, n = self.prog, self.n
         gm = prog.eager
         how, forced = _plan(n)
-        if how == "whole":
-            return gm
         biggest = largest_activation(prog.gm)
-        if forced is None and biggest < MIN_BYTES:
+        if how == "whole" or (forced is None and biggest < MIN_BYTES):
+            prog.chunk = n
             return gm
         t0 = time.perf_counter()
         ks = [forced] if forced else sorted({candidate(n, biggest), candidate(n, biggest, SMALL_BYTES)})
@@ -162,6 +168,7 @@ class Chooser:
                           f"{biggest / 2**20:.1f} MB)")
         if best != n:
             prog.records[:] = recs[best]                 # explain() shows the ops of one chunk
+        prog.chunk = best
         return progs[best]
 
 

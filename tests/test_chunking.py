@@ -208,3 +208,40 @@ def test_train_step_compiles_the_chunked_program_and_trains_as_the_normal_loop()
     for (name, p), (_, q) in zip(b.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(b.b1.running_mean, ref.b1.running_mean, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("winner", ["whole", 2, "plain"])
+def test_train_step_compiles_what_the_eager_chooser_measured(monkeypatch, winner):
+    """train_step (no eager call before it) times the eager candidates itself and compiles the winner:
+    the whole program (MLP 784's case: a big weight, small activations), chunks of k, or chunks of one
+    model with the default lowerings; each trains as the normal loop does."""
+    monkeypatch.setattr(chunking, "MIN_BYTES", 0)
+    monkeypatch.setattr(chunking, "TARGET_BYTES", 1 << 40)   # candidates: 2 (n=4) and 1
+    monkeypatch.setattr(chunking, "SMALL_BYTES", 1)
+    key = {"whole": 4, 2: 2, "plain": chunking.PLAIN}[winner]
+    timed = {}
+
+    def measure(progs, vals, backward):
+        timed.update(dict.fromkeys(progs))
+        return {k: (0.0 if k == key else 1.0) for k in progs}
+    monkeypatch.setattr(chunking, "_measure", measure)
+    torch.manual_seed(0)
+    models = [Net(0.0).double() for _ in range(4)]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 3, (2,))
+    ref = mbcompile.batch(copy.deepcopy(models))
+    ropt = mbcompile.optimizer(ref, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
+    b = mbcompile.batch(copy.deepcopy(models))
+    opt = mbcompile.optimizer(b, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
+    step = mbcompile.train_step(b, F.cross_entropy, opt)
+    for _ in range(2):
+        step(x, y)
+    with lowering.force(program="whole"):
+        for _ in range(2):
+            ropt.zero_grad()
+            mbcompile.loss(F.cross_entropy, ref(x), y).sum().backward()
+            ropt.step()
+    assert set(timed) == {4, 2, 1, chunking.PLAIN}, timed
+    assert step.times.get("chunks") == {"whole": None, 2: 2, "plain": 1}[winner]
+    for (name, p), (_, q) in zip(b.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
