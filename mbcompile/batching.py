@@ -10,6 +10,7 @@ import operator
 import time
 import types
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,9 +46,18 @@ def batch(models, n=None, *, in_dims=None, seeds=None, randomness="sequential", 
             raise InvalidInputError(f"mbcompile.batch needs n >= 1 models, got n={n}")
         models = [models] * int(n)
     else:
+        what = type(models).__name__
+        if isinstance(models, (str, bytes)) or not isinstance(models, Iterable):
+            raise InvalidTypeError(f"mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules, got "
+                                   f"{what}" + (" (wrap a function in an nn.Module)" if callable(models) else ""))
         models = list(models)
-        if not models or not all(isinstance(m, nn.Module) for m in models):
-            raise InvalidInputError("mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules")
+        if not models:
+            raise InvalidInputError(f"mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules, got "
+                                    f"an empty {what}")
+        bad = next((type(m).__name__ for m in models if not isinstance(m, nn.Module)), None)
+        if bad is not None:
+            raise InvalidTypeError(f"mbcompile.batch expects an nn.Module or a non-empty list of nn.Modules, got "
+                                   f"a {what} holding {bad}")
         if n is not None and n != len(models):
             raise InvalidInputError(f"n={n} but {len(models)} models were given")
     if randomness not in RANDOMNESS:

@@ -30,7 +30,22 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
             return res
     except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models
         pass
-    return torch.stack([fn(out[i], target[i] if target_in_dim == 0 else target, **kwargs) for i in range(n)])
+    res = []
+    for i in range(n):
+        t = target[i] if target_in_dim == 0 else target
+        try:
+            res.append(fn(out[i], t, **kwargs))
+        except Exception as e:  # noqa: BLE001 - what the loss says of model i alone, with the shapes
+            if i:
+                raise
+            shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+            how = (f"per model (target_in_dim=0): target[0] {shape(t)}" if target_in_dim == 0 else
+                   f"shared by every model: {shape(t)}")
+            raise InvalidInputError(
+                f"mbcompile.loss: the loss failed on model 0's output {shape(out[0])} and its target, "
+                f"{how}: {type(e).__name__}: {e}. A shared target is what one model's loss takes "
+                f"([B, ...], B={out.shape[1] if out.dim() > 1 else '-'}); a per-model one adds a leading n={n}") from e
+    return torch.stack(res)
 
 
 def _target_dim(n, b, target, target_in_dim):
@@ -89,6 +104,8 @@ def _cross_entropy(out, target, tdim, ignore_index=-100):
     if out.dim() != 3 or target.is_floating_point() or target.dim() != (2 if tdim == 0 else 1):
         return None
     n, b, c = out.shape
+    if target.shape != ((n, b) if tdim == 0 else (b,)):
+        return None                    # the loss's own error, from the general path
     tgt = target if tdim == 0 else target.unsqueeze(0).expand(n, b)
     per = F.cross_entropy(out.reshape(n * b, c), tgt.reshape(n * b), reduction="none",
                           ignore_index=ignore_index).view(n, b)
@@ -100,7 +117,7 @@ def _cross_entropy(out, target, tdim, ignore_index=-100):
 def _mse(out, target, tdim):
     """n,... + (n,)... -> [n]: mean squared error per model."""
     t = target if tdim == 0 else target.unsqueeze(0)
-    if t.dim() != out.dim() or torch.broadcast_shapes(out.shape, t.shape) != out.shape:
+    if t.dim() != out.dim() or any(a != b and b != 1 for a, b in zip(out.shape, t.shape)):
         return None
     return (out - t).square().flatten(1).mean(1)
 

@@ -56,3 +56,29 @@ def test_scale_grad_by_freq_is_declined_with_its_reason():
     models = [nn.EmbeddingBag(10, 4, scale_grad_by_freq=True) for _ in range(2)]
     with pytest.raises(mbcompile.UnsupportedOpError, match="scale_grad_by_freq"):
         mbcompile.batch(models, strict=True)(torch.tensor([1, 2, 3]), torch.tensor([0, 1]))
+
+
+class ComputedTable(nn.Module):
+    """F.embedding_bag over a table computed in forward: capture records the forward-only op."""
+    def __init__(self, mode):
+        super().__init__()
+        self.l, self.mode = nn.Linear(6, 6), mode
+
+    def forward(self, x):
+        idx, off = torch.tensor([0, 2, 4, 1, 3]), torch.tensor([0, 2])
+        return torch.nn.functional.embedding_bag(idx, self.l(x), off, mode=self.mode)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_a_table_computed_in_forward_trains(mode):
+    torch.manual_seed(0)
+    models = [ComputedTable(mode).double() for _ in range(3)]
+    x = torch.randn(5, 6, dtype=torch.float64)
+    b = mbcompile.batch(copy.deepcopy(models), strict=True)
+    out = b(x)
+    out.square().sum().backward()
+    for i, m in enumerate(models):
+        ref = m(x)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.l.weight.grad[i], m.l.weight.grad, rtol=1e-12, atol=1e-12)

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mbcompile
 from mbcompile.optim import ReduceLROnPlateau
@@ -34,6 +35,16 @@ def mlp(eps=1e-5):
      "model 1"),
     (lambda: ReduceLROnPlateau(mbcompile.optimizer(mbcompile.batch(mlp(), n=2), torch.optim.SGD, lr=0.1)).step(0.5),
      ValueError, "one metric per model"),
+    (lambda: mbcompile.batch(lambda x: x * 2, n=2), TypeError, r"got function \(wrap a function in an nn.Module\)"),
+    (lambda: mbcompile.batch(3, n=2), TypeError, "nn.Module or a non-empty list of nn.Modules, got int"),
+    (lambda: mbcompile.batch([nn.Linear(2, 2), "x"]), TypeError, "a list holding str"),
+    (lambda: mbcompile.batch([]), ValueError, "got an empty list"),
+    (lambda: mbcompile.loss(F.cross_entropy, torch.randn(3, 5, 4), torch.randint(0, 4, (7,))), ValueError,
+     r"model 0's output \(5, 4\) and its target, shared by every model: \(7,\).*B=5.*n=3"),
+    (lambda: mbcompile.loss(F.cross_entropy, torch.randn(3, 5, 4), torch.randint(0, 4, (3, 7))), ValueError,
+     r"per model \(target_in_dim=0\): target\[0\] \(7,\)"),
+    (lambda: mbcompile.loss(F.mse_loss, torch.randn(3, 5, 4), torch.randn(5, 3)), ValueError,
+     r"model 0's output \(5, 4\).*\(5, 3\)"),
 ])
 def test_bad_input_is_a_clear_mbcompile_error(call, exc, match):
     with pytest.raises(exc, match=match) as info:

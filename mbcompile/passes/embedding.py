@@ -93,8 +93,10 @@ def embedding_bag(ctx, args, dims, kwargs):
     flat_psw = None
     if psw is not None:
         flat_psw = (front(psw, dpsw, n) if dpsw is not None else psw.unsqueeze(0).expand(n, -1)).reshape(-1)
-    out, o2b, bag_size, max_idx = ctx.op(table, flat_idx.reshape(-1), flat_off, scale_grad, mode, False, flat_psw,
-                                     include_last, padding_idx)
+    # capture records the forward-only op when it saw no grad (a table computed in forward can still need
+    # one when the program runs): the op with a backward computes the same values
+    out, o2b, bag_size, max_idx = aten._embedding_bag(table, flat_idx.reshape(-1), flat_off, scale_grad, mode, False,
+                                                      flat_psw, include_last, padding_idx)
     bags = starts.shape[1]
     o2b_d = bag_d = max_d = None
     if o2b.numel() == n * length:
