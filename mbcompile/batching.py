@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.nn.utils.spectral_norm import SpectralNorm
-from torch.nn.utils.weight_norm import WeightNorm
+from torch.nn.utils.prune import BasePruningMethod
 from torch.utils import _pytree as pytree
 
-from .capture import _PER_MODEL_SCALARS, Captured, capture
+from .capture import _PER_MODEL_SCALARS, Captured, _hook_weights, capture
 from . import archcheck, chunking, hostmem, ops
 from .passes import batch_pass
 from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError
@@ -200,12 +199,6 @@ def check_same_architecture(models):
     return consts
 
 
-def _hook_weights(mod) -> set:
-    """Attributes that a forward pre-hook of the hook-based nn.utils.weight_norm / spectral_norm
-    recomputes from parameters before every call (``weight`` from ``weight_g``, ``weight_v``)."""
-    return {h.name for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))}
-
-
 def _detach_hook_weights(model):
     """Such an attribute, computed by the last forward with grad, cannot be deep-copied (model 0 is
     copied into the template); its value is recomputed at every call, so it is detached first."""
@@ -221,9 +214,12 @@ def _same_hook(x, y, model_x, model_y) -> bool:
     and plain closure values (a lambda written in __init__; not one that closes over a module: copying
     model 0 would not rebind it); or the same method bound to the module at the same path of each model
     (copying rebinds it to the copy); or objects of one class with equal plain attributes (the hook
-    objects of nn.utils.weight_norm / spectral_norm)."""
+    objects of nn.utils.weight_norm / spectral_norm); or nn.utils.prune hooks of one tensor (how much
+    each model pruned is in its own mask)."""
     if x is y:
         return True
+    if isinstance(x, BasePruningMethod) and isinstance(y, BasePruningMethod):
+        return x._tensor_name == y._tensor_name         # forward: name = name_orig * name_mask (each model's own)
     if isinstance(x, types.MethodType) and isinstance(y, types.MethodType):
         return x.__func__ is y.__func__ and _path_in(x.__self__, model_x) == _path_in(y.__self__, model_y) is not None
     if isinstance(x, types.FunctionType) and isinstance(y, types.FunctionType):

@@ -14,14 +14,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from . import ops
-from .errors import (CaptureError, CaptureTypeError, CaptureValueError, InvalidInputError,
+from .errors import (CaptureError, CaptureTypeError, CaptureValueError, InvalidInputError, MBCompileError,
                      UnsupportedOpError, source_line)
 from .passes import RULES
 from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
-                         _no_causal_mask_detection, _no_kv_cache)
+                         _nested_encoder_padding, _no_causal_mask_detection, _no_kv_cache, _side_effect_hooks)
 from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
                           _instance_norm_as_group_norm, _tensor_indices, _undetach_renorm)
 
@@ -172,9 +175,10 @@ def _export(template, args, kwargs):
     """torch.export of the template under what capture changes while it traces (export_ctx.py); also
     returns what forward did that gives gradients of its own."""
     with _cumulative_batch_norm(template), _no_causal_mask_detection(), _dataclass_outputs(template), \
-            _no_kv_cache(template), _gradient_changers() as seen, warnings.catch_warnings():
+            _no_kv_cache(template), _nested_encoder_padding(template), _gradient_changers() as seen, \
+            _side_effect_hooks(template) as lost, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")   # nn.LSTM's flat weights
-        return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen
+        return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen, lost
 
 
 def _random_state():
@@ -200,6 +204,14 @@ def _draws(before) -> list:
 _MISSING = object()
 
 
+def _hook_weights(mod) -> set:
+    """Attributes that a forward pre-hook of the hook-based nn.utils.weight_norm / spectral_norm
+    recomputes from parameters before every call (``weight`` from ``weight_g``, ``weight_v``), or
+    that of nn.utils.prune (``weight`` = ``weight_orig * weight_mask``)."""
+    return {h.name if isinstance(h, (WeightNorm, SpectralNorm)) else h._tensor_name
+            for h in mod._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm, BasePruningMethod))}
+
+
 @contextlib.contextmanager
 def _watch_attributes(template, changes: list):
     """Record forward's assignments of plain values (numbers, strings) to the template's modules:
@@ -209,7 +221,11 @@ def _watch_attributes(template, changes: list):
 
     def watched(self, name, value):
         p = paths.get(id(self))
-        if p is not None and not name.startswith("_") and name != "training" \
+        if p is not None and not name.startswith("_") and isinstance(value, torch.Tensor) \
+                and not isinstance(value, nn.Parameter) and name not in self._buffers and name not in self._parameters \
+                and name not in _hook_weights(self):
+            changes.append(("tensor", (p + "." if p else "") + name))
+        elif p is not None and not name.startswith("_") and name != "training" \
                 and type(value) in (int, float, bool, str):
             old = self.__dict__.get(name, _MISSING)
             if old is _MISSING or not (type(old) is type(value) and old == value):
@@ -225,7 +241,7 @@ def _watch_attributes(template, changes: list):
         nn.Module.__setattr__ = setattr_
 
 
-def _refuse_python_state(template, draws, changes, strict):
+def _refuse_python_state(template, draws, changes, strict, lost=()):
     """Forward that draws Python / numpy random numbers is refused (each model alone would draw anew
     at every call; the graph keeps the one draw of capture); forward that changes a plain attribute
     (a step counter, a cached length) warns, or with strict=True is refused."""
@@ -235,6 +251,18 @@ def _refuse_python_state(template, draws, changes, strict):
             f"{name}.forward draws from {draws[0]}: a captured graph keeps the value drawn while capturing, "
             f"so every later call would repeat it. Draw with torch instead (torch.rand(()), torch.bernoulli; "
             f"with randomness='sequential' each model then gets the draws it would get alone)")
+    stores = list(dict.fromkeys(c[1] for c in changes if isinstance(c, tuple)))
+    changes = [c for c in changes if not isinstance(c, tuple)]
+    if stores or lost:
+        what = ([f"stores tensors on module attributes ({', '.join(map(repr, stores[:3]))})"] if stores else []) + \
+               ([f"has forward hooks that return nothing ({'; '.join(dict.fromkeys(lost[:3]))})"] if lost else [])
+        msg = (f"{name}.forward {' and '.join(what)}: such side effects happen once, while capturing, on "
+               f"placeholder tensors, and not at the batched module's calls (the batched module has no such "
+               f"attributes; a list a hook appends to holds one placeholder). Return the tensors from forward "
+               f"instead (a tuple or dict output: each gets the leading model dim)")
+        if strict:
+            raise CaptureError(msg)
+        warnings.warn("mbcompile: " + msg, stacklevel=4)
     if changes:
         seen = list(dict.fromkeys(changes))
         msg = (f"{name}.forward changes plain Python attributes ({'; '.join(seen[:3])}"
@@ -253,7 +281,9 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     rng, changes = _random_state(), []
     try:
         with _watch_attributes(template, changes):
-            ep, seen = _export(template, args, kwargs)
+            ep, seen, lost = _export(template, args, kwargs)
+    except MBCompileError:
+        raise
     except Exception as e:  # noqa: BLE001
         from .passes import rnn
         if rnn.packed_sequence_in(e):
@@ -309,7 +339,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     _refuse_data_dependent_shapes(ep.graph_module, template)
     _refuse_own_generators(ep.graph_module)
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
-    _refuse_python_state(template, _draws(rng), changes, strict)
+    _refuse_python_state(template, _draws(rng), changes, strict, lost)
     _detach_no_grad_regions(ep.graph_module)
     _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)
@@ -483,13 +513,31 @@ def _random_call(g, target, args, kwargs, inplace, device):
 
 
 def _replace(g, node, new, order, inplace=False):
-    """Replace node by new; for an in-place op also every later use of the tensor it mutated."""
+    """Replace node by new; for an in-place op also what it mutated: a tensor forward made (or a view of
+    one: ``t[:, :3].uniform_()``) gets new copied into it, which functionalization then carries to the
+    base and every alias; an input's later uses read new instead (the caller's tensor, shared by the
+    models, is not written)."""
     if isinstance(new, fx.Node):
         new.meta = dict(node.meta)
     if inplace and isinstance(node.args[0], fx.Node):
         target = node.args[0]
-        for user in list(target.users):
-            if user is not node and order.get(user, -1) > order[node]:
-                user.replace_input_with(target, new)
+        if _view_base(target).op != "placeholder" and isinstance(new, fx.Node):
+            with g.inserting_after(new):
+                new = g.call_function(aten.copy_.default, (target, new))
+            new.meta = dict(node.meta)
+        else:
+            for user in list(target.users):
+                if user is not node and order.get(user, -1) > order[node]:
+                    user.replace_input_with(target, new)
     node.replace_all_uses_with(new)
     g.erase_node(node)
+
+
+def _view_base(node):
+    """The tensor a chain of views (slice, select, view, transpose, ...) starts from."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args \
+            and isinstance(node.args[0], fx.Node) and node.target._schema.returns \
+            and node.target._schema.returns[0].alias_info is not None \
+            and not node.target._schema.returns[0].alias_info.is_write:
+        node = node.args[0]
+    return node

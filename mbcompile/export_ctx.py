@@ -73,11 +73,110 @@ def _gradient_changers():
             seen.append(f"registers a gradient hook (Tensor.register_hook) at {_user_line()}")
         return hook(self, fn)
 
+    grad = torch.autograd.grad
+
+    def autograd_grad(*args, **kwargs):
+        if "/torch/" not in sys._getframe(1).f_code.co_filename:
+            from .errors import CaptureError
+            raise CaptureError(
+                f"forward calls torch.autograd.grad at {_user_line()}: a gradient taken inside forward (a gradient "
+                f"penalty, an input-gradient feature) cannot be captured into the batched graph. Take it outside "
+                f"forward, on the batched output: pass the input per model (in_dims=0) with requires_grad=True and "
+                f"call torch.autograd.grad(out.sum(), x, create_graph=True) in the loss; slice i is model i's gradient")
+        return grad(*args, **kwargs)
+
     torch.autograd.Function.apply, torch.Tensor.register_hook = classmethod(apply), register_hook
+    torch.autograd.grad = autograd_grad
     try:
         yield seen
     finally:
         torch.autograd.Function.apply, torch.Tensor.register_hook = fn_apply, hook
+        torch.autograd.grad = grad
+
+
+_SETTING_HOOKS = ("WeightNorm", "SpectralNorm")    # pre-hooks that set the weight forward then reads
+
+
+def _library_code(fn) -> bool:
+    """A hook of torch, mbcompile or an installed package (transformers' enable_input_require_grads
+    hook sets requires_grad on its output): the user's own hooks are what may store activations."""
+    mod = getattr(fn, "__module__", None) or type(fn).__module__
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None) or getattr(type(fn).__call__, "__code__", None)
+    path = code.co_filename if code is not None else ""
+    return mod.startswith(("mbcompile", "torch.")) or "site-packages" in path or "dist-packages" in path
+
+
+@contextlib.contextmanager
+def _side_effect_hooks(template):
+    """Record the forward (pre-)hooks that return None and set no module attribute while they run:
+    they only have side effects (an activation appended to a list, a log line), which happen once,
+    while capturing, on placeholder tensors, and never in the batched program's calls."""
+    lost, setting = [], [0]
+    setattr_ = torch.nn.Module.__setattr__
+
+    def counting(self, name, value):
+        setting[0] += 1
+        setattr_(self, name, value)
+
+    def wrap(hook, where):
+        def run(*args, **kwargs):
+            before = setting[0]
+            out = hook(*args, **kwargs)
+            if out is None and setting[0] == before:
+                lost.append(f"{where}: {getattr(hook, '__qualname__', type(hook).__name__)}")
+            return out
+        return run
+
+    saved = []
+    for path, m in template.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks"):
+            hooks = getattr(m, kind)
+            for k, h in list(hooks.items()):
+                if type(h).__name__ not in _SETTING_HOOKS and not _library_code(h):
+                    saved.append((hooks, k, h))
+                    hooks[k] = wrap(h, path or type(template).__name__)
+    torch.nn.Module.__setattr__ = counting
+    try:
+        yield lost
+    finally:
+        torch.nn.Module.__setattr__ = setattr_
+        for hooks, k, h in saved:
+            hooks[k] = h
+
+
+@contextlib.contextmanager
+def _nested_encoder_padding(template):
+    """nn.TransformerEncoder in eval mode with a src_key_padding_mask runs, eagerly and without grad, a
+    nested-tensor fast path that returns 0 at every padded position; traced, it runs the regular path
+    (other values there, the same elsewhere). While capturing, such encoders zero their padded positions
+    where eager's fast path would (its conditions, the mask's left alignment as a tensor predicate)."""
+    enc = [m for m in template.modules() if isinstance(m, torch.nn.TransformerEncoder)]
+    for m in enc:
+        m.forward = types.MethodType(_encoder_forward, m)
+    try:
+        yield
+    finally:
+        for m in enc:
+            del m.forward
+
+
+def _encoder_forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):
+    out = torch.nn.TransformerEncoder.forward(self, src, mask=mask, src_key_padding_mask=src_key_padding_mask,
+                                              is_causal=is_causal)
+    first = self.layers[0]
+    params = [p for p in first.parameters()]
+    if not (torch.backends.mha.get_fastpath_enabled() and getattr(self, "use_nested_tensor", False)
+            and not first.training and src.dim() == 3 and src_key_padding_mask is not None and mask is None
+            and not torch.is_autocast_enabled() and not out.is_nested
+            and not (torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in params)))):
+        return out
+    pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0  # B,S
+    keep = ~pad
+    zero = pad.unsqueeze(-1) if first.self_attn.batch_first else pad.t().unsqueeze(-1)   # B,S,1 / S,B,1
+    if getattr(self, "mask_check", True):      # fast path only when every row's kept tokens come first
+        aligned = ~(keep[:, 1:] & ~keep[:, :-1]).any()
+        zero = zero & aligned
+    return out.masked_fill(zero, 0.0)
 
 
 @contextlib.contextmanager

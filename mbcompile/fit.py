@@ -502,14 +502,45 @@ def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):
     return loss, torch.full_like(loss, float(yy.shape[0] if yy.dim() else 1), dtype=torch.float64)
 
 
+def _buffers_of(batched, rows):
+    """The models ``rows``' slices of every stacked buffer (batch norm's running statistics)."""
+    n = batched.n
+    return {name: b[rows].clone() for name, b in batched.named_buffers() if b.dim() and b.shape[0] == n}
+
+
+@torch.no_grad()
+def _put_buffers(batched, rows, saved):
+    for name, b in batched.named_buffers():
+        if name in saved:
+            b[rows] = saved[name]
+
+
 def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
-    batched, opt, scaler = run.batched, run.optimizer, run.scaler
+    """One step. A model that does not train in it (frozen, or without a sample of its own in a masked
+    batch) runs forward with the others, which would move its batch-norm statistics: they are put back,
+    so a frozen model stays what it was when it stopped (as a dropped one does)."""
     x, y, tdim, w = router(batch)
+    idle = run.frozen_pos.clone() if w is None else torch.ones(len(run.active), dtype=torch.bool)
+    rows = idle.nonzero().flatten()
+    saved = _buffers_of(run.batched, rows.to(_device(run.batched))) if len(rows) else None
+    loss, count, train = _one_step(run, x, y, tdim, w, loss_fn, amp, max_grad_norm)
+    if saved:
+        back = (idle & ~train)[rows]                    # of the saved rows, those that did not train
+        if bool(back.any()):
+            keep = rows[back].to(_device(run.batched))
+            _put_buffers(run.batched, keep, {k: v[back.to(v.device)] for k, v in saved.items()})
+    _after_step(run, loss, count, train, interval)
+
+
+def _device(batched):
+    return next(iter(batched.parameters()), torch.empty(0)).device
+
+
+def _one_step(run, x, y, tdim, w, loss_fn, amp, max_grad_norm):
+    batched, opt, scaler = run.batched, run.optimizer, run.scaler
     if run.fused is not None:
         loss, count = _fused_step(run, x, y, tdim, loss_fn, max_grad_norm)
-        train = ~run.frozen_pos & (count.cpu() > 0)
-        _after_step(run, loss, count, train, interval)
-        return
+        return loss, count, ~run.frozen_pos & (count.cpu() > 0)
     opt.zero_grad(set_to_none=True)
     with amp():
         out = _call(batched, x)
@@ -536,7 +567,7 @@ def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
     finally:
         if skip:
             opt.unfreeze(skip)
-    _after_step(run, loss, count, train, interval)
+    return loss, count, train
 
 
 def _after_step(run, loss, count, train, interval):
@@ -557,8 +588,11 @@ def _after_step(run, loss, count, train, interval):
     for cb in run.callbacks:
         cb.on_step_end(run, logs)
     run.history.log_step(run.step, logs["loss"])
-    if "lr" in logs:
-        run.history.steps.setdefault("lr", []).append(logs["lr"].tolist())
+    done = len(run.history.steps["step"]) - 1
+    for key, v in logs.items():                     # what callbacks added ("lr" from LRLogger): one row a step
+        if key not in ("loss", "samples"):
+            v = (v.tolist() if v.dim() else float(v)) if isinstance(v, torch.Tensor) else v
+            run.history.steps.setdefault(key, [None] * done).append(v)
 
 
 @torch.no_grad()

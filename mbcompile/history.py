@@ -228,8 +228,9 @@ class History:
         return self
 
     def to_json(self, path=None) -> str:
-        """The whole history as JSON (nan written as null); also written to ``path`` if given."""
-        text = json.dumps(_nan_to_none(self.state_dict()), indent=1)
+        """The whole history as strict JSON (nan written as null, infinities as "inf" / "-inf"); also
+        written to ``path`` if given."""
+        text = json.dumps(_nan_to_none(self.state_dict()), indent=1, allow_nan=False)
         if path is not None:
             _write_text(path, text)
         return text
@@ -308,8 +309,11 @@ def _plain(x):
 
 
 def _nan_to_none(x):
+    """Strict JSON: nan as null, +-inf as the strings "inf" / "-inf" (read back as floats)."""
     if isinstance(x, float) and math.isnan(x):
         return None
+    if isinstance(x, float) and math.isinf(x):
+        return "inf" if x > 0 else "-inf"
     if isinstance(x, dict):
         return {k: _nan_to_none(v) for k, v in x.items()}
     if isinstance(x, list):
@@ -320,6 +324,8 @@ def _nan_to_none(x):
 def _none_to_nan(x, key=None):
     if x is None:
         return math.nan
+    if x in ("inf", "-inf"):
+        return float(x)
     if isinstance(x, dict):
         return {k: _none_to_nan(v, k) for k, v in x.items()}
     if isinstance(x, list):

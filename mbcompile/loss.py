@@ -71,10 +71,11 @@ def _target_dim(n, b, target, target_in_dim):
 def _tree_loss(fn, out, target, target_in_dim, kwargs):
     """Several outputs (a tuple, dict or dataclass of [n, ...] tensors, e.g. logits and an auxiliary
     loss): entry i is fn(model i's outputs in the same structure, target_i)."""
-    leaves = pytree.tree_leaves(out)
-    if not leaves or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in leaves):
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]   # None, numbers: as they are
+    if not leaves or not all(t.dim() > 0 for t in leaves):
         raise InvalidTypeError(f"mbcompile.loss takes the [n, ...] output (a tensor, or a tuple / dict of them) the "
-                               f"loss applies to, got {type(out).__name__}")
+                               f"loss applies to, got {type(out).__name__}"
+                               + (" holding a 0-dim tensor" if leaves else " holding no tensor"))
     n = leaves[0].shape[0]
     if any(t.shape[0] != n for t in leaves):
         raise InvalidInputError(f"mbcompile.loss: the outputs' leading sizes differ ({[t.shape[0] for t in leaves]}); "
@@ -83,7 +84,8 @@ def _tree_loss(fn, out, target, target_in_dim, kwargs):
     tdim = _target_dim(n, first.shape[1] if first.dim() > 1 else None, target, target_in_dim)
 
     def one(i):
-        return fn(pytree.tree_map(lambda t: t[i], out), target[i] if tdim == 0 else target, **kwargs)
+        mine = pytree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, out)
+        return fn(mine, target[i] if tdim == 0 else target, **kwargs)
     try:
         res = torch.vmap(lambda o, t: fn(o, t, **kwargs), in_dims=(0, tdim))(out, target)
         if isinstance(res, torch.Tensor) and res.shape == (n,):

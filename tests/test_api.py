@@ -292,3 +292,41 @@ def test_hook_based_weight_and_spectral_norm_batch(norm, what):
             for name, p in r.named_parameters():
                 torch.testing.assert_close(b.get_parameter(name).grad[i], p.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(b.unbatch(2).eval()(x), refs[2].eval()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_pruned_models_batch_each_with_its_own_mask():
+    """nn.utils.prune keeps ``weight = weight_orig * weight_mask`` recomputed by a pre-hook: models pruned
+    by different amounts (hook objects that differ only in how much they pruned) batch, without the
+    side-effect warning, and train as each alone; unbatch(i) is model i, still pruned."""
+    import warnings
+    import torch.nn.utils.prune as prune
+
+    def make(i):
+        torch.manual_seed(i)
+        m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).double()
+        prune.l1_unstructured(m[0], "weight", amount=0.2 + 0.2 * i)
+        prune.random_unstructured(m[2], "weight", amount=0.5)
+        return m
+    models, refs = [make(i) for i in range(3)], [make(i) for i in range(3)]
+    x = torch.randn(5, 4, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = mbcompile.batch(models)
+        b(x)
+    assert sorted(n for n, _ in b.named_buffers()) == ["0.weight_mask", "2.weight_mask"]
+    opt = mbcompile.optimizer(b, torch.optim.SGD, lr=[0.1, 0.2, 0.3])
+    ropts = [torch.optim.SGD(r.parameters(), lr=0.1 * (i + 1)) for i, r in enumerate(refs)]
+    for _ in range(3):
+        opt.zero_grad()
+        mbcompile.loss(F.cross_entropy, b(x), y).sum().backward()
+        opt.step()
+        for r, o in zip(refs, ropts):
+            o.zero_grad()
+            F.cross_entropy(r(x), y).backward()
+            o.step()
+    for i, r in enumerate(refs):
+        torch.testing.assert_close(b(x)[i], r(x), rtol=1e-12, atol=1e-12)
+        u = b.unbatch(i)
+        torch.testing.assert_close(u(x), r(x), rtol=1e-12, atol=1e-12)
+        assert prune.is_pruned(u) and torch.equal(u[0].weight_mask, r[0].weight_mask)

@@ -2,6 +2,7 @@
 (its values must carry no gradient) and circular padding on a computed tensor (functional aten.copy,
 which has no eager derivative). Both against each model alone, float64."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -135,3 +136,33 @@ def test_activation_checkpointing_trains_as_each_model_alone(reentrant):
                 assert reentrant and name.startswith("c.") and (got is None or not got[i].any()), name
                 continue
             torch.testing.assert_close(got[i], p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("nested", [True, False])
+def test_encoder_in_eval_with_a_padding_mask_matches_eagers_fast_path(nested, batch_first, aligned):
+    """In eval without grad, nn.TransformerEncoder(enable_nested_tensor=True) with a left-aligned
+    src_key_padding_mask takes torch's nested-tensor path: 0 at every padded position. The captured
+    program (traced: the regular path) zeroes them alike; elsewhere, and where eager takes the regular
+    path, the values are the regular ones."""
+    def make():
+        layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.0, batch_first=batch_first)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                       # torch: nested tensors are a prototype
+        models = _eval_models(make)
+        refs = copy.deepcopy(models)
+    x = torch.randn(*((3, T) if batch_first else (T, 3)), D, dtype=torch.float64)
+    pad = torch.zeros(3, T, dtype=torch.bool)
+    pad[0, 3:] = pad[2, 4:] = True
+    if not aligned:
+        pad[1, 0] = True                                      # a padded token before a kept one
+    b = mbcompile.batch(models, strict=True).eval()
+    with torch.no_grad():
+        out = b(x, src_key_padding_mask=pad)
+        for i, r in enumerate(refs):
+            ref = r(x, src_key_padding_mask=pad)
+            torch.testing.assert_close(out[i], ref, rtol=1e-10, atol=1e-12)
+    zeros = (out[0] if batch_first else out[0].transpose(0, 1))[pad].abs().max() == 0
+    assert bool(zeros) == (nested and aligned and batch_first)   # torch: the fast path needs batch_first

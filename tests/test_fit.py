@@ -369,3 +369,79 @@ def test_a_per_model_max_grad_norm_follows_the_models_left_after_a_drop(fused):
         ref_epochs(r, torch.optim.SGD(r.parameters(), lr=lrs[i]), 3,
                    lambda e: (train.set_epoch(e), list(train))[1], max_norm=norms[i])
         assert_model(batched, pos, r)
+
+
+class BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_frozen_model_keeps_its_batch_norm_statistics(fused):
+    """A frozen model's forward still runs with the others: its running statistics are put back, so
+    the model it stopped as is the one history.model(i) gives (as for a dropped model)."""
+    x, y = dataset()
+    batched = mbcompile.batch([BNNet().double() for _ in range(3)])
+    opt = optimizer(batched, torch.optim.SGD, lr=0.1)
+    at_stop = {}
+
+    def stop(run):
+        if run.epoch == 1:
+            at_stop.update({k: v.clone() for k, v in run.batched.unbatch(1).state_dict().items()})
+            run.stop([1], "freeze", "stopped by the test")
+    hist = fit(batched, [(x[:24], y[:24]), (x[24:], y[24:])], F.cross_entropy, opt, epochs=3, progress=False,
+               fused=fused, callbacks=[Lambda(after_epoch=stop)])
+    final = hist.model(1).state_dict()
+    for k, v in at_stop.items():
+        assert torch.equal(final[k], v), k
+    assert not torch.equal(hist.model(0).bn.running_mean, batched.unbatch(1).bn.running_mean)
+
+
+def test_masked_batches_without_a_models_samples_leave_its_statistics_alone():
+    """Model 2 owns no sample of batch 1: alone it never sees that batch, so neither its weights nor its
+    batch-norm statistics move there."""
+    x, y = dataset(32)
+    masks = torch.ones(3, 32, dtype=torch.bool)
+    masks[2, 8:16] = False
+    ms = [BNNet().double() for _ in range(3)]
+    refs = copy.deepcopy(ms)
+    train = SharedLoader(x, y, batch_size=8, shuffle=False, weights=masks)
+    batched = mbcompile.batch(ms)
+    opt = optimizer(batched, torch.optim.SGD, lr=[0.1, 0.2, 0.3])
+    fit(batched, train, F.cross_entropy, opt, epochs=2, data="mask", progress=False)
+    for i, r in enumerate(refs):
+        o = torch.optim.SGD(r.parameters(), lr=0.1 * (i + 1))
+        m = masks[i]
+        ref_epochs(r, o, 2, lambda e, m=m: [(x[k:k + 8][m[k:k + 8]], y[k:k + 8][m[k:k + 8]]) for k in range(0, 32, 8)])
+        assert_model(batched, i, r)
+        torch.testing.assert_close(batched.unbatch(i).bn.running_var, r.bn.running_var, **TOL)
+        assert int(batched.unbatch(i).bn.num_batches_tracked) == int(r.bn.num_batches_tracked)
+
+
+def test_values_callbacks_add_at_step_end_go_into_the_step_history():
+    x, y = dataset()
+    batched = mbcompile.batch(models(2))
+    opt = optimizer(batched, torch.optim.SGD, lr=[0.1, 0.2])
+
+    def add(run, logs):
+        logs["loss_x2"] = logs["loss"] * 2
+        if run.step >= 2:
+            logs["late"] = 7.0
+    hist = fit(batched, [(x[:24], y[:24]), (x[24:], y[24:])], F.cross_entropy, opt, epochs=2, progress=False,
+               callbacks=[Lambda(on_step_end=add)])
+    torch.testing.assert_close(torch.tensor(hist.steps["loss_x2"]), 2 * torch.tensor(hist.steps["loss"]))
+    assert hist.steps["late"] == [None, 7.0, 7.0, 7.0]
+
+
+def test_history_json_is_strict_and_keeps_infinities():
+    import json
+    h = History(2)
+    h.log_epoch(0, {"loss": [math.inf, math.nan]})
+    text = h.to_json()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    back = History.from_json(text)["loss"]
+    assert back[0, 0] == math.inf and math.isnan(back[0, 1])

@@ -117,3 +117,70 @@ def test_hooks_written_in_init_batch_when_they_do_the_same_on_every_model():
         mbcompile.batch([_Hooked(0.5), _Hooked(0.7)])
     with pytest.raises(ValueError, match="different forward pre hooks at 'a'"):  # over self.g
         mbcompile.batch([_Hooked(over_module=True), _Hooked(over_module=True)])
+
+
+class PenaltyInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 1)
+
+    def forward(self, x):
+        x = x.detach().requires_grad_(True)
+        g, = torch.autograd.grad(self.l(x).sum(), x, create_graph=True)
+        return g.norm(dim=1)
+
+
+def test_autograd_grad_in_forward_is_refused_naming_the_line_and_the_way_out():
+    with pytest.raises(mbcompile.CaptureError, match=r"calls torch.autograd.grad at .*test_gradient_changers.py:\d+: "
+                                                     r"g, = torch.autograd.grad.*in_dims=0.*create_graph=True"):
+        mbcompile.batch(PenaltyInForward(), n=2)(torch.randn(3, 4))
+
+
+ACTS = []
+
+
+def _store(mod, args, out):
+    ACTS.append(out)
+
+
+class Stores(nn.Module):
+    def __init__(self, attr=False, hook=False):
+        super().__init__()
+        self.a, self.b, self.attr = nn.Linear(4, 4), nn.Linear(4, 2), attr
+        if hook:
+            self.a.register_forward_hook(_store)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.attr:
+            self.last = h
+        return self.b(h)
+
+
+@pytest.mark.parametrize("attr,hook,says", [(True, False, r"stores tensors on module attributes \('last'\)"),
+                                            (False, True, r"forward hooks that return nothing \(a: _store\)")])
+def test_side_effects_of_forward_warn_and_strict_refuses(attr, hook, says):
+    """Storing an activation (on an attribute, or from a hook into a list) happens once, at capture, on
+    placeholder tensors: said, not silently lost; with strict=True refused."""
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match=says + r".*Return the tensors from forward"):
+        out = mbcompile.batch(Stores(attr, hook), n=2)(x)
+    assert out.shape == (2, 3, 2)
+    with pytest.raises(mbcompile.CaptureError, match=says):
+        mbcompile.batch(Stores(attr, hook), n=2, strict=True)(x)
+    ACTS.clear()
+
+
+def test_hooks_that_return_or_set_what_forward_uses_do_not_warn():
+    """A hook whose result replaces the output, torch's pruning pre-hook (it sets the weight forward
+    reads) and weight_norm's: part of the program, no warning."""
+    m = Stores()
+    m.a.register_forward_hook(lambda mod, args, out: out * 2)
+    import torch.nn.utils.prune as prune
+    prune.l1_unstructured(m.b, "weight", amount=0.5)
+    torch.nn.utils.weight_norm(m.a)
+    x = torch.randn(3, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = mbcompile.batch(m, n=2)(x)
+    torch.testing.assert_close(out[1], m(x))

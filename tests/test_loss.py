@@ -89,3 +89,20 @@ def test_a_per_model_target_of_the_wrong_leading_size_is_a_clear_error(fn):
     target = torch.randint(0, 4, (4, 5)) if fn is F.cross_entropy else torch.randn(4, 5, 4)
     with pytest.raises(mbcompile.MBCompileError, match=r"target_in_dim=0 .* n=3; got \(4, 5"):
         mbcompile.loss(fn, out, target, target_in_dim=0)
+
+
+def test_outputs_holding_none_and_numbers_reach_the_loss_as_they_are():
+    """A model returning {"logits": h, "aux": None} or (h, argmax, 3): the loss gets model i's
+    structure, tensors sliced, None and numbers unchanged."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 8, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (8,))
+    want = torch.stack([F.cross_entropy(h[i], y) for i in range(3)])
+    out = {"logits": h, "aux": None}
+    got = mbcompile.loss(lambda o, t: F.cross_entropy(o["logits"], t) + (0 if o["aux"] is None else 1), out, y)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    out = (h, h.argmax(-1), 3)
+    got = mbcompile.loss(lambda o, t: F.cross_entropy(o[0], t) * o[2] + 0 * o[1].sum(), out, y)
+    torch.testing.assert_close(got, 3 * want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(mbcompile.MBCompileError, match="holding no tensor"):
+        mbcompile.loss(lambda o, t: 0, (None, 3), y)

@@ -49,11 +49,21 @@ class RandomOps(nn.Module):
             return h * torch.empty_like(h).uniform_(-1.0, 3.0)
         if k == "transposed_dropout":
             return F.dropout(h.t(), 0.5, self.training).t()
+        if k == "fill_a_view":                              # in place into views of a tensor forward made
+            t = torch.zeros_like(h)
+            t[:, :3].uniform_(-1.0, 1.0)
+            t[0].bernoulli_(0.5)
+            return h * t
+        if k == "dropout_a_view_inplace":
+            h = h * 1
+            F.dropout(h[:, 2:], 0.5, self.training, inplace=True)
+            return h
         raise KeyError(k)
 
 
 KINDS = ["dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-         "rand_like", "randn_like", "bernoulli", "bernoulli_p", "normal_", "uniform_", "transposed_dropout"]
+         "rand_like", "randn_like", "bernoulli", "bernoulli_p", "normal_", "uniform_", "transposed_dropout",
+         "fill_a_view", "dropout_a_view_inplace"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
