@@ -279,6 +279,12 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     import time
     t0 = time.perf_counter()
     rng, changes = _random_state(), []
+    if kwargs.get("use_cache") is True and any(hasattr(m, "config") for m in template.modules()):
+        raise CaptureError(
+            f"{type(template).__name__} was called with use_cache=True: the key/value cache it returns is an object "
+            f"one batched graph cannot return (and training never reads it). Call it without use_cache (mbcompile "
+            f"captures with the config's use_cache off) or with use_cache=False; to generate, use "
+            f"batched.unbatch(i).generate(...)")
     try:
         with _watch_attributes(template, changes):
             ep, seen, lost = _export(template, args, kwargs)

@@ -130,6 +130,8 @@ def test_decoder_with_the_default_use_cache(arch):
     assert any(c.use_cache for c in cfgs)
     batched = mbcompile.batch(copy.deepcopy(models))
     ids, mask = inputs()
+    with pytest.raises(mbcompile.CaptureError, match="called with use_cache=True.*use_cache=False.*unbatch"):
+        batched(input_ids=ids, attention_mask=mask, use_cache=True)
     out = batched(input_ids=ids, attention_mask=mask, labels=ids)
     assert out.past_key_values is None
     assert [m.config.use_cache for m in batched._template.modules() if hasattr(m, "config")] == \
