@@ -47,8 +47,28 @@ def drop_dead_code(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _distinct_outputs(gm):
+    """A backward graph returning one value for two inputs' gradients (an LSTM's two biases): each later
+    use gets its own clone, else AccumulateGrad stores one tensor as both ``.grad`` and an in-place
+    change of one (clipping, unscaling, accumulation) changes the other."""
+    out = next(nd for nd in reversed(gm.graph.nodes) if nd.op == "output")
+    seen, vals = set(), list(out.args[0])
+    for k, v in enumerate(vals):
+        if isinstance(v, fx.Node):
+            if v in seen:
+                with gm.graph.inserting_before(out):
+                    vals[k] = gm.graph.call_function(torch.ops.aten.clone.default, (v,))
+                    vals[k].meta = dict(v.meta)
+            seen.add(v)
+    if any(a is not b for a, b in zip(vals, out.args[0])):
+        out.args = (type(out.args[0])(vals),) + tuple(out.args[1:])
+        gm.recompile()
+
+
 def _counting_inner(inner):
     def compile_inner(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            _distinct_outputs(gm)
         STATS["bw_graphs" if kwargs.get("is_backward") else "fw_graphs"] += 1
         t0 = time.perf_counter()
         try:
@@ -110,10 +130,18 @@ def _replication_pad_backward(grad, x, padding):
     return g
 
 
+RECOMPILE_LIMIT = 64
+
+
 def mbcompile_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     """torch.compile backend: mbcompile's graph passes, then Inductor (forward and backward)."""
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
     STATS["backend_calls"] += 1
+    # every batched program (module, input signature, mode) is a cache entry of one dynamo frame, the
+    # resume function after forward's capture step, shared by all batched modules: dynamo's default of 8
+    # would run the 9th program of a process eagerly, silently
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     for p in GRAPH_PASSES:
         p(gm)
     cpu = not any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in example_inputs)

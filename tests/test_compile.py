@@ -195,3 +195,49 @@ def test_replication_pad_after_a_conv_compiles_with_each_models_gradients(dims):
         torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b.conv.weight.grad[i], r.conv.weight.grad, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(b.conv.bias.grad[i], r.conv.bias.grad, rtol=1e-10, atol=1e-10)
+
+
+class TwoBiases(nn.Module):
+    """nn.LSTM: bias_ih and bias_hh get one and the same gradient value."""
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("how", ["compile=True", "torch.compile"])
+def test_compiled_gradients_that_are_one_value_get_their_own_storage(how):
+    """Inductor returns one tensor for two equal gradients; stored as both .grad, an in-place change of
+    one (clipping, unscaling, a second backward accumulating) changed the other: each has its own."""
+    torch.manual_seed(0)
+    models = [TwoBiases().double() for _ in range(2)]
+    x, y = torch.randn(3, 5, 3, dtype=torch.float64), torch.randint(0, 2, (3,))
+    eager = mbcompile.batch(copy.deepcopy(models))
+    b = mbcompile.batch(copy.deepcopy(models), compile=how == "compile=True")
+    call = torch.compile(b, backend="mbcompile") if how == "torch.compile" else b
+    for _ in range(2):                                        # accumulate over two backward passes
+        mbcompile.loss(F.cross_entropy, eager(x), y).sum().backward()
+        mbcompile.loss(F.cross_entropy, call(x), y).sum().backward()
+    g_ih, g_hh = b.lstm.bias_ih_l0.grad, b.lstm.bias_hh_l0.grad
+    assert g_ih.untyped_storage().data_ptr() != g_hh.untyped_storage().data_ptr()
+    norms = mbcompile.clip_grad_norm_(b, 0.01)
+    mbcompile.clip_grad_norm_(eager, 0.01)
+    for (name, p), (_, q) in zip(eager.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-13, msg=name)
+    assert norms.shape == (2,)
+
+
+def test_torch_compile_keeps_compiling_past_dynamos_default_recompile_limit():
+    """Each batched program is a cache entry of one dynamo frame shared by every batched module: past 8
+    (dynamo's default) the next ones ran eagerly, silently; the backend raises the limit."""
+    torch._dynamo.reset()                                     # the frame's cache entries of earlier tests
+    x = torch.randn(5, 4)
+    compiled = 0
+    for width in range(2, 12):                               # 10 programs
+        b = mbcompile.batch(nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 2)), n=2)
+        before = backend.STATS["backend_calls"]
+        torch.compile(b, backend="mbcompile")(x).sum().backward()
+        compiled += backend.STATS["backend_calls"] > before
+    assert compiled == 10
