@@ -16,14 +16,20 @@ from torch.utils import _pytree as pytree
 def _cumulative_batch_norm(model):
     """BatchNorm with momentum=None averages with 1/float(num_batches_tracked), a data-dependent Python
     float; during capture such layers (in training) compute the factor as a tensor instead."""
-    patched = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-               and m.momentum is None and m.training and m.track_running_stats]
-    for m in patched:
-        m.forward = types.MethodType(_bn_cumulative_forward, m)
+    with _forward_of([m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                      and m.momentum is None and m.training and m.track_running_stats], _bn_cumulative_forward):
+        yield
+
+
+@contextlib.contextmanager
+def _forward_of(modules, fn):
+    """``fn`` as these modules' forward (an instance attribute), removed afterwards."""
+    for m in modules:
+        m.forward = types.MethodType(fn, m)
     try:
         yield
     finally:
-        for m in patched:
+        for m in modules:
             del m.forward
 
 
@@ -150,14 +156,8 @@ def _nested_encoder_padding(template):
     nested-tensor fast path that returns 0 at every padded position; traced, it runs the regular path
     (other values there, the same elsewhere). While capturing, such encoders zero their padded positions
     where eager's fast path would (its conditions, the mask's left alignment as a tensor predicate)."""
-    enc = [m for m in template.modules() if isinstance(m, torch.nn.TransformerEncoder)]
-    for m in enc:
-        m.forward = types.MethodType(_encoder_forward, m)
-    try:
+    with _forward_of([m for m in template.modules() if isinstance(m, torch.nn.TransformerEncoder)], _encoder_forward):
         yield
-    finally:
-        for m in enc:
-            del m.forward
 
 
 def _encoder_forward(self, src, mask=None, src_key_padding_mask=None, is_causal=None):

@@ -131,6 +131,18 @@ def cross_entropy_n(out, y):
     return per_model_loss(F.cross_entropy, out, y)
 
 
+def step_together(batched, opt, refs, ropts, loss_fn, x, y):
+    """One step of the batch (mbcompile.loss(...).sum()) and of each model alone with its own optimizer."""
+    import mbcompile
+    opt.zero_grad()
+    mbcompile.loss(loss_fn, batched(x), y).sum().backward()
+    opt.step()
+    for r, o in zip(refs, ropts):
+        o.zero_grad()
+        loss_fn(r(x), y).backward()
+        o.step()
+
+
 def unbatched_params(batched, i):
     return dict(batched.unbatch(i).named_parameters())
 

@@ -300,6 +300,7 @@ def test_pruned_models_batch_each_with_its_own_mask():
     side-effect warning, and train as each alone; unbatch(i) is model i, still pruned."""
     import warnings
     import torch.nn.utils.prune as prune
+    from _stacked import step_together
 
     def make(i):
         torch.manual_seed(i)
@@ -318,13 +319,7 @@ def test_pruned_models_batch_each_with_its_own_mask():
     opt = mbcompile.optimizer(b, torch.optim.SGD, lr=[0.1, 0.2, 0.3])
     ropts = [torch.optim.SGD(r.parameters(), lr=0.1 * (i + 1)) for i, r in enumerate(refs)]
     for _ in range(3):
-        opt.zero_grad()
-        mbcompile.loss(F.cross_entropy, b(x), y).sum().backward()
-        opt.step()
-        for r, o in zip(refs, ropts):
-            o.zero_grad()
-            F.cross_entropy(r(x), y).backward()
-            o.step()
+        step_together(b, opt, refs, ropts, F.cross_entropy, x, y)
     for i, r in enumerate(refs):
         torch.testing.assert_close(b(x)[i], r(x), rtol=1e-12, atol=1e-12)
         u = b.unbatch(i)

@@ -1,6 +1,7 @@
 """Program-level chunking (mbcompile/chunking.py): a chunked program computes what each model alone
 computes (outputs, gradients, batch-norm buffers, sequential dropout masks), over two steps; the
 measurement leaves .grad and the random streams alone; the cases that must not chunk do not."""
+import contextlib
 import copy
 
 import pytest
@@ -187,27 +188,34 @@ def test_candidate_prefers_a_divisor_near_the_target():
     assert chunking.chunk_sizes(7, 3) == [3, 3, 1]
 
 
-def test_train_step_compiles_the_chunked_program_and_trains_as_the_normal_loop():
+def _train_step_against_the_loop(force=None):
+    """Two train_step calls (under lowering.force(program=force) if given) and two normal-loop steps of
+    the same models, whole: the parameters and batch-norm buffers agree. Returns the step."""
     torch.manual_seed(0)
     models = [Net(0.0).double() for _ in range(4)]
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 3, (2,))
+    lrs = [1e-2, 2e-2, 3e-2, 4e-2]
     ref = mbcompile.batch(copy.deepcopy(models))
-    ropt = mbcompile.optimizer(ref, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
-    with lowering.force(program="chunks3"):             # chunks 3,1
+    ropt = mbcompile.optimizer(ref, torch.optim.Adam, lr=lrs)
+    with lowering.force(program=force) if force else contextlib.nullcontext():
         b = mbcompile.batch(copy.deepcopy(models))
-        opt = mbcompile.optimizer(b, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
-        step = mbcompile.train_step(b, F.cross_entropy, opt)
+        step = mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(b, torch.optim.Adam, lr=lrs))
         for _ in range(2):
             step(x, y)
-    for _ in range(2):
-        ropt.zero_grad()
-        mbcompile.loss(F.cross_entropy, ref(x), y).sum().backward()
-        ropt.step()
-    assert step.times.get("chunks") == 3
+    with lowering.force(program="whole"):
+        for _ in range(2):
+            ropt.zero_grad()
+            mbcompile.loss(F.cross_entropy, ref(x), y).sum().backward()
+            ropt.step()
     for (name, p), (_, q) in zip(b.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(b.b1.running_mean, ref.b1.running_mean, rtol=1e-10, atol=1e-12)
+    return step
+
+
+def test_train_step_compiles_the_chunked_program_and_trains_as_the_normal_loop():
+    assert _train_step_against_the_loop(force="chunks3").times.get("chunks") == 3     # chunks 3,1
 
 
 @pytest.mark.parametrize("winner", ["whole", 2, "plain"])
@@ -225,23 +233,6 @@ def test_train_step_compiles_what_the_eager_chooser_measured(monkeypatch, winner
         timed.update(dict.fromkeys(progs))
         return {k: (0.0 if k == key else 1.0) for k in progs}
     monkeypatch.setattr(chunking, "_measure", measure)
-    torch.manual_seed(0)
-    models = [Net(0.0).double() for _ in range(4)]
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 3, (2,))
-    ref = mbcompile.batch(copy.deepcopy(models))
-    ropt = mbcompile.optimizer(ref, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
-    b = mbcompile.batch(copy.deepcopy(models))
-    opt = mbcompile.optimizer(b, torch.optim.Adam, lr=[1e-2, 2e-2, 3e-2, 4e-2])
-    step = mbcompile.train_step(b, F.cross_entropy, opt)
-    for _ in range(2):
-        step(x, y)
-    with lowering.force(program="whole"):
-        for _ in range(2):
-            ropt.zero_grad()
-            mbcompile.loss(F.cross_entropy, ref(x), y).sum().backward()
-            ropt.step()
+    step = _train_step_against_the_loop()
     assert set(timed) == {4, 2, 1, chunking.PLAIN}, timed
     assert step.times.get("chunks") == {"whole": None, 2: 2, "plain": 1}[winner]
-    for (name, p), (_, q) in zip(b.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=name)

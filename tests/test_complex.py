@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mbcompile
+from _stacked import step_together
 
 N = 2
 OPTIMS = [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)), (torch.optim.Adam, dict(lr=0.1)),
@@ -71,13 +72,7 @@ def test_complex_parameter_steps_as_torch_optim(optim, hp, compile):
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 1, generator=g, dtype=torch.float64)
-        opt.zero_grad()
-        mbcompile.loss(F.mse_loss, b(x), y).sum().backward()
-        opt.step()
-        for r, o in zip(refs, ropts):
-            o.zero_grad()
-            F.mse_loss(r(x), y).backward()
-            o.step()
+        step_together(b, opt, refs, ropts, F.mse_loss, x, y)
     for i, r in enumerate(refs):
         for name, p in r.named_parameters():
             torch.testing.assert_close(b.get_parameter(name)[i], p, rtol=1e-12, atol=1e-14)
