@@ -91,13 +91,26 @@ def _gradient_changers():
                 f"call torch.autograd.grad(out.sum(), x, create_graph=True) in the loss; slice i is model i's gradient")
         return grad(*args, **kwargs)
 
+    data = torch._C.TensorBase.__dict__["data"]
+
+    def set_data(self, value):
+        if "/torch/" not in sys._getframe(1).f_code.co_filename:
+            from .errors import CaptureError
+            raise CaptureError(
+                f"forward assigns a tensor's .data at {_user_line()}: export does not follow the assignment, so "
+                f"the batched module would never see the new value. Write it as an in-place copy under "
+                f"torch.no_grad() (self.buf.copy_(new)), or assign the buffer itself (self.buf = new)")
+        data.__set__(self, value)
+
     torch.autograd.Function.apply, torch.Tensor.register_hook = classmethod(apply), register_hook
     torch.autograd.grad = autograd_grad
+    torch.Tensor.data = property(data.__get__, set_data)
     try:
         yield seen
     finally:
         torch.autograd.Function.apply, torch.Tensor.register_hook = fn_apply, hook
         torch.autograd.grad = grad
+        del torch.Tensor.data
 
 
 _SETTING_HOOKS = ("WeightNorm", "SpectralNorm")    # pre-hooks that set the weight forward then reads

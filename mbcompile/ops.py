@@ -14,7 +14,13 @@ _DROPOUT = {"plain": torch.dropout, "feature": torch.feature_dropout,
             "alpha": torch.alpha_dropout, "feature_alpha": torch.feature_alpha_dropout}
 
 
-@torch.library.custom_op("mbcompile::dropout", mutates_args=())
+# a draw advances a random stream even when its result is unused (the last mask of a decoder loop):
+# tagged as random, and registered as effectful (below), since export's run_decompositions drops an unused
+# pure op, aten.rand included; capture then runs each as a plain call again (graph_fixes._drop_effect_tokens)
+_RANDOM = (torch.Tag.nondeterministic_seeded,)
+
+
+@torch.library.custom_op("mbcompile::dropout", mutates_args=(), tags=_RANDOM)
 def dropout(x: Tensor, p: List[float], mode: str) -> Tensor:
     """Model 0's view of a dropout whose rate may differ per model (``p`` has one entry or n)."""
     return _DROPOUT[mode](x, p[0], True).clone()
@@ -35,7 +41,7 @@ def _(x, slope):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mbcompile::draw", mutates_args=())
+@torch.library.custom_op("mbcompile::draw", mutates_args=(), tags=_RANDOM)
 def draw(like: Optional[Tensor], kind: str, a: float, b: float, shape: List[int], stride: List[int],
          dtype: torch.dtype, device: torch.device) -> Tensor:
     """A fresh random tensor as eager torch draws it: empty_strided(shape, stride).<kind>_(a, b);
@@ -174,7 +180,7 @@ def rrelu_noise(x, lower, upper):
     return noise
 
 
-@torch.library.custom_op("mbcompile::random_call", mutates_args=())
+@torch.library.custom_op("mbcompile::random_call", mutates_args=(), tags=_RANDOM)
 def random_call(key: int, tensors: List[Tensor]) -> Tensor:
     return random_call_one(key, tensors)
 
@@ -373,3 +379,12 @@ def eager_module(gm):
                                    zip(names[len(nd.args):], nd.target._schema.arguments[len(nd.args):])]
             nd.args, nd.kwargs, nd.target = tuple(pos), {}, EAGER[nd.target]
     return fx.GraphModule(gm, graph)
+
+
+def _keep_unused_draws():
+    from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
+    for op in (dropout, draw, random_call):
+        _register_effectful_op(op._opoverload, _EffectType.ORDERED)
+
+
+_keep_unused_draws()

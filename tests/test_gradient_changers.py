@@ -184,3 +184,22 @@ def test_hooks_that_return_or_set_what_forward_uses_do_not_warn():
         warnings.simplefilter("error")
         out = mbcompile.batch(m, n=2)(x)
     torch.testing.assert_close(out[1], m(x))
+
+
+class AssignsData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.register_buffer("mem", torch.zeros(2))
+
+    def forward(self, x):
+        self.mem.data = (self.mem + 1).detach()
+        return self.lin(x) + self.mem
+
+
+def test_assigning_data_in_forward_is_refused_naming_the_line():
+    """``self.buf.data = new`` in forward: export drops it (the batched buffer would never change, as it
+    does alone): refused, with the in-place copy that works instead."""
+    with pytest.raises(mbcompile.CaptureError, match=r"assigns a tensor's .data at .*self.mem.data = .*copy_"):
+        mbcompile.batch(AssignsData(), n=2)(torch.randn(3, 2))
+    assert "data" not in torch.Tensor.__dict__                  # the class is as it was

@@ -451,3 +451,39 @@ def test_a_draw_from_an_explicit_generator_is_refused_with_its_line(how, strict)
     kw = {"g": torch.Generator().manual_seed(1)} if how == "passed" else {}
     with pytest.raises(mbcompile.UnsupportedOpError, match=r"(?s)generator.*test_random.py.*generator=g"):
         b(torch.randn(5, 4), **kw)
+
+
+class UnusedDraws(nn.Module):
+    """Draws whose results forward never uses (the last scheduled-sampling mask of a decoder loop): they
+    still advance model i's stream, as alone."""
+    def __init__(self, kind):
+        super().__init__()
+        self.fc, self.kind = nn.Linear(6, 6), kind
+
+    def forward(self, x):
+        h = self.fc(x)
+        k = self.kind
+        if k == "rand":
+            torch.rand(4)
+        elif k == "dropout":
+            F.dropout(h, 0.5, self.training)
+        elif k == "randperm":
+            torch.randperm(5)
+        elif k == "normal_":
+            torch.empty(3).normal_()
+        return h * torch.rand_like(h)
+
+
+@pytest.mark.parametrize("kind", ["rand", "dropout", "randperm", "normal_"])
+def test_draws_whose_results_are_unused_still_advance_each_stream(kind):
+    models = [UnusedDraws(kind).double() for _ in SEEDS]
+    refs = copy.deepcopy(models)
+    b = mbcompile.batch(models, seeds=SEEDS, strict=True)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    outs = [b(x) for _ in range(3)]
+    for i, r in enumerate(refs):
+        torch.manual_seed(SEEDS[i])
+        for out in outs:
+            torch.testing.assert_close(out[i], r(x), rtol=1e-12, atol=1e-12)
+    for mode in ("different", "same"):
+        assert mbcompile.batch(copy.deepcopy(refs), randomness=mode)(x).shape == (3, 5, 6)
