@@ -16,7 +16,6 @@ backward graphs Inductor compiled, seconds spent), so tests can prove that compi
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections import Counter
@@ -474,11 +473,10 @@ class TrainStep:
         from .batching import _trace
         nv = len(flat) - n_tail - 1
         loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
-        from . import chunking, lowering
+        from . import chunking
         k = chunking.compiled_chunk(prog, self.batched.n, [flat[s] for s in slot])
         if k is not None:                            # big CPU program: chunks, as the eager chooser measured
-            with lowering.force("default") if k == chunking.PLAIN else contextlib.nullcontext():
-                gm = prog.chunked(chunking.chunk_sizes(self.batched.n, max(k, 1)), [flat[s] for s in slot], [])
+            gm = chunking.traced(prog, self.batched.n, k, [flat[s] for s in slot], [])
             self.times["chunks"] = max(k, 1)
 
         where = {t: j for j, (k, t) in enumerate(prog.captured.inputs) if k == "param"}

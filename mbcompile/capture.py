@@ -213,7 +213,7 @@ def _hook_weights(mod) -> set:
 
 
 @contextlib.contextmanager
-def _watch_attributes(template, changes: list):
+def _watch_attributes(template, changes: list, stores: list):
     """Record forward's assignments of plain values (numbers, strings) to the template's modules:
     export puts the attributes back afterwards, but the graph keeps what forward read of them."""
     paths = {id(m): p for p, m in template.named_modules()}
@@ -224,7 +224,7 @@ def _watch_attributes(template, changes: list):
         if p is not None and not name.startswith("_") and isinstance(value, torch.Tensor) \
                 and not isinstance(value, nn.Parameter) and name not in self._buffers and name not in self._parameters \
                 and name not in _hook_weights(self):
-            changes.append(("tensor", (p + "." if p else "") + name))
+            stores.append((p + "." if p else "") + name)
         elif p is not None and not name.startswith("_") and name != "training" \
                 and type(value) in (int, float, bool, str):
             old = self.__dict__.get(name, _MISSING)
@@ -241,7 +241,7 @@ def _watch_attributes(template, changes: list):
         nn.Module.__setattr__ = setattr_
 
 
-def _refuse_python_state(template, draws, changes, strict, lost=()):
+def _refuse_python_state(template, draws, changes, strict, stores=(), lost=()):
     """Forward that draws Python / numpy random numbers is refused (each model alone would draw anew
     at every call; the graph keeps the one draw of capture); forward that changes a plain attribute
     (a step counter, a cached length) warns, or with strict=True is refused."""
@@ -251,8 +251,7 @@ def _refuse_python_state(template, draws, changes, strict, lost=()):
             f"{name}.forward draws from {draws[0]}: a captured graph keeps the value drawn while capturing, "
             f"so every later call would repeat it. Draw with torch instead (torch.rand(()), torch.bernoulli; "
             f"with randomness='sequential' each model then gets the draws it would get alone)")
-    stores = list(dict.fromkeys(c[1] for c in changes if isinstance(c, tuple)))
-    changes = [c for c in changes if not isinstance(c, tuple)]
+    stores = list(dict.fromkeys(stores))
     if stores or lost:
         what = ([f"stores tensors on module attributes ({', '.join(map(repr, stores[:3]))})"] if stores else []) + \
                ([f"has forward hooks that return nothing ({'; '.join(dict.fromkeys(lost[:3]))})"] if lost else [])
@@ -276,7 +275,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     """Export ``template`` (one model, unbatched example inputs) and prepare it for batching."""
     import time
     t0 = time.perf_counter()
-    rng, changes = _random_state(), []
+    rng, changes, stores = _random_state(), [], []
     if kwargs.get("use_cache") is True and any(hasattr(m, "config") for m in template.modules()):
         raise CaptureError(
             f"{type(template).__name__} was called with use_cache=True: the key/value cache it returns is an object "
@@ -284,7 +283,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
             f"captures with the config's use_cache off) or with use_cache=False; to generate, use "
             f"batched.unbatch(i).generate(...)")
     try:
-        with _watch_attributes(template, changes):
+        with _watch_attributes(template, changes, stores):
             ep, seen, lost = _export(template, args, kwargs)
     except MBCompileError:
         raise
@@ -343,7 +342,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     _refuse_data_dependent_shapes(ep.graph_module, template)
     _refuse_own_generators(ep.graph_module)
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
-    _refuse_python_state(template, _draws(rng), changes, strict, lost)
+    _refuse_python_state(template, _draws(rng), changes, strict, stores, lost)
     _detach_no_grad_regions(ep.graph_module)
     _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)

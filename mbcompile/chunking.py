@@ -144,7 +144,7 @@ class Chooser:
         t0 = time.perf_counter()
         ks = [forced] if forced else sorted({candidate(n, biggest), candidate(n, biggest, SMALL_BYTES)})
         recs = {k: [] for k in ks}
-        progs = {n: gm, **{k: ops.eager_module(prog.chunked(chunk_sizes(n, k), vals, recs[k])) for k in ks}}
+        progs = {n: gm, **{k: ops.eager_module(traced(prog, n, k, vals, recs[k])) for k in ks}}
         if 1 in ks and not forced:
             # one model at a time with the default lowerings: at n=1 those are the model's own ops in
             # its own layout. Each op's measured lowering can still lose there, by the layout copies
@@ -153,8 +153,7 @@ class Chooser:
             # program, is timed too: the chunked program is then never slower than running the
             # models one after another (up to timing noise)
             recs[PLAIN] = []
-            with lowering.force("default"):
-                progs[PLAIN] = ops.eager_module(prog.chunked(chunk_sizes(n, 1), vals, recs[PLAIN]))
+            progs[PLAIN] = ops.eager_module(traced(prog, n, PLAIN, vals, recs[PLAIN]))
         if forced:
             best, why = forced, "forced by MBCOMPILE_LOWERING / lowering.force"
         else:
@@ -173,6 +172,14 @@ class Chooser:
 
 
 PLAIN = 0    # the key of "chunks of one model, default lowerings" among the timed programs
+
+
+def traced(prog, n, k, vals, recs):
+    """The program over chunks of k models (PLAIN: of one model, with the default lowerings)."""
+    if k == PLAIN:
+        with lowering.force("default"):
+            return prog.chunked(chunk_sizes(n, 1), vals, recs)
+    return prog.chunked(chunk_sizes(n, k), vals, recs)
 
 
 def _label(n, k):

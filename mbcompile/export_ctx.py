@@ -11,6 +11,8 @@ import types
 import torch
 from torch.utils import _pytree as pytree
 
+from .errors import CaptureError
+
 
 @contextlib.contextmanager
 def _cumulative_batch_norm(model):
@@ -83,7 +85,6 @@ def _gradient_changers():
 
     def autograd_grad(*args, **kwargs):
         if "/torch/" not in sys._getframe(1).f_code.co_filename:
-            from .errors import CaptureError
             raise CaptureError(
                 f"forward calls torch.autograd.grad at {_user_line()}: a gradient taken inside forward (a gradient "
                 f"penalty, an input-gradient feature) cannot be captured into the batched graph. Take it outside "
@@ -95,7 +96,6 @@ def _gradient_changers():
 
     def set_data(self, value):
         if "/torch/" not in sys._getframe(1).f_code.co_filename:
-            from .errors import CaptureError
             raise CaptureError(
                 f"forward assigns a tensor's .data at {_user_line()}: export does not follow the assignment, so "
                 f"the batched module would never see the new value. Write it as an in-place copy under "
@@ -113,12 +113,10 @@ def _gradient_changers():
         del torch.Tensor.data
 
 
-_SETTING_HOOKS = ("WeightNorm", "SpectralNorm")    # pre-hooks that set the weight forward then reads
-
-
 def _library_code(fn) -> bool:
-    """A hook of torch, mbcompile or an installed package (transformers' enable_input_require_grads
-    hook sets requires_grad on its output): the user's own hooks are what may store activations."""
+    """A hook of torch (weight_norm, spectral_norm, prune: they set the weight forward reads), mbcompile
+    or an installed package (transformers' enable_input_require_grads hook sets requires_grad on its
+    output): the user's own hooks are what may store activations."""
     mod = getattr(fn, "__module__", None) or type(fn).__module__
     code = getattr(getattr(fn, "__func__", fn), "__code__", None) or getattr(type(fn).__call__, "__code__", None)
     path = code.co_filename if code is not None else ""
@@ -151,7 +149,7 @@ def _side_effect_hooks(template):
         for kind in ("_forward_hooks", "_forward_pre_hooks"):
             hooks = getattr(m, kind)
             for k, h in list(hooks.items()):
-                if type(h).__name__ not in _SETTING_HOOKS and not _library_code(h):
+                if not _library_code(h):
                     saved.append((hooks, k, h))
                     hooks[k] = wrap(h, path or type(template).__name__)
     torch.nn.Module.__setattr__ = counting
@@ -177,11 +175,10 @@ def _encoder_forward(self, src, mask=None, src_key_padding_mask=None, is_causal=
     out = torch.nn.TransformerEncoder.forward(self, src, mask=mask, src_key_padding_mask=src_key_padding_mask,
                                               is_causal=is_causal)
     first = self.layers[0]
-    params = [p for p in first.parameters()]
     if not (torch.backends.mha.get_fastpath_enabled() and getattr(self, "use_nested_tensor", False)
             and not first.training and src.dim() == 3 and src_key_padding_mask is not None and mask is None
             and not torch.is_autocast_enabled() and not out.is_nested
-            and not (torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in params)))):
+            and not (torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in first.parameters())))):
         return out
     pad = src_key_padding_mask if src_key_padding_mask.dtype == torch.bool else src_key_padding_mask != 0  # B,S
     keep = ~pad

@@ -505,14 +505,14 @@ def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):
 def _buffers_of(batched, rows):
     """The models ``rows``' slices of every stacked buffer (batch norm's running statistics)."""
     n = batched.n
-    return {name: b[rows].clone() for name, b in batched.named_buffers() if b.dim() and b.shape[0] == n}
+    return {name: b[rows.to(b.device)].clone() for name, b in batched.named_buffers() if b.dim() and b.shape[0] == n}
 
 
 @torch.no_grad()
 def _put_buffers(batched, rows, saved):
     for name, b in batched.named_buffers():
         if name in saved:
-            b[rows] = saved[name]
+            b[rows.to(b.device)] = saved[name]
 
 
 def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
@@ -522,18 +522,13 @@ def _train_step(run, router, batch, loss_fn, amp, max_grad_norm, interval):
     x, y, tdim, w = router(batch)
     idle = run.frozen_pos.clone() if w is None else torch.ones(len(run.active), dtype=torch.bool)
     rows = idle.nonzero().flatten()
-    saved = _buffers_of(run.batched, rows.to(_device(run.batched))) if len(rows) else None
+    saved = _buffers_of(run.batched, rows) if len(rows) else None
     loss, count, train = _one_step(run, x, y, tdim, w, loss_fn, amp, max_grad_norm)
     if saved:
         back = (idle & ~train)[rows]                    # of the saved rows, those that did not train
         if bool(back.any()):
-            keep = rows[back].to(_device(run.batched))
-            _put_buffers(run.batched, keep, {k: v[back.to(v.device)] for k, v in saved.items()})
+            _put_buffers(run.batched, rows[back], {k: v[back.to(v.device)] for k, v in saved.items()})
     _after_step(run, loss, count, train, interval)
-
-
-def _device(batched):
-    return next(iter(batched.parameters()), torch.empty(0)).device
 
 
 def _one_step(run, x, y, tdim, w, loss_fn, amp, max_grad_norm):
