@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidTypeError
 from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
 STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
@@ -271,6 +271,11 @@ class TrainStep:
                                         "per model on the host); use the normal loop with mbcompile.GradScaler")
             if k == "closure":
                 raise InvalidInputError("mbcompile.train_step computes the loss itself and takes no closure")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidTypeError(
+                f"mbcompile.train_step takes one optimizer over every trainable parameter of the batched module, "
+                f"got {type(optimizer).__name__}; several optimizers (per-parameter settings through params=) "
+                f"train in the normal loop: batched(x), mbcompile.loss(...).sum().backward(), then each opt.step()")
         self.per_model = bool(getattr(optimizer, "_mbcompile_per_model", False))
         kind = type(optimizer).__name__
         if self.per_model:
@@ -465,7 +470,8 @@ class TrainStep:
             mine = {id(p) for p in self.opt._params}
             if any(id(flat[i]) not in mine for i in pidx):
                 raise InvalidInputError("mbcompile.train_step: the optimizer does not hold every trainable "
-                                        "parameter of the batched module")
+                                        "parameter of the batched module; several optimizers over parts of it "
+                                        "(params=) train in the normal loop, each with its own opt.step()")
         return pidx
 
     def _compile(self, prog, slot, pidx, flat, n_tail, update, clip):

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import _PER_MODEL_SCALARS, Captured, _hook_weights, capture
 from . import archcheck, chunking, hostmem, ops
+from . import shells as _shells
 from .passes import batch_pass
 from .errors import InvalidInputError, InvalidTypeError, OutOfRangeError
 
@@ -301,7 +302,8 @@ class BatchedModule(nn.Module):
                 f"under torch.no_grad() before batching") from e
         object.__setattr__(self, "_programs", {})
         self._n, self._in_dims, self._randomness = n, in_dims, randomness
-        self._strict, self._compile, self._consts = strict, compile, consts or {}
+        self._strict, self._compile = strict, compile
+        self._consts = {path: dict(attrs) for path, attrs in (consts or {}).items()}
         if seeds is None:
             seeds = torch.randint(0, 2**62, (n,)).tolist()
         seeds = [int(s) for s in seeds]
@@ -312,6 +314,9 @@ class BatchedModule(nn.Module):
         self._build_tree(models)
         self.training = base.training                  # each submodule keeps its own mode (a frozen bn.eval())
         object.__setattr__(self, "_shells", list(self.modules()))
+        object.__setattr__(self, "_shell_paths", [p for p, _ in self.named_modules()])
+        object.__setattr__(self, "_attr_ids", {})
+        object.__setattr__(self, "_attr_epoch", None)
         object.__setattr__(self, "_p0", next(iter(self.parameters()), None))
 
     # ---- structure -------------------------------------------------------------------------------
@@ -325,15 +330,14 @@ class BatchedModule(nn.Module):
                 f"the model (nn.Sequential(model) names its parameters '0.*')")
         shells = {"": self}
         by_id = {id(base): self}
+        like = dict(self._template.named_modules(remove_duplicate=False))
         for path, mod in base.named_modules(remove_duplicate=False):
             if path == "":
                 continue
             parent, _, leaf = path.rpartition(".")
             shell = by_id.get(id(mod))
             if shell is None:
-                shell = nn.Module()
-                shell.training = mod.training
-                by_id[id(mod)] = shell
+                shell = by_id[id(mod)] = _shells.make(mod, like[path])
             shells[parent].add_module(leaf, shell)
             shells[path] = shell
         stacked = {}
@@ -360,6 +364,30 @@ class BatchedModule(nn.Module):
     def _modes(self):
         """Every module's train/eval flag: a program is captured per combination."""
         return tuple([m.training for m in self._shells])
+
+    def _attr_key(self):
+        """The plain attributes of the submodules (BatchNorm momentum, Dropout.p, ...) as a small int for
+        the program key. One the user set on a submodule since (update_bn's momentum=None) is copied onto
+        the template that capture reads, as every model's value."""
+        if self._attr_epoch == _shells.EPOCH[0]:
+            return self._attr_id
+        tmods = list(self._template.modules())
+        fp = []
+        for k in range(1, len(self._shells)):
+            shell, tm, path = self._shells[k], tmods[k], self._shell_paths[k]
+            for name in shell.__dict__.pop(_shells.SET, ()):
+                if name in shell.__dict__:
+                    setattr(tm, name, shell.__dict__[name])
+                    attrs = self._consts.get(path, {})
+                    if attrs.pop(name, None) is not None and not attrs:
+                        del self._consts[path]
+            fp += [(k, name, v) for name, v in shell.__dict__.items()
+                   if name not in _shells.INTERNAL and _shells.plain(v)]
+        fp += [(path, attr, tuple(vals)) for path, attrs in self._consts.items() for attr, vals in attrs.items()]
+        ids = self._attr_ids
+        object.__setattr__(self, "_attr_id", ids.setdefault(tuple(fp), len(ids)))
+        object.__setattr__(self, "_attr_epoch", _shells.EPOCH[0])
+        return self._attr_id
 
     @property
     def n(self) -> int:
@@ -388,7 +416,7 @@ class BatchedModule(nn.Module):
         """Pickling (torch.save of the whole module) leaves out the captured programs: they hold traced
         closures, and the next call after loading captures again."""
         state = dict(self.__dict__)
-        state["_programs"], state["_fast_programs"] = {}, {}
+        state["_programs"], state["_fast_programs"], state["_attr_epoch"] = {}, {}, None
         state.pop("_last_program", None)
         return state
 
@@ -459,9 +487,11 @@ class BatchedModule(nn.Module):
             for attr, vals in attrs.items():
                 new = [vals[k] for k in keep]
                 setattr(self._template.get_submodule(path), attr, new[0])   # the template: model keep[0]
+                object.__setattr__(self.get_submodule(path), attr, new[0])  # and its shell, which shows it
                 if any(v != new[0] for v in new):
                     consts.setdefault(path, {})[attr] = new
         self._consts = consts
+        object.__setattr__(self, "_attr_epoch", None)   # the program key reads the kept models' values
         self._n = len(keep)
         self._programs.clear()
         for obj in list(_SHRINK_LISTENERS.get(self, ())):      # train_step's per-model max_grad_norm
@@ -499,7 +529,7 @@ class BatchedModule(nn.Module):
         stacked params/buffers, constants, user tensors, then the per-model RNG states."""
         fast = not kwargs and all(type(a) is torch.Tensor for a in args)
         if fast:                                     # positional tensors only: one dict lookup per call
-            fkey = (tuple((a.shape, a.stride(), a.dtype, a.device) for a in args), self._modes(),
+            fkey = (tuple((a.shape, a.stride(), a.dtype, a.device) for a in args), self._modes(), self._attr_key(),
                     self._randomness, self._n, self._in_dims, _autocast_key(), self._param_dtype())
             cache = self.__dict__.setdefault("_fast_programs", {})
             hit = cache.get(fkey)
@@ -524,7 +554,8 @@ class BatchedModule(nn.Module):
         device = next(iter(self.parameters()), torch.empty(0)).device
         # strides too: the traced program keeps the views its first inputs allowed
         key = (spec, tuple((tuple(x.shape), x.stride(), x.dtype, x.device, d) if isinstance(x, torch.Tensor)
-                           else ("c", repr(x)) for x, d in zip(leaves, dims)), self._modes(), self._randomness,
+                           else ("c", repr(x)) for x, d in zip(leaves, dims)), self._modes(), self._attr_key(),
+               self._randomness,
                self._n, _autocast_key(), self._param_dtype())
         prog = self._programs.get(key)
         if prog is None:

@@ -284,6 +284,8 @@ def test_train_step_refuses_what_it_does_not_fuse():
         mbcompile.train_step(b, F.cross_entropy, torch.optim.LBFGS(b.parameters()))
     with pytest.raises(ValueError, match="mbcompile.optimizer"):
         mbcompile.train_step(b, F.cross_entropy, torch.optim.Rprop(b.parameters()))
+    with pytest.raises(TypeError, match="one optimizer.*several optimizers.*normal loop"):
+        mbcompile.train_step(b, F.cross_entropy, [mbcompile.optimizer(b, torch.optim.SGD, lr=0.1)])
     other = mbcompile.batch(Net(), n=3)
     with pytest.raises(ValueError, match="n=3"):
         mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(other, torch.optim.SGD, lr=0.1))
