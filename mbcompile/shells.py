@@ -6,13 +6,16 @@ freezing every BatchNorm, weight-decay exclusions by type).
 What the original class overrides of nn.Module's machinery (``_apply``, ``__setattr__``, state-dict
 hooks, ...) is put back to nn.Module's own on the shell: those overrides act on one model's tensors
 (``RNNBase._apply`` flattens cuDNN weights). ``train`` and ``extra_repr`` stay the class's own.
-``forward`` refuses: the shell's tensors are [n, ...], the batched model runs the captured program.
+``forward`` refuses: the shell's tensors are [n, ...], the batched model runs the captured program
+(hooks registered on a shell warn that they never run).
 
 Plain attributes (numbers, bools, strings, None, tuples of them: ``momentum``, ``eps``, ``p``) are copied
 from the model; setting one on a shell bumps :data:`EPOCH`, and the batched model then copies it onto
 the module it captures (every model's value from then on) and captures again.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn as nn
@@ -58,6 +61,22 @@ def _setattr(self, name, value):
         EPOCH[0] += 1
 
 
+def _hook_warning(register):
+    def wrapper(self, *args, **kwargs):
+        warnings.warn(
+            f"{register.__name__} on a {type(self).__name__} inside a batched model: the batched model runs the "
+            f"program captured from the models, so this hook never runs. Register hooks on the models before "
+            f"mbcompile.batch (they are captured), or on the batched model itself", UserWarning, stacklevel=2)
+        return register(self, *args, **kwargs)
+    wrapper.__name__ = register.__name__
+    return wrapper
+
+
+_HOOKS = {name: _hook_warning(getattr(nn.Module, name)) for name in (
+    "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+    "register_full_backward_pre_hook", "register_backward_hook")}
+
+
 def _remake(cls):
     sub = shell_class(cls) or nn.Module
     return object.__new__(sub) if sub is not nn.Module else nn.Module.__new__(nn.Module)
@@ -87,6 +106,7 @@ def shell_class(cls):
     ns = {name: val for name, val in vars(nn.Module).items()
           if callable(val) and name not in _KEEP and (not name.startswith("__") or name in _DUNDERS)
           and _overrides(base, name)}
+    ns.update(_HOOKS)
     ns.update(forward=_forward, __setattr__=_setattr, __reduce_ex__=_reduce_ex, extra_repr=_extra_repr_of(base),
               __module__=base.__module__, __qualname__=base.__qualname__, _mbcompile_shell=True)
     try:

@@ -175,3 +175,13 @@ def test_repr_survives_an_extra_repr_that_reads_what_a_shell_lacks():
     m.scale_tensor = torch.tensor(2.0)                     # an unregistered tensor: not on the shell
     b = mbcompile.batch(nn.Sequential(m), n=2)
     assert "Odd()" in repr(b)
+
+
+def test_a_hook_on_a_submodule_warns_that_it_never_runs():
+    b = mbcompile.batch(_models())
+    seen = []
+    with pytest.warns(UserWarning, match="register_forward_hook.*never runs.*before"):
+        h = b.l1.register_forward_hook(lambda m, i, o: seen.append(o))
+    b(_data(1)[0][0])
+    assert seen == []
+    h.remove()
