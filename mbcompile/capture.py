@@ -77,6 +77,20 @@ def _data_dependent(e):
                                    "Could not guard", "Could not extract specialized integer"))
 
 
+def _tied_renorm(template):
+    """(embedding path, other name) of an nn.Embedding with max_norm whose weight another module shares."""
+    names: dict = {}
+    for name, p in template.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for path, m in template.named_modules():
+        if isinstance(m, nn.Embedding) and m.max_norm is not None:
+            own = f"{path}.weight" if path else "weight"
+            others = [k for k in names.get(id(m.weight), []) if k != own]
+            if others:
+                return path or "<root>", others[0]
+    return None
+
+
 def _check_per_model_consts(template, args, kwargs, ep, consts):
     """A scalar that differs per model (Dropout.p, ...) is batched where its own module uses it; forward may
     also read it elsewhere (``F.dropout(x, self.drop.p)``, HF attention's ``dropout_p=self.dropout.p``), where
@@ -351,6 +365,13 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             ep = ep.run_decompositions(decomposition_table())
     except Exception as e:  # noqa: BLE001 - torch's own limits (e.g. a tied weight renormalised in place)
+        tied = _tied_renorm(template)
+        if tied:
+            raise CaptureError(
+                f"{type(template).__name__}.forward: '{tied[0]}' is an nn.Embedding with max_norm, which renormalises "
+                f"its weight in place in forward, and that weight is tied to '{tied[1]}': torch.export cannot "
+                f"capture an in-place update of a tied parameter. Untie the weights, or drop max_norm and renormalise "
+                f"outside forward (under torch.no_grad() after each step)") from e
         raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
                            f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
     _undetach_renorm(ep.graph_module)

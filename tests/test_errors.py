@@ -275,3 +275,20 @@ def test_an_op_with_a_data_dependent_output_shape_names_the_line_and_the_way_out
     b = mbcompile.batch(Ctc(), n=2)
     with pytest.raises(mbcompile.CaptureError, match=r"(?s)_ctc_loss.*mbcompile.loss.*test_errors\.py:\d+: return"):
         b(torch.randn(4, 3, 6), torch.tensor([[1, 2], [3, 3], [2, 4]]))
+
+
+def test_max_norm_on_a_tied_embedding_says_which_weights_and_what_to_do():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 4, max_norm=1.0)
+            self.fc = nn.Linear(4, 9, bias=False)
+            self.fc.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.fc(self.emb(x))
+
+    b = mbcompile.batch(Tied(), n=2)
+    with pytest.raises(mbcompile.errors.CaptureError, match="'emb' is an nn.Embedding with max_norm.*tied to "
+                                                           "'fc.weight'.*Untie"):
+        b(torch.randint(0, 9, (3, 5)))
