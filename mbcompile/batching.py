@@ -9,6 +9,7 @@ import itertools
 import operator
 import time
 import types
+import warnings
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -280,6 +281,9 @@ class Program:
     chunk: object = None      # what chunking.Chooser picked: n (whole), k (chunks of k), 0 (chunks of 1, default lowerings)
 
 
+_ATTR_WARN = 9                       # distinct submodule-attribute combinations before a warning
+
+
 class _RNG:
     def __init__(self, mode, states=None):
         self.mode, self.states, self.fused_cuda = mode, states, False
@@ -372,12 +376,13 @@ class BatchedModule(nn.Module):
         if self._attr_epoch == _shells.EPOCH[0]:
             return self._attr_id
         tmods = list(self._template.modules())
-        fp = []
+        fp, changed = [], []
         for k in range(1, len(self._shells)):
             shell, tm, path = self._shells[k], tmods[k], self._shell_paths[k]
             for name in shell.__dict__.pop(_shells.SET, ()):
                 if name in shell.__dict__:
                     setattr(tm, name, shell.__dict__[name])
+                    changed.append(f"{path}.{name}")
                     attrs = self._consts.get(path, {})
                     if attrs.pop(name, None) is not None and not attrs:
                         del self._consts[path]
@@ -386,6 +391,11 @@ class BatchedModule(nn.Module):
         fp += [(path, attr, tuple(vals)) for path, attrs in self._consts.items() for attr, vals in attrs.items()]
         ids = self._attr_ids
         object.__setattr__(self, "_attr_id", ids.setdefault(tuple(fp), len(ids)))
+        if len(ids) == _ATTR_WARN and changed:
+            warnings.warn(f"the batched model's submodule attributes have taken {_ATTR_WARN} combinations (the "
+                          f"last set: {', '.join(changed)}); each is captured once and kept, so a value set anew "
+                          f"every step (an annealed Dropout.p) captures every step. Set such values at epoch "
+                          f"boundaries, or pass them to forward as tensors", UserWarning, stacklevel=3)
         object.__setattr__(self, "_attr_epoch", _shells.EPOCH[0])
         return self._attr_id
 

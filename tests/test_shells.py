@@ -2,6 +2,7 @@
 their plain attributes are the models' and setting one changes what runs."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,15 @@ def test_a_hook_on_a_submodule_warns_that_it_never_runs():
     b(_data(1)[0][0])
     assert seen == []
     h.remove()
+
+
+def test_an_attribute_set_anew_every_step_warns_once_that_each_value_captures():
+    b = mbcompile.batch(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.0)), n=2, randomness="different")
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for k in range(10):
+            b.get_submodule("1").p = k / 20
+            b(x)
+    msgs = [str(w.message) for w in rec if "combinations" in str(w.message)]
+    assert len(msgs) == 1 and "1.p" in msgs[0] and "every step" in msgs[0]
