@@ -410,6 +410,16 @@ class BatchedModule(nn.Module):
     def extra_repr(self):
         return f"n={self._n}, model={type(self._template).__name__}, randomness={self._randomness!r}"
 
+    def __getitem__(self, idx):
+        """``batched[k]`` of a batched nn.Sequential / ModuleList / ModuleDict: its k-th (or named) submodule."""
+        t = self._template
+        if isinstance(t, nn.ModuleDict):
+            return self._modules[idx]
+        if not isinstance(t, (nn.Sequential, nn.ModuleList)) or isinstance(idx, slice):
+            raise TypeError(f"a batched {type(t).__name__} takes no [{idx!r}]" + (
+                "; slicing is not supported: batch the slice's models" if isinstance(idx, slice) else ""))
+        return list(self._modules.values())[idx]
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)

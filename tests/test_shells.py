@@ -198,3 +198,16 @@ def test_an_attribute_set_anew_every_step_warns_once_that_each_value_captures():
             b(x)
     msgs = [str(w.message) for w in rec if "combinations" in str(w.message)]
     assert len(msgs) == 1 and "1.p" in msgs[0] and "every step" in msgs[0]
+
+
+def test_a_batched_sequential_is_indexed_as_the_model_is():
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    b = mbcompile.batch(seq, n=2)
+    assert isinstance(b[0], nn.Linear) and isinstance(b[-1], nn.Linear) and b[2] is b.get_submodule("2")
+    assert [type(m).__name__ for m in b] == ["Linear", "ReLU", "Linear"]
+    with pytest.raises(IndexError):
+        b[3]
+    with pytest.raises(TypeError, match="slicing"):
+        b[0:2]
+    with pytest.raises(TypeError, match="Net takes no"):
+        mbcompile.batch(_models())[0]
