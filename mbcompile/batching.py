@@ -444,6 +444,7 @@ class BatchedModule(nn.Module):
         """Model i as a plain module of the original class, with its own copy of weights and buffers."""
         if not -self._n <= i < self._n:
             raise OutOfRangeError(f"model index {i} out of range for n={self._n}")
+        self._attr_key()                                # attributes set on the submodules since the last call
         m = copy.deepcopy(self._template)
         with torch.no_grad():
             for name, p in self.named_parameters(remove_duplicate=False):
@@ -462,6 +463,7 @@ class BatchedModule(nn.Module):
     def model_consts(self, i: int) -> dict:
         """Model i's own values of the attributes batched per model ({module path: {attr: value}}:
         Dropout.p, LeakyReLU.negative_slope, ...); the template holds model 0's."""
+        self._attr_key()
         return {path: {attr: vals[i] for attr, vals in attrs.items()} for path, attrs in self._consts.items()}
 
     # ---- randomness ------------------------------------------------------------------------------

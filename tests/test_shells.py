@@ -121,6 +121,9 @@ def test_a_per_model_attribute_set_on_the_submodule_is_every_models():
     b.drop.p = 0.0                                         # no dropout for any model from here
     torch.testing.assert_close(b(x), b(x), rtol=0, atol=0)
     assert [b.unbatch(i).drop.p for i in range(3)] == [0.0] * 3
+    b.drop.p = 0.25                                        # unbatch before any call sees it too
+    assert [b.unbatch(i).drop.p for i in range(3)] == [0.25] * 3
+    b.l1.out_features = 8
 
 
 def test_a_submodule_is_not_called_on_its_own():
