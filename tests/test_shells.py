@@ -123,7 +123,6 @@ def test_a_per_model_attribute_set_on_the_submodule_is_every_models():
     assert [b.unbatch(i).drop.p for i in range(3)] == [0.0] * 3
     b.drop.p = 0.25                                        # unbatch before any call sees it too
     assert [b.unbatch(i).drop.p for i in range(3)] == [0.25] * 3
-    b.l1.out_features = 8
 
 
 def test_a_submodule_is_not_called_on_its_own():
