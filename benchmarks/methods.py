@@ -165,6 +165,10 @@ class MBCompileStep(MBCompile):
     def step(self, x, y):
         self.fn(x, y)
 
+    def settling(self):
+        """Still timing its compiled and eager paths (path="auto" on the CPU): not yet the steady step."""
+        return self.fn.path == "auto" and self.fn.chosen is None
+
     def grads(self):
         named = dict(self.batched.named_parameters())
         one_m_b1 = torch.tensor([1 - g["betas"][0] for g in self.opt.param_groups], dtype=torch.float64)
@@ -178,7 +182,7 @@ class MBCompileStep(MBCompile):
         return {k: grad(named[k]) for k in self.names}
 
     def times(self):
-        return dict(self.fn.times)
+        return {k: v for k, v in self.fn.times.items() if not isinstance(v, str)}
 
 
 METHODS = {m.name: m for m in [Sequential, SequentialCompiled, Vmap, VmapCompiled, MBCompile, MBCompileCompiled,

@@ -79,7 +79,7 @@ def table(res):
                                   + (f"; float64 {c['float64']['grad_max_rel_diff']:.0e}" if "float64" in c else "")
                                   + ("" if c["passed"] else " FAIL"))
         lines.append(
-            f"| {r['workload']} | {r['n']} | {r['method']} | {s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}-"
+            f"| {r['workload']} | {r['n']} | {r['method']}{_path(r)} | {s['median'] * 1e3:.2f} ({s['min'] * 1e3:.2f}-"
             f"{s['max'] * 1e3:.2f}) | {r['model_samples_per_s']:.0f} | {_x(r.get('speedup_vs_sequential'))} | "
             f"{_x(r.get('speedup_vs_best_vmap'))} | {100 * r['fraction_of_peak']:.1f} | "
             f"{_mb(r.get('peak_mem_bytes'))} | {r['first_step_s']:.2f}{_phases(r)} | {check} |")
@@ -122,6 +122,11 @@ def _optim_step(block):
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
     return out
+
+
+def _path(r):
+    """The path train_step(path="auto") kept, where it timed both."""
+    return f" ({r['train_step_path']})" if r.get("train_step_path") else ""
 
 
 def _phases(r):

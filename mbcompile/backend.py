@@ -220,6 +220,9 @@ _register()
 
 # ---- one compiled training step --------------------------------------------------------------------
 
+TRIALS = 2                    # timed calls of each path before train_step(path="auto") chooses
+
+
 class TrainStep:
     """``losses = step(*inputs, target)``: forward, per-model loss, backward and the optimizer update of
     a batched module as ONE Inductor-compiled program (make_fx traces forward and ``autograd.grad``
@@ -259,12 +262,21 @@ class TrainStep:
     uses' gradients, and one the loss does not depend on (grad None there) is skipped: no update, no
     optimizer state. Returns the per-model losses, shape [n] (detached).
 
+    ``path``: "compiled" (that program), "eager" (the normal loop's forward, backward, clipping and
+    ``opt.step()``, with ``p.grad`` put back as it was) or "auto" (the default): on CUDA the program; on
+    the CPU both are timed on the first calls (each a real step) and the faster is kept
+    (``step.chosen``; ``step.times`` has both times), as Inductor's program loses to the eager lowerings
+    on some conv models.
+
     On CUDA the program is replayed from a CUDA graph from its third call (``mbcompile.cudagraph``; not
     with random ops or inputs on the host); ``step.cuda_graph`` says whether the last call was, or why not."""
 
-    def __init__(self, batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
+    def __init__(self, batched, loss_fn, optimizer, *, max_grad_norm=None, path="auto", **loss_kwargs):
         from .amp import GradScaler
         self.batched, self.loss_fn, self.opt, self.loss_kwargs = batched, loss_fn, optimizer, loss_kwargs
+        if path not in ("auto", "compiled", "eager"):
+            raise InvalidInputError(f"mbcompile.train_step: path must be 'auto', 'compiled' or 'eager', got {path!r}")
+        self.path, self._trials, self._clock = path, {"compiled": [], "eager": []}, time.perf_counter
         for k, v in loss_kwargs.items():
             if k in ("scaler", "grad_scaler") or isinstance(v, (GradScaler, torch.amp.GradScaler)):
                 raise InvalidInputError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
@@ -400,6 +412,64 @@ class TrainStep:
         return self._clip[1]
 
     def __call__(self, *args):
+        path = self._path()
+        t0 = self._clock()
+        res = self._eager(*args) if path == "eager" else self._compiled_step(*args)
+        if self.path == "auto" and self.chosen is None:
+            self._trials[path].append(self._clock() - t0)
+        return res
+
+    @property
+    def chosen(self):
+        """The path "auto" settled on ("compiled" or "eager"), None while it is still timing both."""
+        return self.times.get("chosen")
+
+    def _path(self):
+        """CPU, path="auto": the compiled program for TRIALS + 1 calls (the first compiles), then the normal
+        loop's forward, backward and opt.step for as many (the first may capture), then the faster of the
+        two by their best times: Inductor's program loses to the eager lowerings on some conv models."""
+        if self.path != "auto":
+            return self.path
+        if self.chosen is not None:
+            return self.chosen
+        p = self.batched._p0
+        if p is not None and p.device.type != "cpu":
+            self.times["chosen"] = "compiled"
+            return "compiled"
+        c, e = self._trials["compiled"], self._trials["eager"]
+        if len(c) <= TRIALS:
+            return "compiled"
+        if len(e) <= TRIALS:
+            return "eager"
+        tc, te = min(c[1:]), min(e[1:])
+        self.times.update(chosen="eager" if te < tc else "compiled", compiled_step_ms=1e3 * tc, eager_step_ms=1e3 * te)
+        return self.chosen
+
+    def _eager(self, *args):
+        """One step as the normal loop takes it (p.grad as it was before, the step's own left out)."""
+        from .clip import clip_grad_norm_
+        from .loss import loss as per_model_loss
+        *inputs, target = args
+        b, opt = self.batched, self.opt
+        params = [p for g in opt.param_groups for p in g["params"]]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                losses = per_model_loss(self.loss_fn, b(*inputs), target, **self.loss_kwargs)
+                losses.sum().backward()
+            max_norm = self._max_norm(b.n)
+            if max_norm is not None:
+                self.last_grad_norms = clip_grad_norm_([p for p in params if p.grad is not None], max_norm)
+            opt.step()
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        self._last = None
+        return losses.detach()
+
+    def _compiled_step(self, *args):
         *inputs, target = args
         b = self.batched
         prog, vals, leaves = b._prepare(tuple(inputs), {})
@@ -576,6 +646,6 @@ def _update(kind, flags, first, params, grads, opt_t, hp, where):
         p.sub_(step_size * (m / (v.sqrt() / bc2_sqrt + eps_)))
 
 
-def train_step(batched, loss_fn, optimizer, *, max_grad_norm=None, **loss_kwargs):
+def train_step(batched, loss_fn, optimizer, *, max_grad_norm=None, path="auto", **loss_kwargs):
     """One compiled program per training step: see :class:`TrainStep`."""
-    return TrainStep(batched, loss_fn, optimizer, max_grad_norm=max_grad_norm, **loss_kwargs)
+    return TrainStep(batched, loss_fn, optimizer, max_grad_norm=max_grad_norm, path=path, **loss_kwargs)
