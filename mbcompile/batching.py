@@ -279,6 +279,7 @@ class Program:
     chunked: object = None    # (sizes, vals, records) -> the program traced over chunks (chunking.py), or None
     eager: object = None      # gm as eager code runs it (ops.eager_module: mbcompile's ops as Python calls)
     chunk: object = None      # what chunking.Chooser picked: n (whole), k (chunks of k), 0 (chunks of 1, default lowerings)
+    chunk_gain: float = 1.0   # how much faster (eager) that was than whole: compiled_chunk's margin
 
 
 _ATTR_WARN = 9                       # distinct submodule-attribute combinations before a warning

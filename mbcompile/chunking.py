@@ -95,12 +95,17 @@ def _plan(n):
     return ("whole", None) if setting in ("default", "whole") else ("measure", None)
 
 
+COMPILED_MARGIN = 1.15   # chunks for a compiled program only when they beat whole by this much in eager
+
+
 def compiled_chunk(prog, n, vals=None):
     """The chunk size ``train_step`` compiles a big CPU program with, or None (whole): what the eager
     chooser measured (timing its candidates now, on ``vals``, if it has not run yet: compiling each
     candidate would cost far more). PLAIN (chunks of 1, default lowerings) when that won. MLP 784 at
     n=16 (its 12 MB fc1 weight over MIN_BYTES): the eager chooser picked whole (8.4 against 9.6 ms) and
-    the compiled step agrees (10.1 against 10.8 ms in chunks of 8, which this chose blind before)."""
+    the compiled step agrees (10.1 against 10.8 ms in chunks of 8, which this chose blind before).
+    Eager timings within COMPILED_MARGIN of whole (3.47 against 3.31 ms, chunks won another time by
+    noise) give whole: chunks cost a compiled program fusion and copies (9.2 whole, 10.3-10.8 ms)."""
     how, k = _plan(n)
     if prog.chunked is None or how == "whole":
         return None
@@ -111,7 +116,9 @@ def compiled_chunk(prog, n, vals=None):
     if prog.chunk is None:                       # not measured (eval-mode program): the size it would time
         biggest = largest_activation(prog.gm)
         return candidate(n, biggest) if biggest >= MIN_BYTES else None
-    return None if prog.chunk == n else prog.chunk
+    if prog.chunk == n or prog.chunk_gain < COMPILED_MARGIN:
+        return None                              # a close eager call: whole, which Inductor fuses across
+    return prog.chunk
 
 
 def _has_random(gm):
@@ -159,6 +166,7 @@ class Chooser:
         else:
             timings = _measure(progs, vals, backward)
             best = min(timings, key=timings.get)
+            prog.chunk_gain = timings[n] / max(timings[best], 1e-12)
             what = "fwd+bwd" if backward else "fwd"
             why = f"measured {what} on cpu: " + ", ".join(
                 f"{_label(n, k)} {timings[k] * 1e3:.3g} ms" for k in sorted(timings, key=timings.get))

@@ -236,3 +236,13 @@ def test_train_step_compiles_what_the_eager_chooser_measured(monkeypatch, winner
     step = _train_step_against_the_loop()
     assert set(timed) == {4, 2, 1, chunking.PLAIN}, timed
     assert step.times.get("chunks") == {"whole": None, 2: 2, "plain": 1}[winner]
+
+
+@pytest.mark.parametrize("gain, want", [(1.05, None), (1.3, 8)])
+def test_a_compiled_program_takes_chunks_only_when_eager_chunks_clearly_won(monkeypatch, gain, want):
+    """The eager chooser's pick within COMPILED_MARGIN of whole is noise for a compiled program, which
+    loses fusion and gains copies in chunks (MLP 784: 9.2 ms whole, 10.3-10.8 in 2 chunks of 8)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(chunking, "_plan", lambda n: ("measure", None))
+    prog = SimpleNamespace(chunked=object(), chunk=8, chunk_gain=gain, call=None)
+    assert chunking.compiled_chunk(prog, 16) == want
