@@ -72,7 +72,7 @@ def _fake_clock(compiled_s, eager_s, step):
 @pytest.mark.parametrize("faster", ["eager", "compiled"])
 def test_auto_keeps_the_faster_path_and_the_steps_stay_the_normal_loops(faster):
     (a, oa, b, ob), x, y = _setup(torch.optim.Adam, dict(lr=LRS))
-    step = mbcompile.train_step(b, F.cross_entropy, ob)
+    step = mbcompile.train_step(b, F.cross_entropy, ob, path="auto")
     step._clock = _fake_clock(1.0 if faster == "eager" else 0.1, 0.2, step)
     for k in range(8):
         want, _ = loop_step(a, oa, x, y)
