@@ -10,11 +10,18 @@ hooks, ...) is put back to nn.Module's own on the shell: those overrides act on 
 (hooks registered on a shell warn that they never run).
 
 Plain attributes (numbers, bools, strings, None, tuples of them: ``momentum``, ``eps``, ``p``) are copied
-from the model; setting one on a shell bumps :data:`EPOCH`, and the batched model then copies it onto
-the module it captures (every model's value from then on) and captures again.
+from the model, nothing else (a config object shared with the captured module could change unseen);
+setting one on a shell bumps :data:`EPOCH`, and the batched model then copies it onto the module it
+captures (every model's value from then on) and captures again; a numpy scalar counts as its number,
+any other value warns that the program does not see it. ``reset_parameters`` refuses and ``apply``
+warns: an initialisation there would treat the stacked [n, ...] tensors as one tensor (fans, rows).
+
+The class is named ``Batched<Name>`` (``_get_name`` still says ``<Name>``), so that a registry kept by
+the original class's ``__init_subclass__`` gains an entry instead of losing the class's own.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -55,10 +62,33 @@ def _forward(self, *args, **kwargs):
 
 
 def _setattr(self, name, value):
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        value = value.item()                                  # numpy scalars: the number
     nn.Module.__setattr__(self, name, value)
-    if name not in INTERNAL and plain(value):
+    if name in INTERNAL or name in self._parameters or name in self._buffers or name in self._modules:
+        return
+    if plain(value):
         self.__dict__.setdefault(SET, set()).add(name)       # the batched model takes it at its next call
         EPOCH[0] += 1
+    else:
+        warnings.warn(f"{name} = {type(value).__name__} on a {self._get_name()} inside a batched model: the batched "
+                      f"program only sees numbers, bools, strings, None and tuples of them set on a submodule",
+                      UserWarning, stacklevel=2)
+
+
+def _reset_parameters(self, *args, **kwargs):
+    raise InvalidInputError(
+        f"reset_parameters on a {self._get_name()} inside a batched model would initialise the n models' stacked "
+        f"[n, ...] tensors as one tensor (wrong fans, rows of the model dim): initialise the models before "
+        f"mbcompile.batch, or load weights with load_state_dict")
+
+
+def _apply_warning(self, fn, *args, **kwargs):
+    warnings.warn(
+        "apply(fn) on a batched model calls fn on submodules holding the n models' stacked [n, ...] tensors: an "
+        "initialisation there (nn.init.*, weight[padding_idx]) treats them as one tensor. Initialise the models "
+        "before mbcompile.batch; flags (m.eval(), m.p = 0.0) are fine", UserWarning, stacklevel=2)
+    return nn.Module.apply(self, fn, *args, **kwargs)
 
 
 def _hook_warning(register):
@@ -77,9 +107,16 @@ _HOOKS = {name: _hook_warning(getattr(nn.Module, name)) for name in (
     "register_full_backward_pre_hook", "register_backward_hook")}
 
 
+class Shell(nn.Module):
+    """The shell of a class that cannot be subclassed (its ``__init_subclass__`` refuses): no isinstance,
+    the same attribute handling."""
+    __setattr__ = _setattr
+    forward = _forward
+
+
 def _remake(cls):
-    sub = shell_class(cls) or nn.Module
-    return object.__new__(sub) if sub is not nn.Module else nn.Module.__new__(nn.Module)
+    sub = shell_class(cls) or Shell
+    return object.__new__(sub)
 
 
 def _reduce_ex(self, protocol):
@@ -107,33 +144,25 @@ def shell_class(cls):
           if callable(val) and name not in _KEEP and (not name.startswith("__") or name in _DUNDERS)
           and _overrides(base, name)}
     ns.update(_HOOKS)
+    name = base.__name__
     ns.update(forward=_forward, __setattr__=_setattr, __reduce_ex__=_reduce_ex, extra_repr=_extra_repr_of(base),
-              __module__=base.__module__, __qualname__=base.__qualname__, _mbcompile_shell=True)
+              reset_parameters=_reset_parameters, apply=_apply_warning, _get_name=lambda self: name,
+              __module__=base.__module__, __qualname__=f"Batched{base.__qualname__}", _mbcompile_shell=True)
     try:
-        sub = type(base.__name__, (base,), ns)
+        sub = type(f"Batched{name}", (base,), ns)
     except Exception:  # noqa: BLE001 - a metaclass or __init_subclass__ that refuses: a plain nn.Module
         sub = None
     _CACHE[cls] = sub
     return sub
 
 
-def _holds_tensors(v) -> bool:
-    if isinstance(v, (torch.Tensor, nn.Module)):
-        return True
-    return isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v)   # RNN _flat_weights
-
-
 def make(mod: nn.Module, like: nn.Module) -> nn.Module:
-    """An empty shell for ``mod`` (its class, its train flag), with ``like``'s plain and other non-tensor
-    attributes (``like``: the batched model's own copy of ``mod``, which capture reads)."""
-    sub = shell_class(type(mod))
-    if sub is None:
-        s = nn.Module()
-    else:
-        s = object.__new__(sub)
-        nn.Module.__init__(s)
+    """An empty shell for ``mod`` (its class, its train flag), with ``like``'s plain attributes (``like``: the
+    batched model's own copy of ``mod``, which capture reads)."""
+    s = object.__new__(shell_class(type(mod)) or Shell)
+    nn.Module.__init__(s)
     object.__setattr__(s, "training", mod.training)
     for k, v in like.__dict__.items():
-        if k not in INTERNAL and not _holds_tensors(v):
+        if k not in INTERNAL and plain(v):
             object.__setattr__(s, k, v)
     return s

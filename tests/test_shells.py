@@ -44,7 +44,7 @@ def test_submodules_have_the_original_classes():
     models = _models()
     b = mbcompile.batch(models)
     pairs = list(zip(list(b.named_modules())[1:], list(models[0].named_modules())[1:]))
-    assert [(p, type(m).__name__) for (p, m), _ in pairs] == [(p, type(m).__name__) for _, (p, m) in pairs]
+    assert [(p, m._get_name()) for (p, m), _ in pairs] == [(p, type(m).__name__) for _, (p, m) in pairs]
     assert all(isinstance(m, type(o)) for (_, m), (_, o) in pairs)
     assert isinstance(b.bn, nn.modules.batchnorm._BatchNorm) and isinstance(b.l1, nn.Linear)
     assert b.bn.momentum == 0.1 and b.bn.eps == 1e-5 and b.l1.in_features == 4
@@ -206,10 +206,70 @@ def test_a_batched_sequential_is_indexed_as_the_model_is():
     seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     b = mbcompile.batch(seq, n=2)
     assert isinstance(b[0], nn.Linear) and isinstance(b[-1], nn.Linear) and b[2] is b.get_submodule("2")
-    assert [type(m).__name__ for m in b] == ["Linear", "ReLU", "Linear"]
+    assert [m._get_name() for m in b] == ["Linear", "ReLU", "Linear"]
     with pytest.raises(IndexError):
         b[3]
     with pytest.raises(TypeError, match="slicing"):
         b[0:2]
     with pytest.raises(TypeError, match="Net takes no"):
         mbcompile.batch(_models())[0]
+
+
+class GRUSeq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
+def test_an_rnn_model_saves_whole_and_reloads():
+    b = mbcompile.batch(GRUSeq(), n=2)
+    x = torch.randn(2, 5, 3)
+    buf = io.BytesIO()
+    torch.save(b, buf)                                     # RNNBase's weakrefs are not copied to the shell
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), b(x), rtol=0, atol=0)
+
+
+def test_initialising_through_the_batched_model_is_refused_or_warned():
+    b = mbcompile.batch(_models())
+    with pytest.raises(InvalidInputError, match="reset_parameters.*stacked.*before"):
+        b.l1.reset_parameters()
+    with pytest.warns(UserWarning, match="apply.*stacked.*before mbcompile.batch"):
+        b.apply(lambda m: None)
+
+
+def test_a_registry_of_subclasses_keeps_the_users_class():
+    registry = {}
+
+    class Base(nn.Module):
+        def __init_subclass__(cls, **kw):
+            super().__init_subclass__(**kw)
+            registry[cls.__name__] = cls
+
+    class Block(Base):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.l(x)
+
+    b = mbcompile.batch(nn.Sequential(Block()), n=2)
+    assert registry["Block"] is Block and isinstance(b[0], Block) and b[0]._get_name() == "Block"
+
+
+def test_a_numpy_scalar_set_on_a_submodule_is_its_number_and_a_tensor_warns():
+    import numpy as np
+    models = _models()
+    for m in models:
+        m.drop.p = 0.5
+    b = mbcompile.batch(models, randomness="different")
+    x = _data(1)[0][0]
+    b.drop.p = np.float32(0.0)
+    assert type(b.drop.p) is float
+    torch.testing.assert_close(b(x), b(x), rtol=0, atol=0)  # no dropout: the program saw 0.0
+    with pytest.warns(UserWarning, match="only sees numbers"):
+        b.drop.p = torch.tensor(0.1)
