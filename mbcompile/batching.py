@@ -6,6 +6,7 @@ import contextlib
 import copy
 import gc
 import itertools
+import numbers
 import operator
 import time
 import types
@@ -389,6 +390,8 @@ class BatchedModule(nn.Module):
                         del self._consts[path]
             fp += [(k, name, v) for name, v in shell.__dict__.items()
                    if name not in _shells.INTERNAL and _shells.plain(v)]
+        fp += [(0, name, v) for name, v in self._template.__dict__.items()
+               if not name.startswith("_") and _shells.plain(v)]
         fp += [(path, attr, tuple(vals)) for path, attrs in self._consts.items() for attr, vals in attrs.items()]
         ids = self._attr_ids
         object.__setattr__(self, "_attr_id", ids.setdefault(tuple(fp), len(ids)))
@@ -421,7 +424,26 @@ class BatchedModule(nn.Module):
                 "; slicing is not supported: batch the slice's models" if isinstance(idx, slice) else ""))
         return list(self._modules.values())[idx]
 
+    def __setattr__(self, name, value):
+        """A plain top-level attribute of the model (``batched.temperature = 2.0``, read by forward) is set
+        on the template that capture reads, as every model's value (captured once per combination)."""
+        t = self.__dict__.get("_template")
+        if (t is not None and not name.startswith("_") and name in t.__dict__ and name not in self.__dict__
+                and not hasattr(type(self), name) and _shells.plain(t.__dict__[name])):
+            if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+                value = value.item()
+            if not _shells.plain(value):
+                raise InvalidInputError(f"batched.{name} = {type(value).__name__}: the batched program only sees "
+                                        f"numbers, bools, strings, None and tuples of them set on the model")
+            setattr(t, name, value)
+            object.__setattr__(self, "_attr_epoch", None)
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name):
+        t = self.__dict__.get("_template")
+        if t is not None and not name.startswith("_") and name in t.__dict__ and _shells.plain(t.__dict__[name]):
+            return t.__dict__[name]                    # the model's own top-level number, flag, ...
         try:
             return super().__getattr__(name)
         except AttributeError:

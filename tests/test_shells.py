@@ -273,3 +273,26 @@ def test_a_numpy_scalar_set_on_a_submodule_is_its_number_and_a_tensor_warns():
     torch.testing.assert_close(b(x), b(x), rtol=0, atol=0)  # no dropout: the program saw 0.0
     with pytest.warns(UserWarning, match="only sees numbers"):
         b.drop.p = torch.tensor(0.1)
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(3, 2)
+        self.temperature = 1.0
+
+    def forward(self, x):
+        return self.l(x) / self.temperature
+
+
+def test_a_top_level_attribute_set_on_the_batched_model_is_every_models():
+    models = [Scaled().double() for _ in range(2)]
+    b = mbcompile.batch(models)
+    x = torch.randn(4, 3, dtype=D)
+    before = b(x)
+    assert b.temperature == 1.0
+    b.temperature = 2.0
+    torch.testing.assert_close(b(x), before / 2, rtol=1e-12, atol=1e-14)
+    assert b.unbatch(1).temperature == 2.0
+    with pytest.raises(InvalidInputError, match="only sees numbers"):
+        b.temperature = torch.tensor(3.0)
