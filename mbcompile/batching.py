@@ -424,6 +424,15 @@ class BatchedModule(nn.Module):
                 "; slicing is not supported: batch the slice's models" if isinstance(idx, slice) else ""))
         return list(self._modules.values())[idx]
 
+    def __iter__(self):
+        """A batched Sequential / ModuleList: its submodules; a ModuleDict: its keys."""
+        t = self._template
+        if isinstance(t, nn.ModuleDict):
+            return iter(self._modules)
+        if isinstance(t, (nn.Sequential, nn.ModuleList)):
+            return iter(self._modules.values())
+        raise TypeError(f"a batched {type(t).__name__} is not iterable")
+
     def __setattr__(self, name, value):
         """A plain top-level attribute of the model (``batched.temperature = 2.0``, read by forward) is set
         on the template that capture reads, as every model's value (captured once per combination)."""

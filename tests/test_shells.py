@@ -296,3 +296,10 @@ def test_a_top_level_attribute_set_on_the_batched_model_is_every_models():
     assert b.unbatch(1).temperature == 2.0
     with pytest.raises(InvalidInputError, match="only sees numbers"):
         b.temperature = torch.tensor(3.0)
+
+
+def test_a_batched_module_dict_iterates_its_keys():
+    b = mbcompile.batch(nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}), n=2)
+    assert list(b) == ["a", "b"] and "a" in b and isinstance(b["b"], nn.Linear)
+    with pytest.raises(TypeError, match="not iterable"):
+        iter(mbcompile.batch(_models()))
