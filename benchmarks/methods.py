@@ -32,6 +32,10 @@ class Method:
     def step(self, x, y):
         raise NotImplementedError
 
+    def settling(self):
+        """Whether the first calls are still choosing how to run (not yet the steady step)."""
+        return False
+
     def params(self):
         raise NotImplementedError
 
@@ -182,7 +186,7 @@ class MBCompileStep(MBCompile):
         return {k: grad(named[k]) for k in self.names}
 
     def times(self):
-        return {k: v for k, v in self.fn.times.items() if not isinstance(v, str)}
+        return dict(self.fn.times)
 
 
 METHODS = {m.name: m for m in [Sequential, SequentialCompiled, Vmap, VmapCompiled, MBCompile, MBCompileCompiled,

@@ -24,7 +24,7 @@ def profile(cls, wl, n, device, steps, rows):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(2):
         m.step(x, y)
-    while getattr(m, "settling", lambda: False)():      # train_step(path="auto") still timing both paths
+    while m.settling():                                 # train_step(path="auto") still timing both paths
         m.step(x, y)
     sync()
     walls = []

@@ -199,7 +199,7 @@ def run_method(cls, wl, models, x, y, device, args, ref):
         for _ in range(args.warmup - 1):
             method.step(x, y)
         for _ in range(16):                 # train_step(path="auto") times both paths on its first calls
-            if not getattr(method, "settling", lambda: False)():
+            if not method.settling():
                 break
             method.step(x, y)
         if getattr(getattr(method, "fn", None), "chosen", None):

@@ -17,7 +17,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 import torch.nn as nn
 
-_BASE = frozenset(vars(nn.Module()))     # nn.Module's own bookkeeping (_parameters, hooks, ...)
+from .shells import INTERNAL as _BASE    # nn.Module's own bookkeeping (_parameters, hooks, ...)
 PLAIN = (int, float, bool, str, bytes, complex, type(None))   # compared by value
 MAX_DEPTH, MAX_LEN = 6, 10_000
 

@@ -279,6 +279,7 @@ class TrainStep:
         if path not in ("auto", "compiled", "eager"):
             raise InvalidInputError(f"mbcompile.train_step: path must be 'auto', 'compiled' or 'eager', got {path!r}")
         self.path, self._trials, self._clock = path, {"compiled": [], "eager": []}, time.perf_counter
+        self.chosen = None          # the path "auto" settled on ("compiled" or "eager"); None while timing
         for k, v in loss_kwargs.items():
             if k in ("scaler", "grad_scaler") or isinstance(v, (GradScaler, torch.amp.GradScaler)):
                 raise InvalidInputError("mbcompile.train_step does not support a GradScaler (loss scaling skips steps "
@@ -421,11 +422,6 @@ class TrainStep:
             self._trials[path].append(self._clock() - t0)
         return res
 
-    @property
-    def chosen(self):
-        """The path "auto" settled on ("compiled" or "eager"), None while it is still timing both."""
-        return self.times.get("chosen")
-
     def _path(self):
         """CPU, path="auto": the compiled program for TRIALS + 1 calls (the first compiles), then the normal
         loop's forward, backward and opt.step for as many (the first may capture), then the faster of the
@@ -436,15 +432,16 @@ class TrainStep:
             return self.chosen
         p = self.batched._p0
         if p is not None and p.device.type != "cpu":
-            self.times["chosen"] = "compiled"
-            return "compiled"
+            self.chosen = "compiled"
+            return self.chosen
         c, e = self._trials["compiled"], self._trials["eager"]
         if len(c) <= TRIALS:
             return "compiled"
         if len(e) <= TRIALS:
             return "eager"
         tc, te = min(c[1:]), min(e[1:])
-        self.times.update(chosen="eager" if te < tc else "compiled", compiled_step_ms=1e3 * tc, eager_step_ms=1e3 * te)
+        self.chosen = "eager" if te < tc else "compiled"
+        self.times.update(compiled_step_ms=1e3 * tc, eager_step_ms=1e3 * te)
         return self.chosen
 
     def _eager(self, *args):

@@ -6,7 +6,6 @@ import contextlib
 import copy
 import gc
 import itertools
-import numbers
 import operator
 import time
 import types
@@ -439,8 +438,7 @@ class BatchedModule(nn.Module):
         t = self.__dict__.get("_template")
         if (t is not None and not name.startswith("_") and name in t.__dict__ and name not in self.__dict__
                 and not hasattr(type(self), name) and _shells.plain(t.__dict__[name])):
-            if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
-                value = value.item()
+            value = _shells.as_plain(value)
             if not _shells.plain(value):
                 raise InvalidInputError(f"batched.{name} = {type(value).__name__}: the batched program only sees "
                                         f"numbers, bools, strings, None and tuples of them set on the model")

@@ -185,17 +185,19 @@ def _measure(candidates, tensors, grad):
                 if isinstance(t, torch.Tensor):
                     t.grad = None
 
-        best, errors = {}, {}
-        for name in candidates:                      # warm-up (oneDNN primitive creation, allocator)
+        def timed(name):
             _sync(dev)
             t0 = time.perf_counter()
+            run(name)
+            _sync(dev)
+            return time.perf_counter() - t0
+
+        best, errors = {}, {}
+        for name in candidates:                      # warm-up (oneDNN primitive creation, allocator)
             try:
-                run(name)
+                best[name] = timed(name)
             except RuntimeError as e:                # a kernel that refuses these strides (slow_conv2d's
                 best[name], errors[name] = float("inf"), e   # backward on a 1x1 map): never chosen
-                continue
-            _sync(dev)
-            best[name] = time.perf_counter() - t0
         if all(v == float("inf") for v in best.values()):
             # every way of computing it fails: the inputs are wrong (a dtype mismatch), and the loop
             # (each model's own op) fails as the model alone would: that error, as torch raised it
@@ -205,30 +207,21 @@ def _measure(candidates, tensors, grad):
         busy = _busy()          # other processes on these cores: a sample may be a preempted one, so
         if min(best.values()) > BUDGET_S and not busy:   # no shortcut and more reps (best of them)
             return best                               # slow ops: the warm-up run is the measurement
+
+        def loser(k):
+            return k in errors or (not busy and best[k] > LOSER_RATIO * min(best.values()) and best[k] > LOSER_MIN_S)
         # a big candidate 3x slower than the best, on its warm-up and on one more run (a warm-up pays
         # one-time costs), keeps that time: timing it again would cost most of the measurement and
         # cannot change the choice (ResNet-8's im2col convs)
-        lo = min(best.values())
-        for k in candidates:
-            if not busy and k not in errors and best[k] > LOSER_RATIO * lo and best[k] > LOSER_MIN_S:
-                _sync(dev)
-                t0 = time.perf_counter()
-                run(k)
-                _sync(dev)
-                best[k] = min(best[k], time.perf_counter() - t0)
-        lo = min(best.values())
-        again = [k for k in candidates if k not in errors
-                 and (busy or not (best[k] > LOSER_RATIO * lo and best[k] > LOSER_MIN_S))]
+        for k in [k for k in candidates if loser(k) and k not in errors]:
+            best[k] = min(best[k], timed(k))
+        again = [k for k in candidates if not loser(k)]
         budget, cap = (BUSY_FACTOR * BUDGET_S, BUSY_FACTOR * MAX_REPS) if busy else (BUDGET_S, MAX_REPS)
         reps = max(2 if busy else 1, min(cap, int(budget / max(max(best[k] for k in again), 1e-6))))
         best = {k: (float("inf") if k in again else v) for k, v in best.items()}
         for _ in range(reps):
             for name in again:
-                _sync(dev)
-                t0 = time.perf_counter()
-                run(name)
-                _sync(dev)
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], timed(name))
     return best
 
 

@@ -45,6 +45,13 @@ def plain(v) -> bool:
     return isinstance(v, tuple) and all(plain(x) for x in v)
 
 
+def as_plain(v):
+    """A numpy scalar as its Python number; anything else as it is."""
+    if isinstance(v, numbers.Number) and not isinstance(v, (bool, int, float)) and hasattr(v, "item"):
+        return v.item()
+    return v
+
+
 def _overrides(cls, name) -> bool:
     for k in cls.__mro__:
         if k is nn.Module:
@@ -62,8 +69,7 @@ def _forward(self, *args, **kwargs):
 
 
 def _setattr(self, name, value):
-    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
-        value = value.item()                                  # numpy scalars: the number
+    value = as_plain(value)
     nn.Module.__setattr__(self, name, value)
     if name in INTERNAL or name in self._parameters or name in self._buffers or name in self._modules:
         return
