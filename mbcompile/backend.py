@@ -128,24 +128,29 @@ def _register_fallback(op):
         lowering.make_fallback(op, warn=False, override_decomp=True)
 
 
-def _decompositions(cpu: bool):
-    """Inductor's table; on CPU without the threshold_backward (relu backward) decomposition, so that
-    the forward saves the float activation, not a bool mask: Inductor's vectorised bool stores run ~25x
-    slower than float stores on the AVX-512 CPUs measured here (docs/performance.md)."""
-    if cpu not in _DECOMPS:
+def _decompositions(cpu: bool, joint: bool = False):
+    """Inductor's table. On CPU without
+    - embedding_dense_backward's: Inductor's scatter-add is a loop of atomic float adds (a 5000x64
+      bag-of-words table at n=16: ~9 ms a step, ATen's kernel ~0.4 ms);
+    - for a forward graph (not ``joint``: train_step's one graph saves nothing) threshold_backward's (relu
+      backward), so that the forward saves the float activation, not a bool mask: Inductor's vectorised
+      bool stores run ~25x slower than float stores on the AVX-512 CPUs measured here (docs/performance.md)."""
+    key = (cpu, cpu and joint)
+    if key not in _DECOMPS:
         from torch._inductor.decomposition import select_decomp_table
         table = dict(select_decomp_table())
+        aten = torch.ops.aten
         if cpu:
-            table.pop(torch.ops.aten.threshold_backward.default, None)
-            _register_fallback(torch.ops.aten.threshold_backward.default)
+            for op in (aten.embedding_dense_backward.default,) + (() if joint else (aten.threshold_backward.default,)):
+                table.pop(op, None)
+                _register_fallback(op)
         from . import ops                    # mbcompile's layout-keeping ops: their aten forms
         table[torch.ops.mbcompile.linear_bmm.default] = ops.linear_bmm_decomposition
-        aten = torch.ops.aten
         for op in (aten.replication_pad1d_backward, aten.replication_pad2d_backward,
                    aten.replication_pad3d_backward):
             table[op.default] = _replication_pad_backward
-        _DECOMPS[cpu] = table
-    return _DECOMPS[cpu]
+        _DECOMPS[key] = table
+    return _DECOMPS[key]
 
 
 def _replication_pad_backward(grad, x, padding):
@@ -620,8 +625,9 @@ class TrainStep:
         traced = _trace(joint, flat)
         STATS["backend_calls"] += 1
         with torch._functorch.config.patch(enable_autograd_cache=False):   # one graph, no saved masks:
-            fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),  # the full table
-                            decompositions=_decompositions(False))
+            cpu = all(v.device.type == "cpu" for v in flat if isinstance(v, torch.Tensor))
+            fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),
+                            decompositions=_decompositions(cpu, joint=True))
         return GraphedStep(fn, graph_unsafe(traced, flat), written_inputs(traced))   # CUDA: a graph replay
 
 
