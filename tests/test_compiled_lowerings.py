@@ -81,11 +81,16 @@ def test_compiled_train_step_matches_each_model_alone():
     step = mbcompile.train_step(b, F.cross_entropy, opt, path="compiled", target_in_dim=None)
     for t in range(steps):
         step(xs[t], ys[t])
+    _check_each_alone(b, models, lambda m, i: torch.optim.Adam(m.parameters(), lr=lrs[i]), xs, ys)
+
+
+def _check_each_alone(b, models, make_opt, xs, ys):
+    """Model i trained alone with torch on (xs[t], ys[t]) ends where the batch's model i is."""
     for i, m in enumerate(models):
-        o = torch.optim.Adam(m.parameters(), lr=lrs[i])
-        for t in range(steps):
+        o = make_opt(m, i)
+        for x, y in zip(xs, ys):
             o.zero_grad()
-            F.cross_entropy(m(xs[t]), ys[t]).backward()
+            F.cross_entropy(m(x), y).backward()
             o.step()
         for (name, p), q in zip(m.named_parameters(), b.unbatch(i).parameters()):
             torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
@@ -118,11 +123,5 @@ def test_compiled_embedding_backward_is_atens_kernel(pad, freq):
     with torch.profiler.profile() as prof:
         step(xs[1], ys[1])
     assert any(e.name == "aten::embedding_dense_backward" for e in prof.events())
-    for i, m in enumerate(models):
-        o = torch.optim.SGD(m.parameters(), lr=[0.1, 0.2, 0.3][i], momentum=0.9)
-        for t in range(steps):
-            o.zero_grad()
-            F.cross_entropy(m(xs[t]), ys[t]).backward()
-            o.step()
-        for (name, p), q in zip(m.named_parameters(), b.unbatch(i).parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-10, atol=1e-12, msg=name)
+    _check_each_alone(b, models, lambda m, i: torch.optim.SGD(m.parameters(), lr=[0.1, 0.2, 0.3][i], momentum=0.9),
+                      xs, ys)
