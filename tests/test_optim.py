@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import mbcompile
 from _stacked import MLP, _seed_and_one_thread, cross_entropy_n, make_batched  # noqa: F401
 from mbcompile.optim import (
     BatchedOptimizer,
@@ -755,3 +756,52 @@ def test_half_precision_steps_are_torchs_bit_for_bit_on_vector_sized_tensors(dty
             o.step()
     for j, r in enumerate(refs):
         assert torch.equal(b.get_parameter("weight")[j], r.weight) and torch.equal(b.get_parameter("bias")[j], r.bias)
+
+
+class _SparseBag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(12, 4, sparse=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, {}), (torch.optim.RMSprop, {}),
+                                    (torch.optim.Adagrad, {"weight_decay": 0.1})])
+def test_sparse_embedding_refused_where_torch_refuses_sparse_gradients(cls, kw):
+    """Alone, a model with nn.Embedding(sparse=True) gets a sparse gradient, which these optimizers refuse at
+    their first step; the batched gradient is dense, so the per-model optimizer refuses up front, naming the
+    weight (it trained silently). Without that weight (params=) it is fine."""
+    m = _SparseBag()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        o = cls(m.parameters(), **kw)
+        F.cross_entropy(m(torch.randint(0, 12, (2, 3))), torch.tensor([0, 1])).backward()
+        o.step()
+    b = mbcompile.batch([_SparseBag() for _ in range(2)])
+    with pytest.raises(mbcompile.optim.UnsupportedOptimizerError, match=r"'emb\.weight'.*sparse=True.*sparse gradients"):
+        mbcompile.optimizer(b, cls, lr=[0.1, 0.2], **kw)
+    mbcompile.optimizer(b, cls, lr=[0.1, 0.2], params=lambda name: not name.startswith("emb"), **kw)
+
+
+@pytest.mark.parametrize("cls,kw", [(torch.optim.SGD, {"momentum": 0.9}), (torch.optim.Adagrad, {})])
+def test_sparse_embedding_trains_as_alone_where_torch_takes_sparse_gradients(cls, kw):
+    torch.manual_seed(3)
+    models = [_SparseBag().double() for _ in range(2)]
+    refs = copy.deepcopy(models)
+    xs, ys = torch.randint(0, 5, (3, 4, 6)), torch.randint(0, 3, (3, 4))   # repeated ids, untouched rows
+    b = mbcompile.batch(models)
+    opt = mbcompile.optimizer(b, cls, lr=[0.1, 0.2], **kw)
+    for x, y in zip(xs, ys):
+        opt.zero_grad()
+        mbcompile.loss(F.cross_entropy, b(x), y, target_in_dim=None).sum().backward()
+        opt.step()
+    for i, m in enumerate(refs):
+        o = cls(m.parameters(), lr=[0.1, 0.2][i], **kw)
+        for x, y in zip(xs, ys):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            assert m.emb.weight.grad.is_sparse
+            o.step()
+        for (name, p), q in zip(m.named_parameters(), b.unbatch(i).parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12, msg=name)
