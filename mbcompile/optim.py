@@ -1483,18 +1483,19 @@ def optimizer(batched, optim_cls: type, /, *, compile: bool = False, params=None
 
 def _refuse_sparse(batched, named, optim_cls, groups) -> None:
     """An ``nn.Embedding(sparse=True)`` gives each model alone a sparse gradient, which torch's optimizers
-    other than SGD and Adagrad (without weight decay) refuse at their first step. The batched gradient is
-    dense (the same numbers), so refuse here what each model alone could not run."""
+    other than SGD and Adagrad, and those two with weight decay, refuse at their first step. The batched
+    gradient is dense (the same numbers), so refuse here what each model alone could not run."""
     wd = any(g.get("weight_decay", 0) != 0 for g in groups)
-    if optim_cls is torch.optim.SGD or (optim_cls is torch.optim.Adagrad and not wd):
+    if optim_cls in (torch.optim.SGD, torch.optim.Adagrad) and not wd:
         return
     mods = getattr(batched, "named_modules", None)
     sparse = {f"{k}.weight" if k else "weight" for k, m in (mods() if mods else [])
               if isinstance(m, torch.nn.Embedding) and getattr(m, "sparse", False)}
     hit = [name for name, _ in named if name in sparse]
     if hit:
-        why = ("weight_decay option is not compatible with sparse gradients" if optim_cls is torch.optim.Adagrad
-               else f"{optim_cls.__name__} does not support sparse gradients")
+        why = {torch.optim.Adagrad: "weight_decay option is not compatible with sparse gradients",
+               torch.optim.SGD: "add(sparse, dense) is not supported (weight decay on sparse gradients)"}.get(
+            optim_cls, f"{optim_cls.__name__} does not support sparse gradients")
         raise UnsupportedOptimizerError(
             f"{hit[0]!r} is the weight of an nn.Embedding(sparse=True): alone, each model's torch.optim."
             f"{optim_cls.__name__} would raise '{why}'. Use sparse=False, or SGD / Adagrad (without weight "
