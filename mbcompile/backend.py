@@ -37,6 +37,14 @@ def graph_pass(fn):
     return fn
 
 
+def _with_passes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a batched program's graph with GRAPH_PASSES run on it (the program keeps its own)."""
+    gm = copy.deepcopy(gm)
+    for p in GRAPH_PASSES:
+        p(gm)
+    return gm
+
+
 @graph_pass
 def drop_dead_code(gm: fx.GraphModule) -> bool:
     """Nodes without users and side effects (views and clones left by the batching rules)."""
@@ -217,9 +225,7 @@ class CompiledProgram:
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         STATS["backend_calls"] += 1
         cpu = all(a.device.type == "cpu" for a in args)
-        gm = copy.deepcopy(self.gm)
-        for p in GRAPH_PASSES:
-            p(gm)
+        gm = _with_passes(self.gm)
         with torch._functorch.config.patch(enable_autograd_cache=False):
             return compile_fx(gm, list(args), inner_compile=_counting_inner(compile_fx_inner),
                               decompositions=_decompositions(cpu))
@@ -598,9 +604,7 @@ class TrainStep:
         if k is not None:                            # big CPU program: chunks, as the eager chooser measured
             gm = chunking.traced(prog, self.batched.n, k, [flat[s] for s in slot], [])
             self.times["chunks"] = max(k, 1)
-        gm = copy.deepcopy(gm)
-        for p in GRAPH_PASSES:
-            p(gm)
+        gm = _with_passes(gm)
 
         where = {t: j for j, (k, t) in enumerate(prog.captured.inputs) if k == "param"}
         muts = [(k, where[t]) for k, (kind, t) in enumerate(prog.captured.outputs) if kind == "param"]

@@ -230,17 +230,15 @@ def _busy() -> bool:
     (least of three looks at /proc/loadavg; this process's OpenMP workers spin there after an op), or a
     1-minute load above the cores. Timings then take more, interleaved, samples."""
     try:
-        with open("/proc/loadavg") as f:
-            load1 = float(f.read().split()[0])
-        cores = len(os.sched_getaffinity(0))
-        if load1 > cores + 0.5:
-            return True
-        running = []
-        for _ in range(3):
+        looks = []
+        for k in range(3):
+            if k:
+                time.sleep(0.001)
             with open("/proc/loadavg") as f:
-                running.append(int(f.read().split()[3].split("/")[0]))
-            time.sleep(0.001)
-        return min(running) > max(torch.get_num_threads(), 1)
+                looks.append(f.read().split())
+        if float(looks[0][0]) > len(os.sched_getaffinity(0)) + 0.5:
+            return True
+        return min(int(v[3].split("/")[0]) for v in looks) > max(torch.get_num_threads(), 1)
     except (OSError, ValueError, IndexError, AttributeError):
         return False
 

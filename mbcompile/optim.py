@@ -1488,9 +1488,8 @@ def _refuse_sparse(batched, named, optim_cls, groups) -> None:
     wd = any(g.get("weight_decay", 0) != 0 for g in groups)
     if optim_cls in (torch.optim.SGD, torch.optim.Adagrad) and not wd:
         return
-    mods = getattr(batched, "named_modules", None)
-    sparse = {f"{k}.weight" if k else "weight" for k, m in (mods() if mods else [])
-              if isinstance(m, torch.nn.Embedding) and getattr(m, "sparse", False)}
+    sparse = {f"{k}.weight" if k else "weight" for k, m in batched.named_modules()
+              if isinstance(m, torch.nn.Embedding) and m.sparse}
     hit = [name for name, _ in named if name in sparse]
     if hit:
         why = {torch.optim.Adagrad: "weight_decay option is not compatible with sparse gradients",
