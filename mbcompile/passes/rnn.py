@@ -29,6 +29,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from .. import cores
 from ..errors import UnsupportedOpError, source_line
 from .axes import front, pdim
 from .registry import RuleCtx, aten, rule
@@ -133,7 +134,7 @@ def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_l
         cl = None if c0 is None else ((c0[sl], dc) if dc is None else (c0[:, sl], 0))
         choice = _choose(mode, proj, inp, dinp, wl, D, batch_first, train, n, has_biases)
         how.add(choice)
-        layer_fn = _fused_layer if choice == "fused" else _cells_layer
+        layer_fn = _LAYER_FNS[choice]
         inp, hs, cs = layer_fn(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first)
         dinp = 0
         h_n += hs
@@ -143,7 +144,10 @@ def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_l
     steps = x.shape[pdim(1 if batch_first else 0, 3, dx)]
     ctx.note(f"{mode}: {num_layers} layer(s) x {D} direction(s), {steps} steps: " + " + ".join(
         sorted({"cells": "unrolled batched cells (input projection hoisted, per step baddbmm over models)",
-                "fused": "per-model fused kernel (torch's own, oneDNN on CPU; measured faster here)"}[h]
+                "fused": "per-model fused kernel (torch's own, oneDNN on CPU; measured faster here)",
+                "spread": f"per-model fused kernel (torch's own, oneDNN on CPU), the models split over "
+                          f"{cores.workers(n)} threads of {max(1, torch.get_num_threads() // cores.workers(n))} "
+                          f"(measured faster here)"}[h]
                for h in how)))
     out = (inp, torch.stack(h_n, 1)) + ((torch.stack(c_n, 1),) if mode == "lstm" else ())
     return out, tuple(0 for _ in out)
@@ -177,9 +181,10 @@ def _cells_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D
     return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs
 
 
-def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first):
+def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first, spread=False):
     """One LSTM layer, every direction, through torch's own fused CPU kernel (oneDNN), model after
-    model inside one op (mbcompile::lstm_fused below). Same returns as _cells_layer."""
+    model inside one op (mbcompile::lstm_fused below), or with ``spread`` the models split over the
+    cores. Same returns as _cells_layer."""
     if dinp is None:                                            # T,B,I (shared)
         x = inp.transpose(0, 1) if batch_first else inp
     else:                                                       # n,T,B,I
@@ -191,12 +196,20 @@ def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D
         w_ih, w_hh, b_ih, b_hh = (t.contiguous() for t in wl[d * per:d * per + 4])
         h = hl[0][d] if hl[1] is None else hl[0][:, d]          # B,H or n,B,H
         c = cl[0][d] if cl[1] is None else cl[0][:, d]
-        out, hy, cy, _ = mb.lstm_fused(x, h.contiguous(), c.contiguous(), w_ih, w_hh, b_ih, b_hh, d == 1, train)
+        out, hy, cy, _ = mb.lstm_fused(x, h.contiguous(), c.contiguous(), w_ih, w_hh, b_ih, b_hh, d == 1, train,
+                                       spread)
         outs.append(out)                                        # n,T,B,H
         hs.append(hy)
         cs.append(cy)
     out = outs[0] if D == 1 else torch.cat(outs, -1)
     return (out.transpose(1, 2) if batch_first else out), hs, cs
+
+
+def _spread_layer(*args):
+    return _fused_layer(*args, spread=True)
+
+
+_LAYER_FNS = {"cells": _cells_layer, "fused": _fused_layer, "spread": _spread_layer}
 
 
 # mbcompile::lstm_fused: n LSTM layers (one direction) run by torch's fused CPU kernel one model after the
@@ -212,19 +225,27 @@ def _sel(t, i, rank):
 
 @torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
 def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
-               reverse: bool, train: bool) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
-    """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone)."""
+               reverse: bool, train: bool, spread: bool) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+    """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone);
+    ``spread``: the models split over the cores (cores.map_models), one kernel per core at a time."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    with torch.enable_grad():                                   # without grad mode: no workspace
-        res = [aten.mkldnn_rnn_layer(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
-                                     _sel(c0, i, 2), reverse, [], 2, hid, 1, True, False, False, train)
-               for i in range(n)]
-    out, hy, cy, ws = zip(*res)
-    return torch.stack(out), torch.stack(hy), torch.stack(cy), list(ws)  # workspaces: not copied
+    t, b = x.shape[-3], x.shape[-2]
+    out, hy, cy = x.new_empty(n, t, b, hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid)
+
+    def one(i):                                                 # results written in place while in cache
+        with torch.enable_grad():                               # without grad mode: no workspace
+            res = aten.mkldnn_rnn_layer(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                        _sel(c0, i, 2), reverse, [], 2, hid, 1, True, False, False, train)
+        with torch.no_grad():
+            for dst, r in zip((out, hy, cy), res):
+                dst[i].copy_(r)
+        return res[3]
+
+    return out, hy, cy, cores.map_models(one, n, None if spread else 1)   # workspaces: not copied
 
 
 @lstm_fused.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train, spread):
     n, hid = w_ih.shape[0], w_hh.shape[-1]
     t, b = x.shape[-3], x.shape[-2]
     s = _workspace_size(t, b, x.shape[-1], hid, x.dtype, train)
@@ -250,21 +271,28 @@ def _workspace_size(t, b, i, hid, dtype, train):
 @torch.library.custom_op("mbcompile::lstm_fused_backward", mutates_args=())
 def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                         out: Tensor, hy: Tensor, cy: Tensor, workspace: List[Tensor], g_out: Tensor, g_hy: Tensor,
-                        g_cy: Tensor, reverse: bool, train: bool) -> List[Tensor]:
+                        g_cy: Tensor, reverse: bool, train: bool, spread: bool) -> List[Tensor]:
     """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    per = [aten.mkldnn_rnn_layer_backward(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
-                                          _sel(c0, i, 2), out[i], hy[i], cy[i], g_out[i].contiguous(),
-                                          g_hy[i].contiguous(), g_cy[i].contiguous(), reverse, 2, hid, 1, True,
-                                          train, False, [], False, workspace[i])
-           for i in range(n)]
-    gx, gw_ih, gw_hh, gb_ih, gb_hh, gh, gc = (torch.stack(list(t)) for t in zip(*per))
+    gs = [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    gs[:3] = [x.new_empty(n, *t.shape) if t.dim() == rank else g for t, g, rank in zip((x, h0, c0), gs, (3, 2, 2))]
+
+    @torch.no_grad()                                            # a worker thread starts in grad mode
+    def one(i):                                                 # n,*: model i's slot written while in cache
+        res = aten.mkldnn_rnn_layer_backward(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
+                                             _sel(c0, i, 2), out[i], hy[i], cy[i], g_out[i].contiguous(),
+                                             g_hy[i].contiguous(), g_cy[i].contiguous(), reverse, 2, hid, 1, True,
+                                             train, False, [], False, workspace[i])
+        for dst, r in zip(gs, (res[0], res[5], res[6], *res[1:5])):
+            dst[i].copy_(r)
+
+    cores.map_models(one, n, None if spread else 1)
     fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
-    return [fold(gx, x, 3), fold(gh, h0, 2), fold(gc, c0, 2), gw_ih, gw_hh, gb_ih, gb_hh]
+    return [fold(gs[0], x, 3), fold(gs[1], h0, 2), fold(gs[2], c0, 2), *gs[3:]]
 
 
 @lstm_fused_backward.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train, spread):
     return [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
 
 
@@ -273,7 +301,7 @@ def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*ws)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:7], out, hy, cy, *ws)
-    ctx.reverse, ctx.train = inputs[7], inputs[8]
+    ctx.reverse, ctx.train, ctx.spread = inputs[7], inputs[8], inputs[9]
 
 
 def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
@@ -282,8 +310,8 @@ def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
     g_hy = torch.zeros_like(hy) if g_hy is None else g_hy
     g_cy = torch.zeros_like(cy) if g_cy is None else g_cy
     grads = mb.lstm_fused_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, ws, g_out, g_hy, g_cy,
-                                   ctx.reverse, ctx.train)
-    return (*grads, None, None)
+                                   ctx.reverse, ctx.train, ctx.spread)
+    return (*grads, None, None, None)
 
 
 lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -295,29 +323,34 @@ _CHOICE: dict = {}
 
 
 def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
-    """"cells" or "fused". Only a plain LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use
-    torch's fused kernel (oneDNN); in float32 the faster of the two is measured once per signature and
-    cached, in bfloat16 (a bf16 model, or autocast) it is the fused one, what the LSTM alone runs
-    (``MBCOMPILE_RNN_LOWERING=cells|fused`` forces one)."""
+    """"cells", "fused" or "spread" (fused, the models split over the cores: cores.py). Only a plain
+    LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use torch's fused kernel (oneDNN); the
+    fastest candidate is measured once per signature and cached. In bfloat16 (a bf16 model, or
+    autocast) only the fused kernel is a candidate, what the LSTM alone runs: its numbers
+    (``MBCOMPILE_RNN_LOWERING=cells|fused|spread`` forces one)."""
     if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" \
             or x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return "cells"
     forced = os.environ.get("MBCOMPILE_RNN_LOWERING")
-    if forced in ("cells", "fused"):
+    if forced in _LAYER_FNS:
         return forced
-    if x.dtype == torch.bfloat16:          # what nn.LSTM runs alone in bfloat16 (oneDNN): its numbers
-        return "fused"
+    cands = ["fused"] + (["spread"] if cores.workers(n) > 1 else [])
+    if x.dtype == torch.float32:
+        cands.insert(0, "cells")
+    if len(cands) == 1:
+        return cands[0]
     xl = x.shape if dx is None else front(x, dx, n).shape[1:]
-    key = (x.dtype, tuple(xl), dx is None, tuple(tuple(t.shape) for t in wl), D, batch_first, train, n)
+    key = (x.dtype, tuple(xl), dx is None, tuple(tuple(t.shape) for t in wl), D, batch_first, train, n,
+           cores.workers(n))
     if key not in _CHOICE:
         _CHOICE[key] = _measure(x.dtype, tuple(xl), dx is None, [tuple(t.shape) for t in wl], D, batch_first,
-                                train, n)
+                                train, n, cands)
     return _CHOICE[key]
 
 
-def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, reps=3):
-    """Time both lowerings of one layer (forward, and backward when training) on real random tensors;
-    at most 16 timesteps (the per-step cost is what differs)."""
+def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, cands, reps=3):
+    """Time the candidate lowerings of one layer (forward, and backward when training) on real random
+    tensors; at most 16 timesteps (the per-step cost is what differs)."""
     with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
         tax = 1 if batch_first else 0
         xl = list(xl)
@@ -335,12 +368,12 @@ def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, reps=3):
             if train:
                 torch.autograd.grad(out, ws, torch.ones_like(out))
 
-        for choice, fn in (("cells", _cells_layer), ("fused", _fused_layer)):
-            run(fn)                                             # warm up
+        for choice in cands:
+            run(_LAYER_FNS[choice])                             # warm up
             best = float("inf")
             for _ in range(reps):
                 t0 = time.perf_counter()
-                run(fn)
+                run(_LAYER_FNS[choice])
                 best = min(best, time.perf_counter() - t0)
             times[choice] = best
     return min(times, key=times.get)
