@@ -184,20 +184,22 @@ def test_randomness_modes_different_and_same():
     torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lowering", ["fused", "cells"])
+@pytest.mark.parametrize("lowering", ["fused", "spread", "cells"])
 def test_float32_lstm_both_lowerings(monkeypatch, lowering):
-    """CPU float32 LSTMs may run torch's own fused (oneDNN) kernel per model; both lowerings must agree
-    with each model alone, dropout masks included."""
+    """CPU float32 LSTMs may run torch's own fused (oneDNN) kernel per model, also with the models
+    split over the cores; every lowering must agree with each model alone, dropout masks included."""
     monkeypatch.setenv("MBCOMPILE_RNN_LOWERING", lowering)
     x = torch.randn(B, T, I)
     state = (torch.randn(3, 4, B, H), torch.randn(3, 4, B, H))
     b = check(lambda: nn.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True, dropout=0.5),
               (x, state), in_dims=(None, 0), train=True, seeds=SEEDS, dtype=torch.float32, tol=1e-5)
-    assert ("fused kernel" if lowering == "fused" else "unrolled batched cells") in str(mbcompile.explain(b))
+    said = {"fused": "model after model", "spread": "models split over", "cells": "unrolled batched cells"}
+    assert said[lowering] in str(mbcompile.explain(b))
 
 
-def test_float32_fused_lowering_in_eval_no_grad_and_compiled(monkeypatch):
-    monkeypatch.setenv("MBCOMPILE_RNN_LOWERING", "fused")
+@pytest.mark.parametrize("lowering", ["fused", "spread"])
+def test_float32_fused_lowering_in_eval_no_grad_and_compiled(monkeypatch, lowering):
+    monkeypatch.setenv("MBCOMPILE_RNN_LOWERING", lowering)
     make = lambda: nn.LSTM(I, H, num_layers=2, batch_first=True)  # noqa: E731
     x = torch.randn(B, T, I)
     check(make, (x,), train=False, dtype=torch.float32, tol=1e-5)            # eval mode, with gradients
@@ -222,7 +224,7 @@ def test_lowering_is_measured_once_and_cached(monkeypatch):
     monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
     monkeypatch.setattr(rnn_pass, "_CHOICE", {})
     check(lambda: nn.LSTM(I, H), (torch.randn(T, B, I),), dtype=torch.float32, tol=1e-5, n=2)
-    assert list(rnn_pass._CHOICE.values()) in (["cells"], ["fused"])
+    assert list(rnn_pass._CHOICE.values()) in (["cells"], ["fused"], ["spread"])
 
 
 def test_packed_sequence_is_a_clear_error():

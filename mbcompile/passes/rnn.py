@@ -144,10 +144,9 @@ def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_l
     steps = x.shape[pdim(1 if batch_first else 0, 3, dx)]
     ctx.note(f"{mode}: {num_layers} layer(s) x {D} direction(s), {steps} steps: " + " + ".join(
         sorted({"cells": "unrolled batched cells (input projection hoisted, per step baddbmm over models)",
-                "fused": "per-model fused kernel (torch's own, oneDNN on CPU; measured faster here)",
+                "fused": "per-model fused kernel (torch's own, oneDNN on CPU), model after model",
                 "spread": f"per-model fused kernel (torch's own, oneDNN on CPU), the models split over "
-                          f"{cores.workers(n)} threads of {max(1, torch.get_num_threads() // cores.workers(n))} "
-                          f"(measured faster here)"}[h]
+                          f"{cores.workers(n)} worker threads (cores.py)"}[h]
                for h in how)))
     out = (inp, torch.stack(h_n, 1)) + ((torch.stack(c_n, 1),) if mode == "lstm" else ())
     return out, tuple(0 for _ in out)

@@ -1,0 +1,126 @@
+"""cores.map_models: per-model kernels split over worker threads, and the LSTM lowering that uses it."""
+import multiprocessing
+import threading
+import time
+
+import pytest
+import torch
+
+from mbcompile import cores
+from mbcompile.passes import rnn as rnn_pass  # noqa: F401  (registers mbcompile::lstm_fused)
+
+mb = torch.ops.mbcompile
+spread_here = pytest.mark.skipif(cores.workers(2) < 2 and torch.get_num_threads() >= 2,
+                                 reason="torch's threads are not OpenMP's in this build")
+
+
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_results_in_model_order_on_worker_threads(two_threads):
+    def one(i):
+        time.sleep(0.02)                                          # keeps a worker busy: runs overlap
+        return i, threading.current_thread().name, torch.get_num_threads()
+
+    seen = cores.map_models(one, 7)
+    assert [s[0] for s in seen] == list(range(7))
+    if cores.workers(7) > 1:
+        names = {s[1] for s in seen}
+        assert len(names) == 2 and all(nm.startswith("mbcompile-models") for nm in names)
+        assert {s[2] for s in seen} == {1}                      # one OpenMP thread per worker
+    assert torch.get_num_threads() == 2                          # the caller's count untouched
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [2]                                          # ATen's process default too
+
+
+def test_one_worker_runs_in_the_caller(monkeypatch, two_threads):
+    me = threading.current_thread().name
+    assert {cores.map_models(lambda i: threading.current_thread().name, 4, 1)[j] for j in range(4)} == {me}
+    monkeypatch.setenv("MBCOMPILE_SPREAD", "0")
+    assert cores.workers(16) == 1
+    assert set(cores.map_models(lambda i: threading.current_thread().name, 4)) == {me}
+    monkeypatch.delenv("MBCOMPILE_SPREAD")
+    torch.set_num_threads(1)
+    assert cores.workers(16) == 1
+    assert cores.workers(1) == 1
+
+
+def test_nested_call_runs_inline_and_errors_reach_the_caller(two_threads):
+    inner = cores.map_models(lambda i: cores.map_models(lambda j: (i, j), 3), 4)
+    assert inner == [[(i, j) for j in range(3)] for i in range(4)]
+
+    def boom(i):
+        if i == 3:
+            raise ValueError("model 3 failed")
+        return i
+
+    with pytest.raises(ValueError, match="model 3 failed"):
+        cores.map_models(boom, 4)
+
+
+def _child(q):
+    q.put(cores.map_models(lambda i: i * i, 5))
+
+
+@spread_here
+def test_pool_survives_fork(two_threads):
+    cores.map_models(lambda i: i, 4)                             # the parent's pool exists
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0 and q.get(timeout=5) == [0, 1, 4, 9, 16]
+
+
+def _lstm_args(dt, n, T, B, I, H, shared):
+    x = torch.randn(T, B, I) if shared else torch.randn(n, T, B, I)
+    h0, c0 = torch.randn(n, B, H), torch.randn(B, H)
+    ws = [torch.randn(n, 4 * H, I) * .1, torch.randn(n, 4 * H, H) * .1, torch.randn(n, 4 * H) * .1,
+          torch.randn(n, 4 * H) * .1]
+    return [t.to(dt) for t in (x, h0, c0, *ws)]
+
+
+@spread_here
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,T,B,I,H,shared,reverse", [(5, 7, 3, 10, 20, False, False), (4, 16, 32, 32, 128, True, True),
+                                                      (2, 12, 17, 33, 65, False, True)])
+def test_spread_lstm_is_bit_for_bit_the_serial_one(two_threads, dt, n, T, B, I, H, shared, reverse):
+    """Each model's oneDNN kernel on one thread of a worker gives the numbers of the same kernel on all
+    threads (nothing is reduced across threads at these sizes), forward and backward."""
+    torch.manual_seed(0)
+    args = _lstm_args(dt, n, T, B, I, H, shared)
+    fwd = [mb.lstm_fused(*args, reverse, True, spread) for spread in (False, True)]
+    grads = [torch.randn_like(t) for t in fwd[0][:3]]
+    bwd = [mb.lstm_fused_backward(*args, *f[:3], f[3], *grads, reverse, True, spread)
+           for spread, f in zip((False, True), fwd)]
+    for a, b in zip(fwd[0][:3] + tuple(bwd[0]), fwd[1][:3] + tuple(bwd[1])):
+        assert torch.equal(a, b)
+    assert bwd[0][0].shape == args[0].shape                       # shared x: its gradient summed over models
+
+
+@spread_here
+def test_spread_lowering_is_a_measured_candidate(monkeypatch, two_threads):
+    seen = {}
+    monkeypatch.setattr(rnn_pass, "_measure", lambda *a, **k: seen.setdefault("cands", a[-1]) and "spread")
+    monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
+    monkeypatch.setattr(rnn_pass, "_CHOICE", {})
+    x = torch.randn(4, 5, 6)
+    wl = [torch.randn(3, 32, 6), torch.randn(3, 32, 8), torch.randn(3, 32), torch.randn(3, 32)]
+    assert rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, 3) == "spread"
+    assert seen["cands"] == ["cells", "fused", "spread"]
+    seen.clear()
+    assert rnn_pass._choose("lstm", False, x.bfloat16(), None, [w.bfloat16() for w in wl], 1, False, True, 3) \
+        == "spread"
+    assert seen["cands"] == ["fused", "spread"]                  # bfloat16: oneDNN's numbers only
+    torch.set_num_threads(1)
+    assert rnn_pass._choose("lstm", False, x.bfloat16(), None, [w.bfloat16() for w in wl], 1, False, True, 3) \
+        == "fused"                                               # one thread: nothing to spread over
