@@ -95,16 +95,28 @@ def _lstm_args(dt, n, T, B, I, H, shared):
                                                       (2, 12, 17, 33, 65, False, True)])
 def test_spread_lstm_is_bit_for_bit_the_serial_one(two_threads, dt, n, T, B, I, H, shared, reverse):
     """Each model's oneDNN kernel on one thread of a worker gives the numbers of the same kernel on all
-    threads (nothing is reduced across threads at these sizes), forward and backward."""
+    threads (nothing is reduced across threads at these sizes), forward and backward; the batch_first
+    layout (slices transposed per model inside the op) gives the time-major numbers, transposed."""
     torch.manual_seed(0)
     args = _lstm_args(dt, n, T, B, I, H, shared)
-    fwd = [mb.lstm_fused(*args, reverse, True, spread) for spread in (False, True)]
+    fwd = [mb.lstm_fused(*args, reverse, True, spread, False) for spread in (False, True)]
     grads = [torch.randn_like(t) for t in fwd[0][:3]]
-    bwd = [mb.lstm_fused_backward(*args, *f[:3], f[3], *grads, reverse, True, spread)
+    bwd = [mb.lstm_fused_backward(*args, *f[:3], f[3], *grads, reverse, True, spread, False)
            for spread, f in zip((False, True), fwd)]
     for a, b in zip(fwd[0][:3] + tuple(bwd[0]), fwd[1][:3] + tuple(bwd[1])):
         assert torch.equal(a, b)
     assert bwd[0][0].shape == args[0].shape                       # shared x: its gradient summed over models
+
+    tax = 0 if shared else 1                                      # time axis of x
+    bf = [args[0].transpose(tax, tax + 1).contiguous()] + args[1:]
+    f_bf = mb.lstm_fused(*bf, reverse, True, True, True)
+    b_bf = mb.lstm_fused_backward(*bf, *f_bf[:3], f_bf[3], grads[0].transpose(1, 2).contiguous(), *grads[1:],
+                                  reverse, True, True, True)
+    assert torch.equal(f_bf[0], fwd[0][0].transpose(1, 2))
+    assert torch.equal(f_bf[1], fwd[0][1]) and torch.equal(f_bf[2], fwd[0][2])
+    assert torch.equal(b_bf[0], bwd[0][0].transpose(tax, tax + 1))
+    for a, b in zip(b_bf[1:], bwd[0][1:]):
+        assert torch.equal(a, b)
 
 
 @spread_here

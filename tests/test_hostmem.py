@@ -78,3 +78,30 @@ def test_mbcompile_malloc_0_leaves_malloc_alone():
     r = _child({"MBCOMPILE_MALLOC": "0"})
     assert r["before"] >= 1 and r["after"] >= 1
     assert any("MBCOMPILE_MALLOC=0" in s for s in r["notes"])
+
+
+ARENAS = r"""
+import ctypes, os, sys, threading, torch
+import mbcompile
+from mbcompile import cores
+torch.set_num_threads(2)
+(torch.randn(300, 300) @ torch.randn(300, 300)).sum()           # torch's own OpenMP threads
+cores.map_models(lambda i: torch.empty(1 << 20).fill_(i), 4, 2)  # mbcompile's worker threads
+t = threading.Thread(target=lambda: torch.empty(1 << 20).fill_(1))
+t.start(); t.join()
+sys.stderr.flush()
+ctypes.CDLL("libc.so.6").malloc_stats()                         # one "Arena k:" block per arena, on stderr
+"""
+
+
+@pytest.mark.parametrize("malloc", ["", "0"])
+def test_threads_share_the_main_arena(malloc):
+    """After import mbcompile, new threads (torch's, cores.py's workers, the user's) allocate from the
+    main arena, whose heap is never unmapped (their own arenas unmap emptied 64 MiB heaps: page faults
+    on every step for a worker holding LSTM workspaces); MBCOMPILE_MALLOC=0 leaves glibc's arenas."""
+    env = {**os.environ, "MBCOMPILE_MALLOC": malloc}
+    env.pop("MALLOC_ARENA_MAX", None)
+    out = subprocess.run([sys.executable, "-c", ARENAS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    arenas = sum(ln.startswith("Arena ") for ln in out.stderr.splitlines())
+    assert arenas == 1 if malloc == "" else arenas >= 2, out.stderr[-2000:]

@@ -184,24 +184,18 @@ def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D
     """One LSTM layer, every direction, through torch's own fused CPU kernel (oneDNN), model after
     model inside one op (mbcompile::lstm_fused below), or with ``spread`` the models split over the
     cores. Same returns as _cells_layer."""
-    if dinp is None:                                            # T,B,I (shared)
-        x = inp.transpose(0, 1) if batch_first else inp
-    else:                                                       # n,T,B,I
-        x = front(inp, dinp, n)
-        x = x.transpose(1, 2) if batch_first else x
-    x = x.contiguous()
+    x = (inp if dinp is None else front(inp, dinp, n)).contiguous()   # [n,]T,B,I (batch_first: [n,]B,T,I)
     outs, hs, cs = [], [], []
     for d in range(D):
         w_ih, w_hh, b_ih, b_hh = (t.contiguous() for t in wl[d * per:d * per + 4])
         h = hl[0][d] if hl[1] is None else hl[0][:, d]          # B,H or n,B,H
         c = cl[0][d] if cl[1] is None else cl[0][:, d]
         out, hy, cy, _ = mb.lstm_fused(x, h.contiguous(), c.contiguous(), w_ih, w_hh, b_ih, b_hh, d == 1, train,
-                                       spread)
-        outs.append(out)                                        # n,T,B,H
+                                       spread, batch_first)
+        outs.append(out)                                        # n,T,B,H (batch_first: n,B,T,H)
         hs.append(hy)
         cs.append(cy)
-    out = outs[0] if D == 1 else torch.cat(outs, -1)
-    return (out.transpose(1, 2) if batch_first else out), hs, cs
+    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs
 
 
 def _spread_layer(*args):
@@ -214,41 +208,53 @@ _LAYER_FNS = {"cells": _cells_layer, "fused": _fused_layer, "spread": _spread_la
 # mbcompile::lstm_fused: n LSTM layers (one direction) run by torch's fused CPU kernel one model after the
 # other, as ONE graph op with its own backward op, so that it survives make_fx and torch.compile (the bare
 # aten.mkldnn_rnn_layer does not: its fake workspace is empty).
-#   x: T,B,I (shared) or n,T,B,I (time-major); h0, c0: B,H (shared) or n,B,H; weights n,4H,I / n,4H,H / n,4H
-#   -> out n,T,B,H; hy, cy n,B,H; n workspaces (uint8, what the backward needs; not differentiable)
+#   x: T,B,I (shared) or n,T,B,I (time-major; batch_first: B,T,I or n,B,T,I); h0, c0: B,H (shared) or n,B,H;
+#   weights n,4H,I / n,4H,H / n,4H
+#   -> out n,T,B,H (batch_first: n,B,T,H); hy, cy n,B,H; n workspaces (uint8, what the backward needs)
+# oneDNN's kernel reads its tensors as contiguous time-major ones (a strided view gives wrong numbers), so a
+# batch_first model's slices are transposed per model, on the thread that runs it, while in cache.
 
 def _sel(t, i, rank):
     """Model i's slice of a per-model tensor; a shared one (of the unbatched rank) as it is."""
     return t if t.dim() == rank else t[i]
 
 
+def _tm(t, batch_first):
+    """A contiguous time-major [T,B,*] copy of a batch_first [B,T,*] slice (else ``t`` as it is)."""
+    return t.transpose(0, 1).contiguous() if batch_first else t
+
+
 @torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
 def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
-               reverse: bool, train: bool, spread: bool) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+               reverse: bool, train: bool, spread: bool, batch_first: bool
+               ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone);
     ``spread``: the models split over the cores (cores.map_models), one kernel per core at a time."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    t, b = x.shape[-3], x.shape[-2]
-    out, hy, cy = x.new_empty(n, t, b, hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid)
+    out = x.new_empty(n, *x.shape[-3:-1], hid)
+    hy, cy = x.new_empty(n, *h0.shape[-2:]), x.new_empty(n, *c0.shape[-2:])
+    shared = _tm(x, batch_first) if x.dim() == 3 else None
 
     def one(i):                                                 # results written in place while in cache
+        xi = shared if shared is not None else _tm(x[i], batch_first)
         with torch.enable_grad():                               # without grad mode: no workspace
-            res = aten.mkldnn_rnn_layer(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
-                                        _sel(c0, i, 2), reverse, [], 2, hid, 1, True, False, False, train)
+            res = aten.mkldnn_rnn_layer(xi, w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2),
+                                        reverse, [], 2, hid, 1, True, False, False, train)
         with torch.no_grad():
-            for dst, r in zip((out, hy, cy), res):
-                dst[i].copy_(r)
+            out[i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
+            hy[i].copy_(res[1])
+            cy[i].copy_(res[2])
         return res[3]
 
     return out, hy, cy, cores.map_models(one, n, None if spread else 1)   # workspaces: not copied
 
 
 @lstm_fused.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train, spread):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train, spread, batch_first):
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    t, b = x.shape[-3], x.shape[-2]
+    t, b = x.shape[-3:-1] if not batch_first else reversed(x.shape[-3:-1])
     s = _workspace_size(t, b, x.shape[-1], hid, x.dtype, train)
-    return (x.new_empty(n, t, b, hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid),
+    return (x.new_empty(n, *x.shape[-3:-1], hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid),
             [x.new_empty(s, dtype=torch.uint8) for _ in range(n)])
 
 
@@ -270,19 +276,23 @@ def _workspace_size(t, b, i, hid, dtype, train):
 @torch.library.custom_op("mbcompile::lstm_fused_backward", mutates_args=())
 def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                         out: Tensor, hy: Tensor, cy: Tensor, workspace: List[Tensor], g_out: Tensor, g_hy: Tensor,
-                        g_cy: Tensor, reverse: bool, train: bool, spread: bool) -> List[Tensor]:
+                        g_cy: Tensor, reverse: bool, train: bool, spread: bool, batch_first: bool) -> List[Tensor]:
     """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
     gs = [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
     gs[:3] = [x.new_empty(n, *t.shape) if t.dim() == rank else g for t, g, rank in zip((x, h0, c0), gs, (3, 2, 2))]
+    shared = _tm(x, batch_first) if x.dim() == 3 else None
 
     @torch.no_grad()                                            # a worker thread starts in grad mode
     def one(i):                                                 # n,*: model i's slot written while in cache
-        res = aten.mkldnn_rnn_layer_backward(_sel(x, i, 3), w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2),
-                                             _sel(c0, i, 2), out[i], hy[i], cy[i], g_out[i].contiguous(),
-                                             g_hy[i].contiguous(), g_cy[i].contiguous(), reverse, 2, hid, 1, True,
-                                             train, False, [], False, workspace[i])
-        for dst, r in zip(gs, (res[0], res[5], res[6], *res[1:5])):
+        xi = shared if shared is not None else _tm(x[i], batch_first)
+        res = aten.mkldnn_rnn_layer_backward(xi, w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2),
+                                             _tm(out[i], batch_first), hy[i], cy[i],
+                                             _tm(g_out[i], batch_first).contiguous(), g_hy[i].contiguous(),
+                                             g_cy[i].contiguous(), reverse, 2, hid, 1, True, train, False, [], False,
+                                             workspace[i])
+        gs[0][i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
+        for dst, r in zip(gs[1:], (res[5], res[6], *res[1:5])):
             dst[i].copy_(r)
 
     cores.map_models(one, n, None if spread else 1)
@@ -291,7 +301,8 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
 
 
 @lstm_fused_backward.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train, spread):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train, spread,
+      batch_first):
     return [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
 
 
@@ -300,7 +311,7 @@ def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*ws)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:7], out, hy, cy, *ws)
-    ctx.reverse, ctx.train, ctx.spread = inputs[7], inputs[8], inputs[9]
+    ctx.flags = inputs[7:]                                      # reverse, train, spread, batch_first
 
 
 def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
@@ -309,8 +320,8 @@ def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
     g_hy = torch.zeros_like(hy) if g_hy is None else g_hy
     g_cy = torch.zeros_like(cy) if g_cy is None else g_cy
     grads = mb.lstm_fused_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, ws, g_out, g_hy, g_cy,
-                                   ctx.reverse, ctx.train, ctx.spread)
-    return (*grads, None, None, None)
+                                   *ctx.flags)
+    return (*grads, None, None, None, None)
 
 
 lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
