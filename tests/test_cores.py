@@ -136,3 +136,19 @@ def test_spread_lowering_is_a_measured_candidate(monkeypatch, two_threads):
     torch.set_num_threads(1)
     assert rnn_pass._choose("lstm", False, x.bfloat16(), None, [w.bfloat16() for w in wl], 1, False, True, 3) \
         == "fused"                                               # one thread: nothing to spread over
+
+
+def test_lowering_default_and_forced_rnn_choices_are_not_timed(monkeypatch):
+    from mbcompile import lowering
+    monkeypatch.setattr(rnn_pass, "_measure", lambda *a, **k: pytest.fail("timed"))
+    monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
+    x = torch.randn(4, 5, 6)
+    wl = [torch.randn(3, 32, 6), torch.randn(3, 32, 8), torch.randn(3, 32), torch.randn(3, 32)]
+    with lowering.force("default"):                      # deterministic runs: the model's own kernel
+        assert rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, 3) == "fused"
+        assert rnn_pass._choose("lstm", False, x.double(), None, [w.double() for w in wl], 1, False, True, 3) \
+            == "cells"                                   # float64: no fused kernel
+    with lowering.force(rnn="cells"):
+        assert rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, 3) == "cells"
+    monkeypatch.setenv("MBCOMPILE_LOWERING", "rnn=spread")
+    assert rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, 3) == "spread"

@@ -29,7 +29,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from .. import cores
+from .. import cores, lowering
 from ..errors import UnsupportedOpError, source_line
 from .axes import front, pdim
 from .registry import RuleCtx, aten, rule
@@ -337,13 +337,16 @@ def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
     LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use torch's fused kernel (oneDNN); the
     fastest candidate is measured once per signature and cached. In bfloat16 (a bf16 model, or
     autocast) only the fused kernel is a candidate, what the LSTM alone runs: its numbers
-    (``MBCOMPILE_RNN_LOWERING=cells|fused|spread`` forces one)."""
+    (``MBCOMPILE_RNN_LOWERING=cells|fused|spread`` or ``MBCOMPILE_LOWERING=rnn=...`` forces one;
+    ``MBCOMPILE_LOWERING=default`` takes "fused" untimed)."""
     if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" \
             or x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return "cells"
-    forced = os.environ.get("MBCOMPILE_RNN_LOWERING")
+    forced = os.environ.get("MBCOMPILE_RNN_LOWERING") or lowering._setting("rnn")
     if forced in _LAYER_FNS:
         return forced
+    if forced == "default":                    # MBCOMPILE_LOWERING=default: no timing, the model's own kernel
+        return lowering.DEFAULTS["rnn"]
     cands = ["fused"] + (["spread"] if cores.workers(n) > 1 else [])
     if x.dtype == torch.float32:
         cands.insert(0, "cells")
