@@ -9,8 +9,8 @@ each with ``torch.get_num_threads() // workers`` OpenMP (and MKL) threads, and r
 model order. Every model's kernel is the same as alone (nothing is reduced across models, no kernel
 sees another model's data), so the numbers are too; tests/test_cores.py checks them bit for bit.
 
-Worker threads start with none of the caller's thread-local state (grad mode, autocast, dispatch
-modes): ``fn`` sets what its kernel needs. Where torch's threads are not OpenMP's, or with
+Workers run ``fn`` with the caller's grad mode and inference mode; other thread-local state (autocast,
+dispatch modes) is not carried over: ``fn`` sets what its kernel needs. Where torch's threads are not OpenMP's, or with
 ``MBCOMPILE_SPREAD=0``, ``workers`` is 1 and the loop runs in the caller's thread.
 """
 from __future__ import annotations
@@ -92,8 +92,9 @@ def _pool(k: int, per: int) -> ThreadPoolExecutor:
         return _STATE["pool"]
 
 
-def _run(fn, lo, hi):
-    return [fn(i) for i in range(lo, hi)]
+def _run(fn, lo, hi, grad, inference):
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):   # the caller's modes
+        return [fn(i) for i in range(lo, hi)]
 
 
 def map_models(fn: Callable[[int], object], n: int, k: int | None = None) -> list:
@@ -106,5 +107,6 @@ def map_models(fn: Callable[[int], object], n: int, k: int | None = None) -> lis
     for pause in _pauses():
         pause(1)                                  # omp_pause_soft
     bounds = [n * j // k for j in range(k + 1)]
-    runs = [pool.submit(_run, fn, bounds[j], bounds[j + 1]) for j in range(k)]
+    modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    runs = [pool.submit(_run, fn, bounds[j], bounds[j + 1], *modes) for j in range(k)]
     return [r for fut in runs for r in fut.result()]

@@ -41,6 +41,16 @@ def test_results_in_model_order_on_worker_threads(two_threads):
     assert fresh == [2]                                          # ATen's process default too
 
 
+def test_workers_take_the_callers_grad_and_inference_mode(two_threads):
+    modes = lambda i: (torch.is_grad_enabled(), torch.is_inference_mode_enabled())  # noqa: E731
+    assert set(cores.map_models(modes, 4)) == {(True, False)}
+    with torch.no_grad():
+        assert set(cores.map_models(modes, 4)) == {(False, False)}
+    with torch.inference_mode():
+        assert set(cores.map_models(modes, 4)) == {(False, True)}
+    assert set(cores.map_models(modes, 4)) == {(True, False)}               # and not kept afterwards
+
+
 def test_one_worker_runs_in_the_caller(monkeypatch, two_threads):
     me = threading.current_thread().name
     assert {cores.map_models(lambda i: threading.current_thread().name, 4, 1)[j] for j in range(4)} == {me}

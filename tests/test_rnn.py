@@ -207,8 +207,11 @@ def test_float32_fused_lowering_in_eval_no_grad_and_compiled(monkeypatch, loweri
     batched = mbcompile.batch(copy.deepcopy(models), strict=True).eval()
     with torch.no_grad():                                                  # inference: no workspace needed
         out = batched(x)[0]
+    with torch.inference_mode():                                           # inference tensors, on every thread
+        out_inf = batched(x)[0]
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.eval()(x)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_inf[i], out[i], rtol=0, atol=0)
     compiled = mbcompile.batch(copy.deepcopy(models), strict=True, compile=True).train()  # custom ops compile
     out = compiled(x)[0]
     out.square().sum().backward()

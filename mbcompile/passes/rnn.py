@@ -283,7 +283,7 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
     gs[:3] = [x.new_empty(n, *t.shape) if t.dim() == rank else g for t, g, rank in zip((x, h0, c0), gs, (3, 2, 2))]
     shared = _tm(x, batch_first) if x.dim() == 3 else None
 
-    @torch.no_grad()                                            # a worker thread starts in grad mode
+    @torch.no_grad()
     def one(i):                                                 # n,*: model i's slot written while in cache
         xi = shared if shared is not None else _tm(x[i], batch_first)
         res = aten.mkldnn_rnn_layer_backward(xi, w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2),
