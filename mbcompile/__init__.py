@@ -1,6 +1,4 @@
 """mbcompile: train N independent copies of a PyTorch model as one compiled program."""
-from . import hostmem
-hostmem.one_arena()   # before torch's and mbcompile's threads allocate: they share the main arena
 from . import ops  # noqa: F401  (registers the mbcompile:: custom ops)
 from . import backend  # noqa: F401  (registers the "mbcompile" torch.compile backend)
 from .backend import train_step

@@ -128,11 +128,6 @@ def lowering_choices() -> dict:
                            if _plain_key(k) and isinstance(getattr(v, "name", None), str)]
     except ImportError:  # pragma: no cover
         pass
-    try:
-        from .passes import rnn
-        out["rnn"] = [(k, v) for k, v in getattr(rnn, "_CHOICE", {}).items() if _plain_key(k) and isinstance(v, str)]
-    except ImportError:  # pragma: no cover
-        pass
     return out
 
 
@@ -145,12 +140,6 @@ def restore_lowering_choices(state: dict):
         if cache is not None and choice is not None:
             for k, name in state.get("lowering", []):
                 cache[k] = choice(name, "restored from a checkpoint")
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from .passes import rnn
-        if isinstance(getattr(rnn, "_CHOICE", None), dict):
-            rnn._CHOICE.update({k: v for k, v in state.get("rnn", [])})
     except ImportError:  # pragma: no cover
         pass
 

@@ -10,7 +10,8 @@ model order. Every model's kernel is the same as alone (nothing is reduced acros
 sees another model's data), so the numbers are too; tests/test_cores.py checks them bit for bit.
 
 Workers run ``fn`` with the caller's grad mode and inference mode; other thread-local state (autocast,
-dispatch modes) is not carried over: ``fn`` sets what its kernel needs. Where torch's threads are not OpenMP's, or with
+dispatch modes) is not carried over: ``fn`` sets what its kernel needs. They allocate from glibc's main
+arena where hostmem tuned it (``_pool``). Where torch's threads are not OpenMP's, or with
 ``MBCOMPILE_SPREAD=0``, ``workers`` is 1 and the loop runs in the caller's thread.
 """
 from __future__ import annotations
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+
+from . import hostmem
 
 _LOCK = threading.Lock()
 _STATE: dict = {"omp": None, "pool": None, "key": None, "pause": None}
@@ -68,25 +71,51 @@ def workers(n: int) -> int:
     return max(1, min(n, torch.get_num_threads()))
 
 
-def _start(per: int, ready: threading.Barrier) -> None:
+def _start(per: int) -> bool:
+    """A worker's setup; returns whether it allocates from glibc's main arena."""
     _WORKER.on = True
     torch.get_num_threads()       # ATen's lazy per-thread init first: it would set the count back
     torch.set_num_threads(per)    # this thread's OpenMP and MKL counts (and ATen's process default)
-    ready.wait()
+    return hostmem.in_main_arena(torch.empty(1 << 18).data_ptr())
 
 
-def _pool(k: int, per: int) -> ThreadPoolExecutor:
+def _executor() -> ThreadPoolExecutor:
+    _STATE["made"] = _STATE.get("made", 0) + 1
+    return ThreadPoolExecutor(1, thread_name_prefix=f"mbcompile-models-{_STATE['made']}")
+
+
+def _pool(k: int, per: int) -> list:
+    """k single-thread executors. Where hostmem tuned glibc, each worker must allocate from the main
+    arena (hostmem.workers_arena): a thread's own arena unmaps every emptied 64 MiB heap, so a worker
+    holding LSTM workspaces page-faulted on every step (the word LM of docs/performance.md stop 21:
+    36,000 faults a step, 499 ms against 443 in the main arena). New threads then take existing arenas
+    in turn; one that got another (torch's OpenMP thread's) ends and the next is tried, and where a
+    freed arena keeps coming back, it is kept idle instead. Up to 4k threads are tried."""
     key = (os.getpid(), k, per)                   # a forked child gets a pool of its own
     with _LOCK:
         if _STATE["key"] != key:
-            old = _STATE["pool"]
-            if old is not None and _STATE["key"][0] == key[0]:
-                old.shutdown(wait=False)
-            pool = ThreadPoolExecutor(k, thread_name_prefix="mbcompile-models")
+            if _STATE["key"] is not None and _STATE["key"][0] == key[0]:
+                for ex in _STATE["pool"]:
+                    ex.shutdown(wait=False)
             mine = torch.get_num_threads()
-            ready = threading.Barrier(k)
-            for f in [pool.submit(_start, per, ready) for _ in range(k)]:
-                f.result()
+            check = hostmem.workers_arena()
+            pool, parked = [], []
+            for attempt in range(4 * k):
+                ex = _executor()
+                if ex.submit(_start, per).result() or not check:
+                    pool.append(ex)
+                elif attempt < 2 * k:             # let it end: its arena stays with the thread that had it
+                    ex.shutdown(wait=True)
+                else:                             # (a freed arena came back each time): keep it idle
+                    parked.append(ex)
+                if len(pool) == k:
+                    break
+            while len(pool) < k:                  # not found: workers on other arenas after all
+                if not parked:
+                    parked.append(_executor())
+                    parked[-1].submit(_start, per).result()
+                pool.append(parked.pop())
+            _STATE["parked"] = _STATE.get("parked", []) + parked
             torch.set_num_threads(mine)           # ATen's process default back to the caller's
             _STATE["pool"], _STATE["key"] = pool, key
         return _STATE["pool"]
@@ -108,5 +137,5 @@ def map_models(fn: Callable[[int], object], n: int, k: int | None = None) -> lis
         pause(1)                                  # omp_pause_soft
     bounds = [n * j // k for j in range(k + 1)]
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    runs = [pool.submit(_run, fn, bounds[j], bounds[j + 1], *modes) for j in range(k)]
+    runs = [pool[j].submit(_run, fn, bounds[j], bounds[j + 1], *modes) for j in range(k)]
     return [r for fut in runs for r in fut.result()]

@@ -14,8 +14,8 @@ first builds a CPU program (before any lowering is timed, so the timings see the
 program will run with), says so in ``explain()``, and never with ``MBCOMPILE_MALLOC=0`` (or off
 glibc). The cost: freed blocks stay resident (holes in the heap are not returned to the OS);
 ``release()`` (glibc's ``malloc_trim``) hands free pages back, e.g. between two sweeps in one process.
-``one_arena()`` (``M_ARENA_MAX=1``, on ``import mbcompile`` and in ``tune``) keeps threads that start
-after it in the main arena, where these settings apply (see its doc: cores.py's worker threads).
+``workers_arena()`` and ``in_main_arena()`` put cores.py's worker threads in the main arena, where
+these settings hold (a thread's own arena unmaps each heap that empties: page faults on every step).
 """
 from __future__ import annotations
 
@@ -29,50 +29,54 @@ TRIM_BYTES = 2**31 - 1     # mallopt takes a C int
 _STATE = {"done": None}      # None: not tried; else the note (str) saying what happened
 
 
-def _libc():
-    """glibc, or None (off Linux/glibc, or with MBCOMPILE_MALLOC=0)."""
-    if os.environ.get("MBCOMPILE_MALLOC", "").strip() == "0" or platform.system() != "Linux" \
-            or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def one_arena() -> bool:
-    """``M_ARENA_MAX=1``: threads that have not allocated yet share the main arena (called on import).
-    A thread's own arena grows in 64 MiB heaps that glibc unmaps whenever one empties, so a worker
-    thread of cores.py holding more than that (eight oneDNN LSTM workspaces of 7.7 MiB) paid page
-    faults on every step: 1,200-4,700 a step on the char-LSTM benchmark, 45.7 against 42.4 ms. In the
-    main arena the settings of ``tune`` apply, and nothing is unmapped."""
-    libc = _libc()
-    try:
-        return libc is not None and libc.mallopt(M_ARENA_MAX, 1) == 1
-    except AttributeError:
-        return False
-
-
 def tune() -> str:
     """Apply the settings once per process; return a note for explain()."""
     if _STATE["done"] is not None:
         return _STATE["done"]
-    libc = _libc()
-    if libc is None:
-        note = ("glibc malloc left as is (MBCOMPILE_MALLOC=0)" if os.environ.get("MBCOMPILE_MALLOC", "").strip()
-                == "0" else "host malloc left as is (not glibc)")
+    if os.environ.get("MBCOMPILE_MALLOC", "").strip() == "0":
+        note = "glibc malloc left as is (MBCOMPILE_MALLOC=0)"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        note = "host malloc left as is (not glibc)"
     else:
         try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES) == 1
-            one_arena()
             note = ("glibc malloc tuned for big tensors: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB (heap pages "
                     "are reused instead of fresh mmaps; MBCOMPILE_MALLOC=0 turns this off)") if ok else \
                 "glibc mallopt refused the settings; malloc left as is"
-        except AttributeError as e:
+        except (OSError, AttributeError) as e:
             note = f"glibc malloc left as is ({type(e).__name__})"
     _STATE["done"] = note
     return note
 
+
+
+def workers_arena() -> bool:
+    """Before mbcompile's worker threads start (cores.py): ``M_ARENA_MAX=1``, so that a thread
+    started from now on takes an existing arena instead of a new one (glibc fixes that limit the first
+    time a thread looks for an arena: from here on, for every new thread of the process). Only where
+    ``tune`` applied its settings; returns whether the workers should check for the main arena."""
+    if not (_STATE["done"] or "").startswith("glibc malloc tuned"):
+        return False
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_ARENA_MAX, 1) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def in_main_arena(ptr: int) -> bool:
+    """Whether address ``ptr`` (a block malloc returned with mmap off) lies in the brk heap, the main
+    arena's; other arenas live in mmap'd regions."""
+    try:
+        with open("/proc/self/maps") as f:
+            for ln in f:
+                if ln.rstrip().endswith("[heap]"):
+                    lo, hi = (int(v, 16) for v in ln.split()[0].split("-"))
+                    if lo <= ptr < hi:
+                        return True
+    except OSError:
+        pass
+    return False
 
 
 def release() -> bool:

@@ -130,28 +130,28 @@ def test_spread_lstm_is_bit_for_bit_the_serial_one(two_threads, dt, n, T, B, I, 
 
 
 @spread_here
-def test_spread_lowering_is_a_measured_candidate(monkeypatch, two_threads):
-    seen = {}
-    monkeypatch.setattr(rnn_pass, "_measure", lambda *a, **k: seen.setdefault("cands", a[-1]) and "spread")
+def test_spread_is_taken_from_enough_work_per_model(monkeypatch, two_threads):
     monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
-    monkeypatch.setattr(rnn_pass, "_CHOICE", {})
-    x = torch.randn(4, 5, 6)
+    monkeypatch.delenv("MBCOMPILE_LOWERING", raising=False)
+    x = torch.randn(4, 5, 6)                                      # T,B,I; weights 4H=32, H=8
     wl = [torch.randn(3, 32, 6), torch.randn(3, 32, 8), torch.randn(3, 32), torch.randn(3, 32)]
-    assert rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, 3) == "spread"
-    assert seen["cands"] == ["cells", "fused", "spread"]
-    seen.clear()
-    assert rnn_pass._choose("lstm", False, x.bfloat16(), None, [w.bfloat16() for w in wl], 1, False, True, 3) \
-        == "spread"
-    assert seen["cands"] == ["fused", "spread"]                  # bfloat16: oneDNN's numbers only
+    macs = 4 * 5 * 32 * (6 + 8)
+    choose = lambda x, wl, n=3: rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, n)  # noqa: E731
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_MACS", macs + 1)
+    assert choose(x, wl) == "fused"                               # too little work to spread
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_MACS", macs)
+    assert choose(x, wl) == "spread"
+    assert choose(x.bfloat16(), [w.bfloat16() for w in wl]) == "spread"   # oneDNN's numbers either way
+    assert choose(x, [w[:1] for w in wl], n=1) == "fused"          # one model: nothing to spread
+    assert choose(x.double(), [w.double() for w in wl]) == "cells"   # no fused kernel in float64
     torch.set_num_threads(1)
-    assert rnn_pass._choose("lstm", False, x.bfloat16(), None, [w.bfloat16() for w in wl], 1, False, True, 3) \
-        == "fused"                                               # one thread: nothing to spread over
+    assert choose(x, wl) == "fused"                               # one thread: nothing to spread over
 
 
-def test_lowering_default_and_forced_rnn_choices_are_not_timed(monkeypatch):
+def test_lowering_default_and_forced_rnn_choices(monkeypatch):
     from mbcompile import lowering
-    monkeypatch.setattr(rnn_pass, "_measure", lambda *a, **k: pytest.fail("timed"))
     monkeypatch.delenv("MBCOMPILE_RNN_LOWERING", raising=False)
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_MACS", 0)
     x = torch.randn(4, 5, 6)
     wl = [torch.randn(3, 32, 6), torch.randn(3, 32, 8), torch.randn(3, 32), torch.randn(3, 32)]
     with lowering.force("default"):                      # deterministic runs: the model's own kernel

@@ -23,7 +23,6 @@ PackedSequence inputs are refused with a clear error (capture fails inside the R
 from __future__ import annotations
 
 import os
-import time
 from typing import List, Tuple
 
 import torch
@@ -329,67 +328,33 @@ lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 
 # ---- lowering choice -----------------------------------------------------------------------------
 
-_CHOICE: dict = {}
+# "spread" is taken from this much work per model and layer (forward multiply-adds, T*B*4H*(I+H)); below
+# it the fixed costs (thread handoff, the GIL between kernels, the caller's OpenMP team restarting) outweigh.
+# Measured, 2-core EPYC, n=16, in the training step: a 2-layer LSTM with H=64, T=20, B=32 (13M and 21M)
+# 34.2 ms spread against 31.1 fused; the char-LSTM (T=32, B=32, H=128: 84M) 39-47 against 43-55; op level,
+# forward+backward, spread 3-18% ahead at 262M-3.8G.
+SPREAD_MIN_MACS = 40_000_000
 
 
 def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
     """"cells", "fused" or "spread" (fused, the models split over the cores: cores.py). Only a plain
-    LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use torch's fused kernel (oneDNN); the
-    fastest candidate is measured once per signature and cached. In bfloat16 (a bf16 model, or
-    autocast) only the fused kernel is a candidate, what the LSTM alone runs: its numbers
-    (``MBCOMPILE_RNN_LOWERING=cells|fused|spread`` or ``MBCOMPILE_LOWERING=rnn=...`` forces one;
-    ``MBCOMPILE_LOWERING=default`` takes "fused" untimed)."""
+    LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use torch's fused kernel (oneDNN),
+    and there it is taken (spread from SPREAD_MIN_MACS of work per model): a cost rule, not a timing.
+    Timing one layer alone misjudged both races in the step (docs/rnn.md): the cells timed 5% ahead of
+    the fused kernel for a small layer and ran the step 34% slower; spread timed 4-11% behind fused
+    for the char-LSTM layer and ran the step 10-28% faster. ``MBCOMPILE_RNN_LOWERING=cells|fused|spread``
+    or ``MBCOMPILE_LOWERING=rnn=...`` forces one; ``MBCOMPILE_LOWERING=default`` takes "fused"."""
     if mode != "lstm" or proj or not has_biases or x.device.type != "cpu" \
             or x.dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
         return "cells"
     forced = os.environ.get("MBCOMPILE_RNN_LOWERING") or lowering._setting("rnn")
     if forced in _LAYER_FNS:
         return forced
-    if forced == "default":                    # MBCOMPILE_LOWERING=default: no timing, the model's own kernel
+    if forced == "default":
         return lowering.DEFAULTS["rnn"]
-    cands = ["fused"] + (["spread"] if cores.workers(n) > 1 else [])
-    if x.dtype == torch.float32:
-        cands.insert(0, "cells")
-    if len(cands) == 1:
-        return cands[0]
-    xl = x.shape if dx is None else front(x, dx, n).shape[1:]
-    key = (x.dtype, tuple(xl), dx is None, tuple(tuple(t.shape) for t in wl), D, batch_first, train, n,
-           cores.workers(n))
-    if key not in _CHOICE:
-        _CHOICE[key] = _measure(x.dtype, tuple(xl), dx is None, [tuple(t.shape) for t in wl], D, batch_first,
-                                train, n, cands)
-    return _CHOICE[key]
-
-
-def _measure(dtype, xl, shared, wshapes, D, batch_first, train, n, cands, reps=3):
-    """Time the candidate lowerings of one layer (forward, and backward when training) on real random
-    tensors; at most 16 timesteps (the per-step cost is what differs)."""
-    with torch.utils._python_dispatch._disable_current_modes(), torch.enable_grad():
-        tax = 1 if batch_first else 0
-        xl = list(xl)
-        xl[tax] = min(xl[tax], 16)
-        x = torch.randn(xl if shared else [n] + xl, dtype=dtype)
-        ws = [(torch.randn(s, dtype=dtype) * 0.1).requires_grad_(train) for s in wshapes]
-        hid = wshapes[1][-1]
-        h0 = torch.zeros(D, xl[1 - tax], hid, dtype=dtype)
-        per = len(wshapes) // D
-        times = {}
-
-        def run(fn):
-            out, _, _ = fn("lstm", n, x, None if shared else 0, ws, per, (h0, None), (h0, None), per == 4, False,
-                           train, D, batch_first)
-            if train:
-                torch.autograd.grad(out, ws, torch.ones_like(out))
-
-        for choice in cands:
-            run(_LAYER_FNS[choice])                             # warm up
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                run(_LAYER_FNS[choice])
-                best = min(best, time.perf_counter() - t0)
-            times[choice] = best
-    return min(times, key=times.get)
+    t, b = (x.shape if dx is None else front(x, dx, n).shape[1:])[:2]
+    macs = t * b * wl[0].shape[-2] * (wl[0].shape[-1] + wl[1].shape[-1])   # one model's forward
+    return "spread" if cores.workers(n) > 1 and macs >= SPREAD_MIN_MACS else "fused"
 
 
 def _dropout_rates(ctx, p):
