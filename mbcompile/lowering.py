@@ -27,8 +27,8 @@ Families and candidates (shapes: n models, B batch):
                         math (matmul, softmax, matmul)
     linear_shared_input shared input: concat (one matmul on (n*O),I weights) | concat_t (the same as
                         (n*O),I @ I,B: BLAS prefers the tall operand first) | bmm (input expanded) | loop
-    rnn                 (passes/rnn.py, its own timing; a plain CPU LSTM layer in float32 or bfloat16): cells
-                        (unrolled batched cells) | fused (torch's oneDNN kernel, model after model) |
+    rnn                 (passes/rnn.py, a cost rule, not timed; a plain CPU LSTM layer, float32 or bfloat16):
+                        cells (unrolled batched cells) | fused (torch's oneDNN kernel, model after model) |
                         spread (the same, the models split over the cores: cores.py)
     program             (chunking.py, not through choose) the whole batched program | chunks of k
                         models (and, where k=1 is timed, chunks of 1 with the default lowerings):
