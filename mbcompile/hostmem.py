@@ -29,6 +29,10 @@ TRIM_BYTES = 2**31 - 1     # mallopt takes a C int
 _STATE = {"done": None}      # None: not tried; else the note (str) saying what happened
 
 
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def tune() -> str:
     """Apply the settings once per process; return a note for explain()."""
     if _STATE["done"] is not None:
@@ -39,7 +43,7 @@ def tune() -> str:
         note = "host malloc left as is (not glibc)"
     else:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = _libc()
             ok = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_BYTES) == 1
             note = ("glibc malloc tuned for big tensors: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB (heap pages "
                     "are reused instead of fresh mmaps; MBCOMPILE_MALLOC=0 turns this off)") if ok else \
@@ -59,7 +63,7 @@ def workers_arena() -> bool:
     if not (_STATE["done"] or "").startswith("glibc malloc tuned"):
         return False
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_ARENA_MAX, 1) == 1
+        return _libc().mallopt(M_ARENA_MAX, 1) == 1
     except (OSError, AttributeError):
         return False
 
@@ -84,6 +88,6 @@ def release() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False

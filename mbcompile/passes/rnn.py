@@ -13,11 +13,11 @@ Inter-layer dropout reuses the dropout rule of ``random.py`` on the time-major l
 where eager CPU torch draws its mask), so "sequential" masks equal each model's own.
 Results: (output, h_n[, c_n]) with the model dim in front, exactly torch's shapes otherwise.
 
-One exception, measured: a plain float32 LSTM layer on CPU may instead run torch's own fused oneDNN
-kernel model after model (``mbcompile::lstm_fused``, one graph op with its own backward op), which on
-CPUs is often faster than batched GEMMs; the faster lowering is timed once per layer signature. A
+One exception, measured: a plain float32 or bfloat16 LSTM layer on CPU runs torch's own fused oneDNN
+kernel instead (``mbcompile::lstm_fused``, one graph op with its own backward op), model after model or,
+from SPREAD_MIN_MACS of work per model, with the models split over the cores (cores.py): _choose. A
 bfloat16 LSTM (or one under CPU autocast, where torch runs LSTM and RNN whole in the autocast dtype)
-takes the fused kernel, as the model alone does.
+thus gets oneDNN's numbers, as the model alone does.
 PackedSequence inputs are refused with a clear error (capture fails inside the RNN module's forward).
 """
 from __future__ import annotations
@@ -278,8 +278,8 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
                         g_cy: Tensor, reverse: bool, train: bool, spread: bool, batch_first: bool) -> List[Tensor]:
     """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    gs = [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
-    gs[:3] = [x.new_empty(n, *t.shape) if t.dim() == rank else g for t, g, rank in zip((x, h0, c0), gs, (3, 2, 2))]
+    gs = [x.new_empty(n, *t.shape) if t.dim() == rank else torch.empty_like(t)     # shared: n,* then summed
+          for t, rank in zip((x, h0, c0), (3, 2, 2))] + [torch.empty_like(t) for t in (w_ih, w_hh, b_ih, b_hh)]
     shared = _tm(x, batch_first) if x.dim() == 3 else None
 
     @torch.no_grad()
