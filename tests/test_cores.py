@@ -109,9 +109,9 @@ def test_spread_lstm_is_bit_for_bit_the_serial_one(two_threads, dt, n, T, B, I, 
     layout (slices transposed per model inside the op) gives the time-major numbers, transposed."""
     torch.manual_seed(0)
     args = _lstm_args(dt, n, T, B, I, H, shared)
-    fwd = [mb.lstm_fused(*args, reverse, True, spread, False) for spread in (False, True)]
+    fwd = [mb.lstm_fused(*args, reverse, True, spread, False, False) for spread in (False, True)]
     grads = [torch.randn_like(t) for t in fwd[0][:3]]
-    bwd = [mb.lstm_fused_backward(*args, *f[:3], f[3], *grads, reverse, True, spread, False)
+    bwd = [mb.lstm_fused_backward(*args, *f[:3], f[3], *grads, reverse, True, spread, False, False, [True] * 3)
            for spread, f in zip((False, True), fwd)]
     for a, b in zip(fwd[0][:3] + tuple(bwd[0]), fwd[1][:3] + tuple(bwd[1])):
         assert torch.equal(a, b)
@@ -119,14 +119,18 @@ def test_spread_lstm_is_bit_for_bit_the_serial_one(two_threads, dt, n, T, B, I, 
 
     tax = 0 if shared else 1                                      # time axis of x
     bf = [args[0].transpose(tax, tax + 1).contiguous()] + args[1:]
-    f_bf = mb.lstm_fused(*bf, reverse, True, True, True)
-    b_bf = mb.lstm_fused_backward(*bf, *f_bf[:3], f_bf[3], grads[0].transpose(1, 2).contiguous(), *grads[1:],
-                                  reverse, True, True, True)
-    assert torch.equal(f_bf[0], fwd[0][0].transpose(1, 2))
-    assert torch.equal(f_bf[1], fwd[0][1]) and torch.equal(f_bf[2], fwd[0][2])
-    assert torch.equal(b_bf[0], bwd[0][0].transpose(tax, tax + 1))
-    for a, b in zip(b_bf[1:], bwd[0][1:]):
-        assert torch.equal(a, b)
+    g_bf = grads[0].transpose(1, 2).contiguous()
+    for x_bf, out_bf in ((True, True), (True, False), (False, True)):
+        a = bf if x_bf else args
+        f = mb.lstm_fused(*a, reverse, True, True, x_bf, out_bf)
+        b = mb.lstm_fused_backward(*a, *f[:3], f[3], g_bf if out_bf else grads[0], *grads[1:],
+                                   reverse, True, True, x_bf, out_bf, [True, False, True])
+        assert torch.equal(f[0], fwd[0][0].transpose(1, 2) if out_bf else fwd[0][0])
+        assert torch.equal(f[1], fwd[0][1]) and torch.equal(f[2], fwd[0][2])
+        assert torch.equal(b[0], bwd[0][0].transpose(tax, tax + 1) if x_bf else bwd[0][0])
+        assert b[1].numel() == 0                                  # not asked for: nothing computed
+        for u, v in zip(b[2:], bwd[0][2:]):
+            assert torch.equal(u, v)
 
 
 @spread_here

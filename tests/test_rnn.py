@@ -266,3 +266,36 @@ def test_recurrent_layers_under_cpu_autocast_match_each_model_alone(make):
         torch.testing.assert_close(hb[i], hi, **tol)
     out.float().sum().backward()                        # the backward runs too
     assert all(p.grad is not None for p in b.parameters())
+
+
+@pytest.mark.parametrize("lowering", ["fused", "spread"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_lowering_input_and_state_gradients(monkeypatch, lowering, shared):
+    """The fused kernel's gradients for the input and the initial state (only computed where asked for),
+    per model and summed over models for a shared input, against each model alone; layers in between
+    stay time-major (batch_first undone once, at the ends)."""
+    monkeypatch.setenv("MBCOMPILE_RNN_LOWERING", lowering)
+    n = 3
+    models = [nn.LSTM(I, H, num_layers=3, batch_first=True) for _ in range(n)]
+    refs = copy.deepcopy(models)
+    x = torch.randn((B, T, I) if shared else (n, B, T, I), requires_grad=True)
+    h0, c0 = torch.randn(n, 3, B, H, requires_grad=True), torch.randn(n, 3, B, H, requires_grad=True)
+    batched = mbcompile.batch(models, in_dims=(None if shared else 0, 0), strict=True)
+    out, (hn, cn) = batched(x, (h0, c0))
+    w = [torch.randn_like(t) for t in (out, hn, cn)]
+    sum((t * v).sum() for t, v in zip((out, hn, cn), w)).backward()
+    gx = torch.zeros(B, T, I)
+    for i, ref in enumerate(refs):
+        xi = (x if shared else x[i]).detach().requires_grad_()
+        hi, ci = h0[i].detach().requires_grad_(), c0[i].detach().requires_grad_()
+        o, (a, b) = ref(xi, (hi, ci))
+        torch.testing.assert_close(out[i], o, rtol=1e-5, atol=1e-5)
+        sum((t * v[i]).sum() for t, v in zip((o, a, b), w)).backward()
+        torch.testing.assert_close(h0.grad[i], hi.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c0.grad[i], ci.grad, rtol=1e-5, atol=1e-5)
+        if shared:
+            gx += xi.grad
+        else:
+            torch.testing.assert_close(x.grad[i], xi.grad, rtol=1e-5, atol=1e-5)
+    if shared:
+        torch.testing.assert_close(x.grad, gx, rtol=1e-5, atol=1e-5)

@@ -124,22 +124,26 @@ def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_l
     h0 = h0 if dh is None else front(h0, dh, n)                  # L*D,B,P or n,L*D,B,P
     c0 = c0 if dc is None or c0 is None else front(c0, dc, n)
     ps = _dropout_rates(ctx, p)
-    inp, dinp = x, dx
+    inp, dinp, bf = x, dx, batch_first                           # bf: the layout of inp
     h_n, c_n, how = [], [], set()
     for layer in range(num_layers):
         wl = w[layer * D * per:(layer + 1) * D * per]
         sl = slice(layer * D, (layer + 1) * D)
         hl = (h0[sl], dh) if dh is None else (h0[:, sl], 0)
         cl = None if c0 is None else ((c0[sl], dc) if dc is None else (c0[:, sl], 0))
-        choice = _choose(mode, proj, inp, dinp, wl, D, batch_first, train, n, has_biases)
+        choice = _choose(mode, proj, inp, dinp, wl, D, bf, train, n, has_biases)
         how.add(choice)
         layer_fn = _LAYER_FNS[choice]
-        inp, hs, cs = layer_fn(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first)
+        last = layer == num_layers - 1                          # between layers: time-major where it can
+        inp, hs, cs, bf = layer_fn(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, bf,
+                                   batch_first and last)
         dinp = 0
         h_n += hs
         c_n += cs
-        if train and layer < num_layers - 1 and any(v > 0 for v in ps):
-            inp = _inter_layer_dropout(ctx, inp, ps, batch_first)
+        if train and not last and any(v > 0 for v in ps):
+            inp = _inter_layer_dropout(ctx, inp, ps, bf)
+    if bf != batch_first:                                       # n,T,B,F <-> n,B,T,F (a view)
+        inp = inp.transpose(1, 2)
     steps = x.shape[pdim(1 if batch_first else 0, 3, dx)]
     ctx.note(f"{mode}: {num_layers} layer(s) x {D} direction(s), {steps} steps: " + " + ".join(
         sorted({"cells": "unrolled batched cells (input projection hoisted, per step baddbmm over models)",
@@ -151,9 +155,9 @@ def _layers(ctx, mode, x, dx, h0, dh, c0, dc, params, dparams, has_biases, num_l
     return out, tuple(0 for _ in out)
 
 
-def _cells_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first):
+def _cells_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first, _out_bf=None):
     """One layer, every direction, as unrolled batched cells. Returns (n,T,B,D*P (batch_first:
-    n,B,T,D*P), [h_n per direction: n,B,P], [c_n per direction])."""
+    n,B,T,D*P), [h_n per direction: n,B,P], [c_n per direction], batch_first): the input's layout."""
     tax = 1 if batch_first else 0                               # time axis of the layer input
     outs, hs, cs = [], [], []
     for d in range(D):
@@ -176,13 +180,14 @@ def _cells_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D
         hs.append(_batched(h, ys[0]))
         if mode == "lstm":
             cs.append(_batched(c, ys[0]))
-    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs
+    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs, batch_first
 
 
-def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first, spread=False):
+def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D, batch_first, out_bf,
+                 spread=False):
     """One LSTM layer, every direction, through torch's own fused CPU kernel (oneDNN), model after
     model inside one op (mbcompile::lstm_fused below), or with ``spread`` the models split over the
-    cores. Same returns as _cells_layer."""
+    cores. Same returns as _cells_layer, the output in layout ``out_bf``."""
     x = (inp if dinp is None else front(inp, dinp, n)).contiguous()   # [n,]T,B,I (batch_first: [n,]B,T,I)
     outs, hs, cs = [], [], []
     for d in range(D):
@@ -190,11 +195,11 @@ def _fused_layer(mode, n, inp, dinp, wl, per, hl, cl, has_biases, proj, train, D
         h = hl[0][d] if hl[1] is None else hl[0][:, d]          # B,H or n,B,H
         c = cl[0][d] if cl[1] is None else cl[0][:, d]
         out, hy, cy, _ = mb.lstm_fused(x, h.contiguous(), c.contiguous(), w_ih, w_hh, b_ih, b_hh, d == 1, train,
-                                       spread, batch_first)
-        outs.append(out)                                        # n,T,B,H (batch_first: n,B,T,H)
+                                       spread, batch_first, out_bf)
+        outs.append(out)                                        # n,T,B,H (out_bf: n,B,T,H)
         hs.append(hy)
         cs.append(cy)
-    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs
+    return (outs[0] if D == 1 else torch.cat(outs, -1)), hs, cs, out_bf
 
 
 def _spread_layer(*args):
@@ -207,54 +212,57 @@ _LAYER_FNS = {"cells": _cells_layer, "fused": _fused_layer, "spread": _spread_la
 # mbcompile::lstm_fused: n LSTM layers (one direction) run by torch's fused CPU kernel one model after the
 # other, as ONE graph op with its own backward op, so that it survives make_fx and torch.compile (the bare
 # aten.mkldnn_rnn_layer does not: its fake workspace is empty).
-#   x: T,B,I (shared) or n,T,B,I (time-major; batch_first: B,T,I or n,B,T,I); h0, c0: B,H (shared) or n,B,H;
+#   x: T,B,I (shared) or n,T,B,I (batch_first: B,T,I or n,B,T,I); h0, c0: B,H (shared) or n,B,H;
 #   weights n,4H,I / n,4H,H / n,4H
-#   -> out n,T,B,H (batch_first: n,B,T,H); hy, cy n,B,H; n workspaces (uint8, what the backward needs)
-# oneDNN's kernel reads its tensors as contiguous time-major ones (a strided view gives wrong numbers), so a
-# batch_first model's slices are transposed per model, on the thread that runs it, while in cache.
-
-def _sel(t, i, rank):
-    """Model i's slice of a per-model tensor; a shared one (of the unbatched rank) as it is."""
-    return t if t.dim() == rank else t[i]
-
+#   -> out n,T,B,H (out_batch_first: n,B,T,H); hy, cy n,B,H; n workspaces (uint8, what the backward needs)
+# oneDNN's kernel reads its tensors as contiguous time-major ones (a strided view gives wrong numbers), so
+# batch_first slices are transposed per model, on the thread that runs it, while in cache. Between two
+# layers the output stays time-major (out_batch_first=False): the next layer reads it as it is.
 
 def _tm(t, batch_first):
-    """A contiguous time-major [T,B,*] copy of a batch_first [B,T,*] slice (else ``t`` as it is)."""
-    return t.transpose(0, 1).contiguous() if batch_first else t
+    """A contiguous time-major [T,B,*] tensor from a slice in the given layout (no copy when it is one)."""
+    return (t.transpose(0, 1) if batch_first else t).contiguous()
+
+
+def _models(t, rank, n):
+    """Model i's slice of a per-model tensor for every i (a shared one, of the unbatched rank, n times)."""
+    return [t] * n if t.dim() == rank else t.unbind(0)
 
 
 @torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
 def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
-               reverse: bool, train: bool, spread: bool, batch_first: bool
+               reverse: bool, train: bool, spread: bool, batch_first: bool, out_batch_first: bool
                ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     """n one-direction LSTM layers, each model by torch's fused CPU kernel (what nn.LSTM runs alone);
     ``spread``: the models split over the cores (cores.map_models), one kernel per core at a time."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    out = x.new_empty(n, *x.shape[-3:-1], hid)
-    hy, cy = x.new_empty(n, *h0.shape[-2:]), x.new_empty(n, *c0.shape[-2:])
-    shared = _tm(x, batch_first) if x.dim() == 3 else None
+    t, b = x.shape[-3:-1] if not batch_first else reversed(x.shape[-3:-1])
+    out = x.new_empty(n, b, t, hid) if out_batch_first else x.new_empty(n, t, b, hid)
+    xs = [_tm(x, batch_first)] * n if x.dim() == 3 else x.unbind(0)
+    hs, cs, outs = _models(h0, 2, n), _models(c0, 2, n), out.unbind(0)
+    ws = (w_ih.unbind(0), w_hh.unbind(0), b_ih.unbind(0), b_hh.unbind(0))
 
-    def one(i):                                                 # results written in place while in cache
-        xi = shared if shared is not None else _tm(x[i], batch_first)
+    def one(i):                                                 # model i's output written while in cache
         with torch.enable_grad():                               # without grad mode: no workspace
-            res = aten.mkldnn_rnn_layer(xi, w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2),
-                                        reverse, [], 2, hid, 1, True, False, False, train)
+            res = aten.mkldnn_rnn_layer(_tm(xs[i], batch_first and x.dim() == 4), *(w[i] for w in ws), hs[i],
+                                        cs[i], reverse, [], 2, hid, 1, True, False, False, train)
         with torch.no_grad():
-            out[i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
-            hy[i].copy_(res[1])
-            cy[i].copy_(res[2])
-        return res[3]
+            outs[i].copy_(res[0].transpose(0, 1) if out_batch_first else res[0])
+        return res[1:]
 
-    return out, hy, cy, cores.map_models(one, n, None if spread else 1)   # workspaces: not copied
+    res = cores.map_models(one, n, None if spread else 1)
+    with torch.no_grad():
+        hy, cy = torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
+    return out, hy, cy, [r[2] for r in res]                     # workspaces: not copied
 
 
 @lstm_fused.register_fake
-def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train, spread, batch_first):
+def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, train, spread, batch_first, out_batch_first):
     n, hid = w_ih.shape[0], w_hh.shape[-1]
     t, b = x.shape[-3:-1] if not batch_first else reversed(x.shape[-3:-1])
     s = _workspace_size(t, b, x.shape[-1], hid, x.dtype, train)
-    return (x.new_empty(n, *x.shape[-3:-1], hid), x.new_empty(n, b, hid), x.new_empty(n, b, hid),
-            [x.new_empty(s, dtype=torch.uint8) for _ in range(n)])
+    out = x.new_empty(n, b, t, hid) if out_batch_first else x.new_empty(n, t, b, hid)
+    return (out, x.new_empty(n, b, hid), x.new_empty(n, b, hid), [x.new_empty(s, dtype=torch.uint8) for _ in range(n)])
 
 
 _WS: dict = {}
@@ -275,34 +283,42 @@ def _workspace_size(t, b, i, hid, dtype, train):
 @torch.library.custom_op("mbcompile::lstm_fused_backward", mutates_args=())
 def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                         out: Tensor, hy: Tensor, cy: Tensor, workspace: List[Tensor], g_out: Tensor, g_hy: Tensor,
-                        g_cy: Tensor, reverse: bool, train: bool, spread: bool, batch_first: bool) -> List[Tensor]:
-    """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models."""
+                        g_cy: Tensor, reverse: bool, train: bool, spread: bool, batch_first: bool,
+                        out_batch_first: bool, needs: List[bool]) -> List[Tensor]:
+    """Gradients of lstm_fused for (x, h0, c0, w_ih, w_hh, b_ih, b_hh); shared x, h0, c0 sum over models.
+    ``needs`` says which of x, h0, c0 want one: the others get an empty tensor (nothing copied)."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
-    gs = [x.new_empty(n, *t.shape) if t.dim() == rank else torch.empty_like(t)     # shared: n,* then summed
-          for t, rank in zip((x, h0, c0), (3, 2, 2))] + [torch.empty_like(t) for t in (w_ih, w_hh, b_ih, b_hh)]
-    shared = _tm(x, batch_first) if x.dim() == 3 else None
+    gx = x.new_empty(n, *x.shape[-3:]) if needs[0] else None                     # n,*: then summed if shared
+    xs = [_tm(x, batch_first)] * n if x.dim() == 3 else x.unbind(0)
+    hs, cs = _models(h0, 2, n), _models(c0, 2, n)
+    ws = (w_ih.unbind(0), w_hh.unbind(0), b_ih.unbind(0), b_hh.unbind(0))
+    saved = (out.unbind(0), hy.unbind(0), cy.unbind(0), g_out.unbind(0), g_hy.unbind(0), g_cy.unbind(0))
 
     @torch.no_grad()
-    def one(i):                                                 # n,*: model i's slot written while in cache
-        xi = shared if shared is not None else _tm(x[i], batch_first)
-        res = aten.mkldnn_rnn_layer_backward(xi, w_ih[i], w_hh[i], b_ih[i], b_hh[i], _sel(h0, i, 2), _sel(c0, i, 2),
-                                             _tm(out[i], batch_first), hy[i], cy[i],
-                                             _tm(g_out[i], batch_first).contiguous(), g_hy[i].contiguous(),
-                                             g_cy[i].contiguous(), reverse, 2, hid, 1, True, train, False, [], False,
-                                             workspace[i])
-        gs[0][i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
-        for dst, r in zip(gs[1:], (res[5], res[6], *res[1:5])):
-            dst[i].copy_(r)
+    def one(i):                                                 # model i's input gradient written while in cache
+        o, y, c, go, gy, gc = (t[i] for t in saved)
+        res = aten.mkldnn_rnn_layer_backward(_tm(xs[i], batch_first and x.dim() == 4), *(w[i] for w in ws), hs[i],
+                                             cs[i], _tm(o, out_batch_first), y, c, _tm(go, out_batch_first),
+                                             gy.contiguous(), gc.contiguous(), reverse, 2, hid, 1, True, train,
+                                             False, [], False, workspace[i])
+        if gx is not None:
+            gx[i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
+        return res[1:]
 
-    cores.map_models(one, n, None if spread else 1)
-    fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
-    return [fold(gs[0], x, 3), fold(gs[1], h0, 2), fold(gs[2], c0, 2), *gs[3:]]
+    res = cores.map_models(one, n, None if spread else 1)
+    with torch.no_grad():
+        stack = lambda k: torch.stack([r[k] for r in res])     # noqa: E731
+        fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
+        none = lambda: x.new_empty(0)                          # noqa: E731  (outputs may not alias)
+        return [fold(gx, x, 3) if needs[0] else none(), fold(stack(4), h0, 2) if needs[1] else none(),
+                fold(stack(5), c0, 2) if needs[2] else none(), stack(0), stack(1), stack(2), stack(3)]
 
 
 @lstm_fused_backward.register_fake
 def _(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, workspace, g_out, g_hy, g_cy, reverse, train, spread,
-      batch_first):
-    return [torch.empty_like(t) for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+      batch_first, out_batch_first, needs):
+    return [torch.empty_like(t) if need else x.new_empty(0) for t, need in zip((x, h0, c0), needs)] + \
+        [torch.empty_like(t) for t in (w_ih, w_hh, b_ih, b_hh)]
 
 
 def _fused_setup(ctx, inputs, output):
@@ -310,7 +326,7 @@ def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*ws)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(*inputs[:7], out, hy, cy, *ws)
-    ctx.flags = inputs[7:]                                      # reverse, train, spread, batch_first
+    ctx.flags = inputs[7:]                                      # reverse, train, spread, batch_first, out_bf
 
 
 def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
@@ -318,9 +334,10 @@ def _fused_backward(ctx, g_out, g_hy, g_cy, _g_ws):
     g_out = torch.zeros_like(out) if g_out is None else g_out
     g_hy = torch.zeros_like(hy) if g_hy is None else g_hy
     g_cy = torch.zeros_like(cy) if g_cy is None else g_cy
+    needs = list(ctx.needs_input_grad[:3])
     grads = mb.lstm_fused_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, out, hy, cy, ws, g_out, g_hy, g_cy,
-                                   *ctx.flags)
-    return (*grads, None, None, None, None)
+                                   *ctx.flags, needs)
+    return (*(g if need else None for g, need in zip(grads[:3], needs)), *grads[3:], None, None, None, None, None)
 
 
 lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
