@@ -3,6 +3,8 @@ constants into mbcompile ops, then run_decompositions that keeps every op with a
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import random
 import re
 import sys
@@ -192,7 +194,29 @@ def _export(template, args, kwargs):
             _no_kv_cache(template), _nested_encoder_padding(template), _gradient_changers() as seen, \
             _side_effect_hooks(template) as lost, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*were assigned during export.*")   # nn.LSTM's flat weights
-        return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen, lost
+        with _no_partial_graph_dump():
+            return torch.export.export(template, tuple(args), dict(kwargs), strict=False), seen, lost
+
+
+@contextlib.contextmanager
+def _no_partial_graph_dump():
+    """Where data-dependent control flow stops export, torch logs a warning and prints the partial
+    graph to stderr; capture raises a CaptureError naming the user's line instead. Everything else
+    written to stderr meanwhile is passed on."""
+    log = logging.getLogger("torch.fx.experimental.symbolic_shapes")   # "Unable to find user code ..."
+    level, buf = log.level, io.StringIO()
+    log.setLevel(max(level, logging.ERROR))
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    except Exception as e:
+        graph = getattr(e, "partial_fx_graph", None)
+        text = buf.getvalue()
+        buf = io.StringIO(text.replace(f"{graph}\n", "") if graph is not None else text)
+        raise
+    finally:
+        log.setLevel(level)
+        sys.stderr.write(buf.getvalue())
 
 
 def _random_state():

@@ -170,6 +170,24 @@ def test_distribution_argument_checks_get_the_validate_args_hint():
         mbcompile.batch(Flow(), n=2)(torch.randn(4, 3))
 
 
+def test_data_dependent_branch_prints_no_partial_graph(capfd):
+    """torch prints the partial graph to stderr when export stops at a data-dependent branch; the
+    CaptureError says what to do, and nothing else reaches the user's terminal."""
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.l(x)
+            return y * 2 if y.sum() > 0 else y
+
+    with pytest.raises(mbcompile.CaptureError, match="torch.cond"):
+        mbcompile.batch(Branch(), n=2)(torch.randn(4, 3))
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err[:400]
+
+
 def test_forward_own_value_error_stays_a_value_error():
     m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).train()
     with pytest.raises(ValueError, match="more than 1 value per channel") as info:
