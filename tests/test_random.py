@@ -487,3 +487,46 @@ def test_draws_whose_results_are_unused_still_advance_each_stream(kind):
             torch.testing.assert_close(out[i], r(x), rtol=1e-12, atol=1e-12)
     for mode in ("different", "same"):
         assert mbcompile.batch(copy.deepcopy(refs), randomness=mode)(x).shape == (3, 5, 6)
+
+
+class BigDraws(nn.Module):
+    """Draws of 64K elements a model: big enough to be split over the cores (ops.SPREAD_MIN_NUMEL)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.fc = nn.Linear(16, 1024)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        h = self.drop(self.fc(x))                                    # 64,1024
+        h = h + torch.rand_like(h) + torch.randn_like(h) * 0.1
+        return h * torch.bernoulli(torch.sigmoid(h.detach()))
+
+
+def test_big_draws_on_the_cores_are_each_models_own(monkeypatch):
+    """CPU generators draw on one thread; big per-model draws run on the worker threads, one model's
+    stream each: the masks and noise must still be exactly those of each model alone."""
+    from mbcompile import cores, ops
+    if cores.workers(2) < 2 and torch.get_num_threads() >= 2:
+        pytest.skip("torch's threads are not OpenMP's in this build")
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    spread = []
+    real = cores.map_models
+    monkeypatch.setattr(ops.cores, "map_models", lambda fn, n, k=None: spread.append(k) or real(fn, n, k))
+    try:
+        seeds, ps = [5, 6, 7, 8], [0.1, 0.3, 0.5, 0.7]
+        models = [BigDraws(p).double() for p in ps]
+        refs = [copy.deepcopy(m) for m in models]
+        batched = mbcompile.batch(models, seeds=seeds, strict=True).train()
+        x = torch.randn(64, 16, dtype=torch.float64)
+        out = [batched(x) for _ in range(2)]
+    finally:
+        torch.set_num_threads(old)
+    assert None in spread                                            # split over the workers
+    for i, r in enumerate(refs):
+        torch.manual_seed(seeds[i])
+        for o in out:
+            ref = r.train()(x)
+            torch.testing.assert_close(o[i], ref, rtol=1e-12, atol=1e-12)
+            assert torch.equal(o[i] == 0, ref == 0)                   # the very same masks
