@@ -111,14 +111,19 @@ def draw_per_model(like: Optional[Tensor], like_dim: int, kind: str, a: List[flo
 
     # torch's CPU generators draw one element after another on one thread; each model has a generator
     # of its own, so big draws run side by side on the cores (the same draws: each stream is model i's)
-    spread = out.device.type == "cpu" and out[0].numel() >= SPREAD_MIN_NUMEL
+    spread = out.device.type == "cpu" and out[0].numel() >= SPREAD_MIN_NUMEL and out.numel() >= SPREAD_MIN_TOTAL
     cores.map_models(one, n, None if spread else 1)
     return out
 
 
-# from this many elements per model a CPU draw is split over the cores (cores.map_models): measured,
-# 2-core EPYC, bernoulli_ takes ~4.3 ns an element on one thread; a hand-off to the workers ~50 us.
+# a CPU draw is split over the cores (cores.map_models) from this many elements per model and in all.
+# Measured, 2-core EPYC: bernoulli_ takes ~4.3 ns an element on one thread; handing work to the workers
+# ~50 us; and after a hand-off the caller's OpenMP team starts again, which now and then stalls its next
+# ops for up to ~7 ms (the new team thread queued behind the caller's spinning one: docs/performance.md,
+# stop 22). 2M elements (~9 ms on one thread) gain more than that: a ViT's dropout (16 models, 0.5M
+# elements each) 381 -> 335 ms a step; 2 models of 0.5M each lost (376 -> 772 ms, in chunks of 2).
 SPREAD_MIN_NUMEL = 1 << 15
+SPREAD_MIN_TOTAL = 1 << 21
 
 
 @draw_per_model.register_fake

@@ -490,7 +490,7 @@ def test_draws_whose_results_are_unused_still_advance_each_stream(kind):
 
 
 class BigDraws(nn.Module):
-    """Draws of 64K elements a model: big enough to be split over the cores (ops.SPREAD_MIN_NUMEL)."""
+    """Draws of 64K elements a model: enough to be split over the cores (ops.SPREAD_MIN_NUMEL)."""
 
     def __init__(self, p):
         super().__init__()
@@ -514,6 +514,7 @@ def test_big_draws_on_the_cores_are_each_models_own(monkeypatch):
     spread = []
     real = cores.map_models
     monkeypatch.setattr(ops.cores, "map_models", lambda fn, n, k=None: spread.append(k) or real(fn, n, k))
+    monkeypatch.setattr(ops, "SPREAD_MIN_TOTAL", 0)                  # 4 models: spread at any total
     try:
         seeds, ps = [5, 6, 7, 8], [0.1, 0.3, 0.5, 0.7]
         models = [BigDraws(p).double() for p in ps]
@@ -530,3 +531,19 @@ def test_big_draws_on_the_cores_are_each_models_own(monkeypatch):
             ref = r.train()(x)
             torch.testing.assert_close(o[i], ref, rtol=1e-12, atol=1e-12)
             assert torch.equal(o[i] == 0, ref == 0)                   # the very same masks
+
+
+def test_small_draws_stay_on_the_callers_thread(monkeypatch):
+    """Handing a draw to the workers restarts the caller's OpenMP team afterwards: only draws of
+    SPREAD_MIN_TOTAL elements in all (and SPREAD_MIN_NUMEL a model) are split."""
+    from mbcompile import cores, ops
+    ks = []
+    real = cores.map_models
+    monkeypatch.setattr(ops.cores, "map_models", lambda fn, n, k=None: ks.append(k) or real(fn, n, k))
+    states = torch.stack([torch.Generator().manual_seed(i).get_state() for i in range(4)])
+    for numel, split in ((ops.SPREAD_MIN_TOTAL // 4, True), (ops.SPREAD_MIN_TOTAL // 8, False),
+                         (ops.SPREAD_MIN_NUMEL // 2, False)):
+        ks.clear()
+        torch.ops.mbcompile.draw_per_model(None, 0, "bernoulli_keep", [0.9], 0.0, [numel], [1], torch.float32,
+                                           torch.device("cpu"), states)
+        assert ks == [None if split else 1], (numel, ks)
