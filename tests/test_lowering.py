@@ -533,3 +533,23 @@ def test_conv_loop_input_gradients_and_double_backward(per_model_input):
     gx = [torch.autograd.grad(r(xi).square().sum(), xi)[0] for r, xi in
           zip(refs, [(x2[i] if per_model_input else x2).detach().requires_grad_() for i in range(n)])]
     torch.testing.assert_close(x2.grad, torch.stack(gx) if per_model_input else sum(gx), rtol=1e-10, atol=1e-10)
+
+
+def test_conv_loop_with_frozen_weights():
+    """Frozen conv weights (requires_grad=False) through the loop op: no weight gradient is computed or
+    given, the other parameters' gradients are each model's own."""
+    models = [Deconv().double() for _ in range(3)]
+    for m in models:
+        m.conv.weight.requires_grad_(False)
+    refs = copy.deepcopy(models)
+    x = torch.randn(5, 2, 9, dtype=torch.float64)
+    with lowering.force("loop"):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    out.square().sum().backward()
+    assert batched.get_parameter("conv.weight").grad is None
+    for i, ref in enumerate(refs):
+        ref(x).square().sum().backward()
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(batched.get_parameter(name).grad[i], p.grad, rtol=1e-10, atol=1e-10)

@@ -182,28 +182,31 @@ def _(x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
 @torch.library.custom_op("mbcompile::conv_loop_backward", mutates_args=())
 def conv_loop_backward(g: Tensor, x: Tensor, w: Tensor, has_bias: bool, stride: List[int], padding: List[int],
                        dilation: List[int], transposed: bool, output_padding: List[int], groups: int,
-                       need_x: bool) -> List[Tensor]:
-    """(x, w, bias) gradients of conv_loop; a shared x's summed over models; empty where not needed."""
+                       mask: List[bool]) -> List[Tensor]:
+    """(x, w, bias) gradients of conv_loop where ``mask`` asks for them (else empty); a shared x's summed
+    over models."""
     n, shared = w.shape[0], x.dim() == w.dim() - 1
     xs, ws = _per_model(x, w), w.unbind(0)
-    gx = (torch.zeros_like(x) if shared else torch.empty_like(x)) if need_x else x.new_empty(0)
-    gw, gb = torch.empty_like(w), w.new_empty(n, g.shape[2]) if has_bias else w.new_empty(0)
+    mask = [mask[0], mask[1], mask[2] and has_bias]
+    gx = (torch.zeros_like(x) if shared else torch.empty_like(x)) if mask[0] else x.new_empty(0)
+    gw = torch.empty_like(w) if mask[1] else w.new_empty(0)
+    gb = w.new_empty(n, g.shape[2]) if mask[2] else w.new_empty(0)
     for i in range(n):
         a, b, c = aten.convolution_backward(g[:, i], xs[i], ws[i], [g.shape[2]] if has_bias else None, stride,
-                                            padding, dilation, transposed, output_padding, groups,
-                                            [need_x, True, has_bias])
-        if need_x:
+                                            padding, dilation, transposed, output_padding, groups, mask)
+        if mask[0]:
             gx.add_(a) if shared else gx[i].copy_(a)
-        gw[i].copy_(b)
-        if has_bias:
+        if mask[1]:
+            gw[i].copy_(b)
+        if mask[2]:
             gb[i].copy_(c)
     return [gx, gw, gb]
 
 
 @conv_loop_backward.register_fake
-def _(g, x, w, has_bias, stride, padding, dilation, transposed, output_padding, groups, need_x):
-    return [torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(w),
-            w.new_empty(w.shape[0], g.shape[2]) if has_bias else w.new_empty(0)]
+def _(g, x, w, has_bias, stride, padding, dilation, transposed, output_padding, groups, mask):
+    return [torch.empty_like(x) if mask[0] else x.new_empty(0), torch.empty_like(w) if mask[1] else w.new_empty(0),
+            w.new_empty(w.shape[0], g.shape[2]) if mask[2] and has_bias else w.new_empty(0)]
 
 
 def _loop_setup(ctx, inputs, output):
@@ -213,23 +216,24 @@ def _loop_setup(ctx, inputs, output):
 
 def _loop_backward(ctx, g):
     x, w = ctx.saved_tensors
-    need_x = ctx.needs_input_grad[0]
+    mask = [bool(v) for v in ctx.needs_input_grad[:3]]
+    mask[2] = mask[2] and ctx.has_bias
     if torch.is_grad_enabled():                                 # create_graph: differentiable ops instead
-        gx, gw, gb = _loop_backward_differentiable(g, x, w, ctx.has_bias, ctx.conv, need_x)
+        grads = _loop_backward_differentiable(g, x, w, ctx.has_bias, ctx.conv, mask)
     else:
-        gx, gw, gb = mb.conv_loop_backward(g, x, w, ctx.has_bias, *ctx.conv, need_x)
-    return (gx if need_x else None, gw, gb if ctx.has_bias else None) + (None,) * 6
+        grads = mb.conv_loop_backward(g, x, w, ctx.has_bias, *ctx.conv, mask)
+    return tuple(t if m else None for t, m in zip(grads, mask)) + (None,) * 6
 
 
-def _loop_backward_differentiable(g, x, w, has_bias, conv, need_x):
+def _loop_backward_differentiable(g, x, w, has_bias, conv, mask):
     """The same gradients from torch's differentiable convolution_backward (double backward works)."""
-    grads = [aten.convolution_backward(g[:, i], xi, wi, [g.shape[2]] if has_bias else None, *conv,
-                                       [need_x, True, has_bias]) for i, (xi, wi) in enumerate(zip(_per_model(x, w), w.unbind(0)))]
-    gx = None
-    if need_x:
-        gx = torch.stack([r[0] for r in grads])
-        gx = gx.sum(0) if x.dim() == w.dim() - 1 else gx
-    return gx, torch.stack([r[1] for r in grads]), torch.stack([r[2] for r in grads]) if has_bias else None
+    bias_sizes = [g.shape[2]] if has_bias else None
+    grads = [aten.convolution_backward(g[:, i], xi, wi, bias_sizes, *conv, mask)
+             for i, (xi, wi) in enumerate(zip(_per_model(x, w), w.unbind(0)))]
+    out = [torch.stack([r[k] for r in grads]) if mask[k] else None for k in range(3)]
+    if mask[0] and x.dim() == w.dim() - 1:                      # a shared input: summed over models
+        out[0] = out[0].sum(0)
+    return out
 
 
 conv_loop.register_autograd(_loop_backward, setup_context=_loop_setup)
