@@ -11,7 +11,7 @@ from mbcompile.passes import rnn as rnn_pass  # noqa: F401  (registers mbcompile
 
 mb = torch.ops.mbcompile
 spread_here = pytest.mark.skipif(cores.workers(2) < 2 and torch.get_num_threads() >= 2,
-                                 reason="torch's threads are not OpenMP's in this build")
+                                 reason="no worker threads here (MBCOMPILE_SPREAD=0, or torch's threads are not OpenMP's)")
 
 
 @pytest.fixture

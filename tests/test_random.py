@@ -508,7 +508,7 @@ def test_big_draws_on_the_cores_are_each_models_own(monkeypatch):
     stream each: the masks and noise must still be exactly those of each model alone."""
     from mbcompile import cores, ops
     if cores.workers(2) < 2 and torch.get_num_threads() >= 2:
-        pytest.skip("torch's threads are not OpenMP's in this build")
+        pytest.skip("no worker threads here (MBCOMPILE_SPREAD=0, or torch's threads are not OpenMP's)")
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     spread = []
