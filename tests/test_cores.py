@@ -141,10 +141,14 @@ def test_spread_is_taken_from_enough_work_per_model(monkeypatch, two_threads):
     wl = [torch.randn(3, 32, 6), torch.randn(3, 32, 8), torch.randn(3, 32), torch.randn(3, 32)]
     macs = 4 * 5 * 32 * (6 + 8)
     choose = lambda x, wl, n=3: rnn_pass._choose("lstm", False, x, None, wl, 1, False, True, n)  # noqa: E731
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_TOTAL_MACS", 3 * macs)
     monkeypatch.setattr(rnn_pass, "SPREAD_MIN_MACS", macs + 1)
     assert choose(x, wl) == "fused"                               # too little work to spread
     monkeypatch.setattr(rnn_pass, "SPREAD_MIN_MACS", macs)
     assert choose(x, wl) == "spread"
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_TOTAL_MACS", 3 * macs + 1)
+    assert choose(x, wl) == "fused"                               # too little over all models
+    monkeypatch.setattr(rnn_pass, "SPREAD_MIN_TOTAL_MACS", 3 * macs)
     assert choose(x.bfloat16(), [w.bfloat16() for w in wl]) == "spread"   # oneDNN's numbers either way
     assert choose(x, [w[:1] for w in wl], n=1) == "fused"          # one model: nothing to spread
     assert choose(x.double(), [w.double() for w in wl]) == "cells"   # no fused kernel in float64

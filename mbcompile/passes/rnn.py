@@ -349,14 +349,20 @@ lstm_fused.register_autograd(_fused_backward, setup_context=_fused_setup)
 # it the fixed costs (thread handoff, the GIL between kernels, the caller's OpenMP team restarting) outweigh.
 # Measured, 2-core EPYC, n=16, in the training step: a 2-layer LSTM with H=64, T=20, B=32 (13M and 21M)
 # 34.2 ms spread against 31.1 fused; the char-LSTM (T=32, B=32, H=128: 84M) 39-47 against 43-55; op level,
-# forward+backward, spread 3-18% ahead at 262M-3.8G.
+# forward+backward, spread 3-18% ahead at 262M-3.8G. Over all models at least SPREAD_MIN_TOTAL_MACS too: a
+# hand-off to the workers can stall the caller's next parallel ops by ~7 ms (its OpenMP team restarting:
+# docs/performance.md, stop 22), which fewer models do not win back. The char-LSTM (84M a model), step ms:
+# n=4 sequential 11.4, fused 13.2, spread 15.6-20.4; n=8 23.0 / 23.9 / 23.5 (a 61.7 round); n=16 44.8 /
+# 43.3 / 40.4; n=32 91.7 / 85.0 / 81.8.
 SPREAD_MIN_MACS = 40_000_000
+SPREAD_MIN_TOTAL_MACS = 1_000_000_000
 
 
 def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
     """"cells", "fused" or "spread" (fused, the models split over the cores: cores.py). Only a plain
     LSTM (biases, no proj_size) on CPU in float32 or bfloat16 can use torch's fused kernel (oneDNN),
-    and there it is taken (spread from SPREAD_MIN_MACS of work per model): a cost rule, not a timing.
+    and there it is taken (spread from SPREAD_MIN_MACS of work per model and SPREAD_MIN_TOTAL_MACS over
+    the models): a cost rule, not a timing.
     Timing one layer alone misjudged both races in the step (docs/rnn.md): the cells timed 5% ahead of
     the fused kernel for a small layer and ran the step 34% slower; spread timed 4-11% behind fused
     for the char-LSTM layer and ran the step 10-28% faster. ``MBCOMPILE_RNN_LOWERING=cells|fused|spread``
@@ -371,7 +377,8 @@ def _choose(mode, proj, x, dx, wl, D, batch_first, train, n, has_biases=True):
         return lowering.DEFAULTS["rnn"]
     t, b = (x.shape if dx is None else front(x, dx, n).shape[1:])[:2]
     macs = t * b * wl[0].shape[-2] * (wl[0].shape[-1] + wl[1].shape[-1])   # one model's forward
-    return "spread" if cores.workers(n) > 1 and macs >= SPREAD_MIN_MACS else "fused"
+    return "spread" if cores.workers(n) > 1 and macs >= SPREAD_MIN_MACS and n * macs >= SPREAD_MIN_TOTAL_MACS \
+        else "fused"
 
 
 def _dropout_rates(ctx, p):
