@@ -42,9 +42,13 @@ def _omp() -> bool:
 def _pauses() -> list:
     """omp_pause_resource_all of each libgomp in the process. The threads of the caller's OpenMP team
     spin for milliseconds after each parallel region (GOMP's default wait policy) and would take a
-    core from the workers; pausing ends them (the caller's next parallel region starts them again,
-    tens of microseconds). Measured: the char-LSTM layer's forward over 16 models, 17.6 ms spread
-    without it, 10.6 ms with it (15.6 ms one model after another, the same run)."""
+    core from the workers; pausing ends them. Measured: the char-LSTM layer's forward over 16 models,
+    17.6 ms spread without it, 10.6 ms with it (15.6 ms one model after another, the same run).
+    The cost: the caller's next parallel region starts its team again, usually in tens of microseconds,
+    but now and then the new thread is queued on the caller's CPU behind the caller spinning at the
+    region's barrier, and its parallel ops then take ~7 ms each until the scheduler moves one of them
+    (docs/performance.md, stop 22). So a hand-off pays only for enough work: the callers' cost rules
+    (ops.SPREAD_MIN_TOTAL, rnn.SPREAD_MIN_TOTAL_MACS) ask for ~10 ms of it on one thread."""
     if _STATE["pause"] is None:
         fns = []
         try:

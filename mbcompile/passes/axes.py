@@ -11,6 +11,11 @@ def front(x, d, n):
     return x if d == 0 else x.movedim(d, 0)
 
 
+def per_model(x, shared, n):
+    """Model i's value for every i: a shared x n times (no copy), else x's slices along its model dim 0."""
+    return [x] * n if shared else x.unbind(0)
+
+
 def front_padded(x, d, rank, n=None):
     """n,... with singleton dims inserted after n so the unbatched part has ``rank`` dims
     (for broadcasting against a mapped value of that rank). Shared values stay as they are."""

@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .axes import fold, front
+from .axes import fold, front, per_model
 from .registry import aten, rule
 from .. import lowering
 
@@ -156,7 +156,8 @@ def _loop(x, dx, w, bias, n, stride, padding, dilation, transposed, output_paddi
 #   x: B,C,.. (shared) or n,B,C,..; w: n,O,C/g,k.. (transposed: n,C,O/g,k..); bias: n,O -> B,n,O,..
 
 def _per_model(x, w):
-    return [x] * w.shape[0] if x.dim() == w.dim() - 1 else x.unbind(0)
+    """Model i's input for every i (x is shared when it has a conv input's rank, w's minus the model dim)."""
+    return per_model(x, x.dim() == w.dim() - 1, w.shape[0])
 
 
 @torch.library.custom_op("mbcompile::conv_loop", mutates_args=())

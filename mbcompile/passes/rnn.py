@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import cores, lowering
 from ..errors import UnsupportedOpError, source_line
-from .axes import front, pdim
+from .axes import front, pdim, per_model
 from .registry import RuleCtx, aten, rule
 
 mb = torch.ops.mbcompile
@@ -226,7 +226,21 @@ def _tm(t, batch_first):
 
 def _models(t, rank, n):
     """Model i's slice of a per-model tensor for every i (a shared one, of the unbatched rank, n times)."""
-    return [t] * n if t.dim() == rank else t.unbind(0)
+    return per_model(t, t.dim() == rank, n)
+
+
+def _inputs(x, batch_first, n):
+    """Model i's input as oneDNN reads it, contiguous time-major, as a function of i: a shared x is
+    transposed once here, a per-model slice on the thread that runs it (while in cache)."""
+    if x.dim() == 3:
+        shared = _tm(x, batch_first)
+        return lambda i: shared
+    xs = x.unbind(0)
+    return lambda i: _tm(xs[i], batch_first)
+
+
+def _unbind_all(*ws):
+    return tuple(w.unbind(0) for w in ws)
 
 
 @torch.library.custom_op("mbcompile::lstm_fused", mutates_args=())
@@ -238,14 +252,14 @@ def lstm_fused(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_
     n, hid = w_ih.shape[0], w_hh.shape[-1]
     t, b = x.shape[-3:-1] if not batch_first else reversed(x.shape[-3:-1])
     out = x.new_empty(n, b, t, hid) if out_batch_first else x.new_empty(n, t, b, hid)
-    xs = [_tm(x, batch_first)] * n if x.dim() == 3 else x.unbind(0)
+    xi = _inputs(x, batch_first, n)
     hs, cs, outs = _models(h0, 2, n), _models(c0, 2, n), out.unbind(0)
-    ws = (w_ih.unbind(0), w_hh.unbind(0), b_ih.unbind(0), b_hh.unbind(0))
+    ws = _unbind_all(w_ih, w_hh, b_ih, b_hh)
 
     def one(i):                                                 # model i's output written while in cache
         with torch.enable_grad():                               # without grad mode: no workspace
-            res = aten.mkldnn_rnn_layer(_tm(xs[i], batch_first and x.dim() == 4), *(w[i] for w in ws), hs[i],
-                                        cs[i], reverse, [], 2, hid, 1, True, False, False, train)
+            res = aten.mkldnn_rnn_layer(xi(i), *(w[i] for w in ws), hs[i], cs[i], reverse, [], 2, hid, 1, True,
+                                        False, False, train)
         with torch.no_grad():
             outs[i].copy_(res[0].transpose(0, 1) if out_batch_first else res[0])
         return res[1:]
@@ -289,18 +303,17 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
     ``needs`` says which of x, h0, c0 want one: the others get an empty tensor (nothing copied)."""
     n, hid = w_ih.shape[0], w_hh.shape[-1]
     gx = x.new_empty(n, *x.shape[-3:]) if needs[0] else None                     # n,*: then summed if shared
-    xs = [_tm(x, batch_first)] * n if x.dim() == 3 else x.unbind(0)
+    xi = _inputs(x, batch_first, n)
     hs, cs = _models(h0, 2, n), _models(c0, 2, n)
-    ws = (w_ih.unbind(0), w_hh.unbind(0), b_ih.unbind(0), b_hh.unbind(0))
-    saved = (out.unbind(0), hy.unbind(0), cy.unbind(0), g_out.unbind(0), g_hy.unbind(0), g_cy.unbind(0))
+    ws = _unbind_all(w_ih, w_hh, b_ih, b_hh)
+    saved = _unbind_all(out, hy, cy, g_out, g_hy, g_cy)
 
     @torch.no_grad()
     def one(i):                                                 # model i's input gradient written while in cache
         o, y, c, go, gy, gc = (t[i] for t in saved)
-        res = aten.mkldnn_rnn_layer_backward(_tm(xs[i], batch_first and x.dim() == 4), *(w[i] for w in ws), hs[i],
-                                             cs[i], _tm(o, out_batch_first), y, c, _tm(go, out_batch_first),
-                                             gy.contiguous(), gc.contiguous(), reverse, 2, hid, 1, True, train,
-                                             False, [], False, workspace[i])
+        res = aten.mkldnn_rnn_layer_backward(xi(i), *(w[i] for w in ws), hs[i], cs[i], _tm(o, out_batch_first), y,
+                                             c, _tm(go, out_batch_first), gy.contiguous(), gc.contiguous(), reverse,
+                                             2, hid, 1, True, train, False, [], False, workspace[i])
         if gx is not None:
             gx[i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
         return res[1:]
