@@ -3,6 +3,7 @@ and as one mbcompile normal loop (``mbcompile.optimizer``, ``batched(x)``, ``mbc
 step), one step timed after two warm-up steps, rounds interleaved:
 
     python -m benchmarks.zoo [--models se,unet] [--n 16] [--threads 2] [--rounds 3] [--steps 6]
+                             [--device cuda] [--check 4]
 
 Prints one line per model: sequential ms, mbcompile ms, the ratio, and the first step's seconds
 (capture, batching, lowering measurement). Written to find where batching loses on a CPU (layouts,
@@ -337,15 +338,55 @@ ZOO = {
 }
 
 
-def run(name, n=16, rounds=3, steps=6):
-    """(sequential s, mbcompile s, first-step s): medians over ``rounds`` interleaved rounds."""
-    import mbcompile
-    cls, mx, my, lossf = ZOO[name]
+def _data(name, device, dtype=None):
+    _, mx, my, _ = ZOO[name]
     g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    models = [cls() for _ in range(n)]
     x = mx(g)
     y = x if my is None else my(g)
+    cast = (lambda t: t.to(device, dtype) if dtype and t.is_floating_point() else t.to(device))
+    return cast(x), cast(y)
+
+
+def check(name, n=4, device="cpu", steps=2):
+    """Largest |difference| between each model trained alone (torch.optim.Adam, its own lr, eager
+    dropout after ``torch.manual_seed(i)``) and model i of the batch, float64, after ``steps`` steps,
+    relative to the largest |weight|."""
+    import mbcompile
+    cls, _, _, lossf = ZOO[name]
+    torch.manual_seed(0)
+    models = [cls().to(device, torch.float64) for _ in range(n)]
+    x, y = _data(name, device, torch.float64)
+    lrs = [1e-3 * (1 + i) for i in range(n)]
+    b = mbcompile.batch(models, seeds=range(n))
+    opt = mbcompile.optimizer(b, torch.optim.Adam, lr=lrs)
+    for _ in range(steps):
+        opt.zero_grad()
+        mbcompile.loss(lossf, b(x), y, target_in_dim=None).sum().backward()
+        opt.step()
+    worst = 0.0
+    for i, m in enumerate(models):
+        torch.manual_seed(i)
+        o = torch.optim.Adam(m.parameters(), lr=lrs[i])
+        for _ in range(steps):
+            o.zero_grad()
+            lossf(m(x), y).backward()
+            o.step()
+        mine = b.unbatch(i).state_dict()
+        for k, v in m.state_dict().items():
+            if v.is_floating_point():
+                scale = max(v.abs().max().item(), 1e-12)
+                worst = max(worst, (mine[k].to(v) - v).abs().max().item() / scale)
+    return worst
+
+
+def run(name, n=16, rounds=3, steps=6, device="cpu"):
+    """(sequential s, mbcompile s, first-step s): medians over ``rounds`` interleaved rounds."""
+    import mbcompile
+    cls, _, _, lossf = ZOO[name]
+    torch.manual_seed(0)
+    models = [cls().to(device) for _ in range(n)]
+    x, y = _data(name, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     seq = [copy.deepcopy(m) for m in models]
     sopt = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in seq]
 
@@ -365,15 +406,18 @@ def run(name, n=16, rounds=3, steps=6):
         opt.step()
 
     b_step()
+    sync()
     first = time.perf_counter() - t0
     s_step()
     b_step()
     ts, tb = [], []
     for _ in range(rounds):
         for f, acc in ((s_step, ts), (b_step, tb)):
+            sync()
             t = time.perf_counter()
             for _ in range(steps):
                 f()
+            sync()
             acc.append((time.perf_counter() - t) / steps)
     return sorted(ts)[len(ts) // 2], sorted(tb)[len(tb) // 2], first
 
@@ -385,6 +429,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--check", type=int, default=0, metavar="N",
+                    help="also train N models alone and batched in float64 and print the largest difference")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -393,9 +440,10 @@ def main(argv=None):
     print(f"n={a.n}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in a.models.split(","):
         try:
-            s, m, first = run(name, a.n, a.rounds, a.steps)
+            s, m, first = run(name, a.n, a.rounds, a.steps, a.device)
+            err = f"  float64 vs alone {check(name, a.check, a.device):.1e}" if a.check else ""
             print(f"{name:9s} sequential {1e3 * s:8.2f} ms  mbcompile {1e3 * m:8.2f} ms  {s / m:5.2f}x  "
-                  f"first step {first:.1f} s", flush=True)
+                  f"first step {first:.1f} s{err}", flush=True)
         except Exception as e:   # noqa: BLE001 - report and go on with the other models
             print(f"{name:9s} FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
     return 0
