@@ -271,6 +271,11 @@ _register()
 
 # ---- one compiled training step --------------------------------------------------------------------
 
+# torch < 2.13's Inductor can schedule an in-place update of a graph input before an extern kernel (a
+# bmm of the backward) that still reads the old value: seen on 2.11, per-model SGD's train_step moved the
+# first layer by 64-99% of its true step. There the program returns the new parameters and they are
+# copied in after it (one more pass over the parameters); 2.13 orders the update after its readers.
+UPDATE_IN_GRAPH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
 TRIALS = 2                    # timed calls of each path before train_step(path="auto") chooses
 DEFAULT_PATH = "auto"         # train_step's path when none is given (the test suite pins "compiled")
 
@@ -369,7 +374,7 @@ class TrainStep:
         from .batching import on_shrink
         on_shrink(batched, self)
         self.last_grad_norms = None
-        self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
+        self.compiled, self.times, self._pidx, self._hp_cache, self._writes_after = {}, {}, {}, None, {}
         self._last = None                      # the last call's program (its CUDA-graph status)
 
     @property
@@ -551,9 +556,13 @@ class TrainStep:
             example = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]
             fn = self.compiled[key] = self._compile(prog, slot, pidx, example, len(tail), update,
                                                     max_norm is not None)
+            self._writes_after[key] = update is not None
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
+            if not UPDATE_IN_GRAPH and self._writes_after.get(key):
+                res, new = res[:-len(params)], res[-len(params):]
+                torch._foreach_copy_(params, new)
         self._last = fn
         self.opt._opt_called = True        # what torch's LR schedulers check (their wrapper of opt.step sets it)
         if max_norm is not None:
@@ -620,11 +629,14 @@ class TrainStep:
             outs = list(outs)
             for k, j in muts:                        # forward renormalised a parameter in place (embedding
                 a[slot[j]].copy_(outs[k].detach())   # max_norm): the update applies to that, as in eager
+            new = []
             if update is not None:
-                update([a[i] for i in pidx], list(grads), tail)
+                ps = [a[i] for i in pidx] if UPDATE_IN_GRAPH else [a[i].clone() for i in pidx]
+                update(ps, list(grads), tail)
+                new = [] if UPDATE_IN_GRAPH else [p.detach() for p in ps]
             for k, j in muts:
                 outs[k] = a[slot[j]]
-            return [o.detach() for o in outs] + [losses.detach()] + extra
+            return [o.detach() for o in outs] + [losses.detach()] + extra + new
 
         traced = _trace(joint, flat)
         STATS["backend_calls"] += 1
