@@ -374,7 +374,7 @@ class TrainStep:
         from .batching import on_shrink
         on_shrink(batched, self)
         self.last_grad_norms = None
-        self.compiled, self.times, self._pidx, self._hp_cache, self._writes_after = {}, {}, {}, None, {}
+        self.compiled, self.times, self._pidx, self._hp_cache = {}, {}, {}, None
         self._last = None                      # the last call's program (its CUDA-graph status)
 
     @property
@@ -556,13 +556,9 @@ class TrainStep:
             example = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]
             fn = self.compiled[key] = self._compile(prog, slot, pidx, example, len(tail), update,
                                                     max_norm is not None)
-            self._writes_after[key] = update is not None
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
-            if not UPDATE_IN_GRAPH and self._writes_after.get(key):
-                res, new = res[:-len(params)], res[-len(params):]
-                torch._foreach_copy_(params, new)
         self._last = fn
         self.opt._opt_called = True        # what torch's LR schedulers check (their wrapper of opt.step sets it)
         if max_norm is not None:
@@ -644,7 +640,22 @@ class TrainStep:
             cpu = all(v.device.type == "cpu" for v in flat if isinstance(v, torch.Tensor))
             fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),
                             decompositions=_decompositions(cpu, joint=True))
-        return GraphedStep(fn, graph_unsafe(traced, flat), written_inputs(traced))   # CUDA: a graph replay
+        written = written_inputs(traced)
+        if update is not None and not UPDATE_IN_GRAPH:
+            fn, written = _copied_in(fn, pidx), written | frozenset(pidx)
+        return GraphedStep(fn, graph_unsafe(traced, flat), written)   # CUDA: a graph replay
+
+
+def _copied_in(fn, pidx):
+    """``fn``, whose last len(pidx) results are the new values of its inputs at pidx, writing them
+    there (inside a CUDA graph's capture too) and returning the other results."""
+    k = len(pidx)
+
+    def step(*flat):
+        res = fn(*flat)
+        torch._foreach_copy_([flat[i] for i in pidx], list(res[-k:]))
+        return res[:-k]
+    return step
 
 
 def _forward_backward(prog, gm, loss_fn, kw, a, slot, pidx, target):
