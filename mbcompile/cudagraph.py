@@ -18,8 +18,11 @@ import torch
 WARMUP = 2           # plain calls before a capture: lazy cuBLAS/Triton set-up happens outside the graph
 MAX_CAPTURES = 4     # then replay no more: the inputs keep changing under the graph
 
-# mbcompile ops with no randomness and no host-side state
-_PURE = {"assigned", "relayout", "leaky_relu"}
+# every mbcompile op is in one of these (tests/test_cudagraph.py checks): a new op must say which.
+# PURE: device work only, safe to replay. HOST: reads or advances a generator state on the host.
+_PURE = {"assigned", "relayout", "leaky_relu", "linear_bmm", "conv_loop", "conv_loop_backward",
+         "lstm_fused", "lstm_fused_backward"}
+_HOST = {"draw", "draw_per_model", "dropout", "random_call", "random_call_per_model"}
 
 
 def why_not(gm: torch.fx.GraphModule, inputs) -> str | None:

@@ -160,3 +160,28 @@ def test_train_step_through_a_graph_equals_plain_train_step(monkeypatch):
     for (name, p), (_, q) in zip(b1.named_buffers(), b2.named_buffers()):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(s1.last_grad_norms, s2.last_grad_norms, rtol=0, atol=0)
+
+
+def test_every_mbcompile_op_says_whether_a_graph_may_replay_it():
+    import mbcompile.passes  # noqa: F401 - registers the passes' ops
+    ops = set(torch.ops.mbcompile._dir)
+    assert not cudagraph._PURE & cudagraph._HOST
+    assert ops == cudagraph._PURE | cudagraph._HOST, ops ^ (cudagraph._PURE | cudagraph._HOST)
+
+
+def test_the_batched_linear_does_not_keep_a_step_from_its_graph(monkeypatch):
+    """Stop 23, H200: every program with mbcompile.linear_bmm ran without a graph ("random op")."""
+    seen = []
+
+    def record(gm, flat):
+        seen.append(([n.target for n in gm.graph.nodes], cudagraph.graph_reason(gm)))
+        return cudagraph.why_not(gm, flat)
+
+    monkeypatch.setattr(backend, "graph_unsafe", record)
+    b = mbcompile.batch([nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)])
+    step = mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(b, torch.optim.SGD, lr=0.1),
+                                path="compiled")
+    step(torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    (targets, reason), = seen
+    assert torch.ops.mbcompile.linear_bmm.default in targets
+    assert not reason.startswith("random op"), reason       # on CPU: "... is computed on cpu"
