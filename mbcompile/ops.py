@@ -96,7 +96,7 @@ def draw_per_model(like: Optional[Tensor], like_dim: int, kind: str, a: List[flo
             out[i].fill_(ai)
             return
         if kind == "cuda_dropout_mask":                          # fused CUDA dropout has no generator arg
-            out[i].copy_(_cuda_dropout_mask(shape, dtype, device, 1.0 - ai, states[i]))
+            out[i].copy_(_cuda_dropout_mask(shape, stride, dtype, device, 1.0 - ai, states[i]))
             return
         g = _gen(device, states[i])
         li = None if like is None else like.select(like_dim, i)
@@ -131,13 +131,18 @@ def _(like, like_dim, kind, a, b, shape, stride, dtype, device, states):
     return torch.empty((states.shape[0], *shape), dtype=dtype, device=device)
 
 
-def _cuda_dropout_mask(shape, dtype, device, p, state):
-    """The mask eager CUDA dropout (fused native_dropout) would draw from generator state ``state``."""
+def _cuda_dropout_mask(shape, stride, dtype, device, p, state):
+    """The mask eager CUDA dropout (fused native_dropout) would draw from generator state ``state``
+    on an input laid out as eager's (``stride``): the kernel gives a contiguous input 4 neighbouring
+    elements per random draw, any other input elements a grid's width apart (a batch_first
+    MultiheadAttention's output is a transposed view), so the layout decides which element gets
+    which number."""
     idx = torch.device(device).index
     saved = torch.cuda.get_rng_state(idx)
     try:
         torch.cuda.set_rng_state(state, idx)
-        mask = torch.native_dropout(torch.ones(shape, dtype=dtype, device=device), p, True)[1]
+        ones = torch.empty_strided(shape, stride, dtype=dtype, device=device).fill_(1)
+        mask = torch.native_dropout(ones, p, True)[1]
         state.copy_(torch.cuda.get_rng_state(idx))
     finally:
         torch.cuda.set_rng_state(saved, idx)
