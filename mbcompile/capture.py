@@ -28,7 +28,8 @@ from .passes.registry import module_path, per_model_const
 from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_changers,
                          _nested_encoder_padding, _no_causal_mask_detection, _no_kv_cache, _side_effect_hooks)
 from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
-                          _instance_norm_as_group_norm, _tensor_indices, _undetach_renorm)
+                          _inplace_through_detach, _instance_norm_as_group_norm, _tensor_indices,
+                          _undetach_renorm)
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -50,10 +51,10 @@ _DRAWS = {
     aten.normal_.default: ("normal", 1, 2, 0.0, 1.0, None, True),
     aten.uniform_.default: ("uniform", 1, 2, 0.0, 1.0, None, True),
 }
-# Any other random op with one tensor output becomes mbcompile.random_call (replayed per model), except
-# differentiable ones (left to the fallback) and ops with a rule of their own:
-_NOT_GENERIC = {"_standard_gamma", "rrelu_with_noise", "rrelu_with_noise_", "rrelu_with_noise_functional"}
-_UNTAGGED = {"random", "random_"}        # seeded, but not tagged nondeterministic_seeded (torch 2.13)
+# Any other random op with one tensor output becomes mbcompile.random_call (replayed per model; zero
+# gradients, or a reparameterised sampler's: ops._REPARAM), except ops with a rule of their own:
+_NOT_GENERIC = {"rrelu_with_noise", "rrelu_with_noise_", "rrelu_with_noise_functional"}
+_UNTAGGED = {"random", "random_", "_standard_gamma"}   # seeded, not tagged nondeterministic_seeded (2.13)
 _PER_MODEL_SCALARS = {  # module attribute that may differ per model -> the aten op and arg it feeds
     ("Dropout", "p"), ("Dropout1d", "p"), ("Dropout2d", "p"), ("Dropout3d", "p"), ("AlphaDropout", "p"),
     ("FeatureAlphaDropout", "p"), ("LeakyReLU", "negative_slope"),
@@ -382,6 +383,7 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
     consts = _check_per_model_consts(template, args, kwargs, ep, consts)
     _refuse_python_state(template, _draws(rng), changes, strict, stores, lost)
     _detach_no_grad_regions(ep.graph_module)
+    _inplace_through_detach(ep.graph_module)
     _tensor_indices(ep.graph_module)
     _prepass(ep.graph_module, consts)
     try:

@@ -152,3 +152,51 @@ def _detach_no_grad_regions(gm):
             det.meta = dict(user.meta)
             user.replace_all_uses_with(det, delete_user_cb=lambda u, d=det: u is not d)
     gm.recompile()
+
+
+_ALIASES = (aten.view.default, aten.reshape.default, aten.select.int, aten.slice.Tensor, aten.t.default,
+            aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.as_strided.default, aten.detach.default, aten.alias.default)
+
+
+def _inplace_through_detach(gm):
+    """``x.detach().clamp_(min=tiny)`` (torch.distributions' Gamma.rsample): eager changes x's values
+    and autograd never sees it, so x's gradient flows as if nothing happened. Functionalised, x would
+    become a clamp of a detached tensor, with no gradient at all. Every later reader of x reads
+    ``clamp(x.detach()) + (x - x.detach())`` instead (the values of the one, the gradient of the
+    other), of the detached alias the clamp."""
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    changed = False
+    for node in list(g.nodes):
+        t, d = node.target, node.args[0] if node.args else None
+        if (node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not isinstance(d, fx.Node)
+                or d.target is not aten.detach.default or not isinstance(d.args[0], fx.Node)
+                or d.args[0].op != "call_function" or d.args[0].target in _ALIASES):
+            continue                    # a parameter's or input's in-place update stays (embedding max_norm)
+        name = t._schema.name.split("::")[-1]
+        pure = getattr(getattr(aten, name[:-1], None), t._overloadname, None) if name.endswith("_") else None
+        if pure is None or not (t._schema.arguments and t._schema.arguments[0].alias_info is not None
+                                and t._schema.arguments[0].alias_info.is_write):
+            continue
+        x, at = d.args[0], order[node]
+
+        def after(prev, op, args, kwargs=None, x=x):
+            with g.inserting_after(prev):
+                nd = g.call_function(op, args, kwargs or {})
+            nd.meta = dict(x.meta)
+            return nd
+        new = after(node, pure, (d, *node.args[1:]), dict(node.kwargs))       # x's new values
+        zero = after(new, aten.sub.Tensor, (x, d))                             # 0, x's gradient
+        st = after(zero, aten.add.Tensor, (new, zero))                         # new, bit for bit
+        for src, dst in ((x, st), (d, new)):
+            for user in list(src.users):
+                if user in order and order[user] > at:
+                    user.replace_input_with(src, dst)
+        for o in [o for o in g.nodes if o.op == "output"]:       # x returned: the output is read last
+            o.replace_input_with(x, st)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        changed = True
+    if changed:
+        gm.recompile()

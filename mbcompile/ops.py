@@ -248,11 +248,39 @@ def _zero_grad_ctx(ctx, inputs, output):
     ctx.likes = [(t.shape, t.dtype, t.device) if t.is_floating_point() or t.is_complex() else None
                  for t in inputs[1]]
     ctx.extra = (None,) * (len(inputs) - 2)
+    name = _CALLS[inputs[0]][0].__name__.split(".")[0]
+    ctx.reparam = None
+    if name in _REPARAM and inputs[1]:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        shared = len(inputs) > 2 and not inputs[2][0]        # per model: self not mapped
+        ctx.reparam = name, shared
+        ctx.save_for_backward(inputs[1][0], out)
 
 
-def _zero_grad(ctx, *grads):   # torch's own formulas for these ops: zeros for every tensor input
-    return (None, [None if m is None else torch.zeros(m[0], dtype=m[1], device=m[2]) for m in ctx.likes],
-            *ctx.extra)
+def _zero_grad(ctx, *grads):
+    """torch's formulas: zeros for every tensor input, except a reparameterised sampler's parameter."""
+    gs = [None if m is None else torch.zeros(m[0], dtype=m[1], device=m[2]) for m in ctx.likes]
+    if ctx.reparam is not None:
+        name, shared = ctx.reparam
+        x, out = ctx.saved_tensors
+        g = _REPARAM[name](x.expand_as(out) if shared else x, out, grads[0])
+        gs[0] = g.sum(0) if shared else g               # a shared parameter: every model's share
+    return (None, gs, *ctx.extra)
+
+
+def _gamma_grad(x, out, g):
+    return g * torch._standard_gamma_grad(x.contiguous(), out)
+
+
+def _dirichlet_grad(x, out, g):
+    """torch.distributions.dirichlet._Dirichlet's backward (aten's _sample_dirichlet has none; the
+    distribution's autograd.Function supplies it, and capture keeps only its forward)."""
+    x = x.contiguous()
+    total = x.sum(-1, True).expand_as(x)
+    return torch._dirichlet_grad(out, x, total) * (g - (out * g).sum(-1, True))
+
+
+_REPARAM = {"_standard_gamma": _gamma_grad, "_sample_dirichlet": _dirichlet_grad}
 
 
 random_call.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
