@@ -48,8 +48,8 @@ class NotSupportedError(MBCompileError, NotImplementedError):
 
 
 def source_line(node) -> str:
-    """The source line that produced an FX node: the innermost frame of the user's own code, else the
-    innermost torch.nn frame (a library layer), never mbcompile's or torch's machinery."""
+    """The source line that produced an FX node: the innermost frame of the user's own code; inside a
+    torch.nn layer, the layer's line and the user's call of it; never mbcompile's or torch's machinery."""
     meta = getattr(node, "meta", None) or {}
     trace = meta.get("stack_trace") or ""
     frames, lines = [], [ln.rstrip() for ln in trace.strip().splitlines() if ln.strip()]
@@ -71,8 +71,11 @@ def source_line(node) -> str:
                 return f"{s}: {code}"
         return None
 
-    found = where("user") if frames and "/torch/nn/" not in frames[-1][0] else None
-    found = found or where("nn") or where("user")
+    user, lib = where("user"), where("nn")
+    if frames and "/torch/nn/" in frames[-1][0] and lib:      # inside a torch.nn layer: it, and the user's call
+        found = lib + (f"; called from {user}" if user else "")
+    else:
+        found = user or lib
     stack = meta.get("nn_module_stack") or {}
     mod = list(stack.values())[-1] if stack else None
     prefix = f"module {mod[0]!r} ({getattr(mod[1], '__name__', mod[1])}), " if mod else ""

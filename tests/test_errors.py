@@ -310,3 +310,19 @@ def test_max_norm_on_a_tied_embedding_says_which_weights_and_what_to_do():
     with pytest.raises(mbcompile.errors.CaptureError, match="'emb' is an nn.Embedding with max_norm.*tied to "
                                                            "'fc.weight'.*Untie"):
         b(torch.randint(0, 9, (3, 5)))
+
+
+def test_an_op_inside_a_torch_layer_names_the_layer_and_the_users_call():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pool = nn.FractionalMaxPool2d(2, output_size=(3, 3))
+
+        def forward(self, x):
+            return self.pool(x) * 2          # the user's call of the layer
+
+    with pytest.raises(mbcompile.UnsupportedOpError) as e:
+        mbcompile.batch(Net(), n=2, strict=True)(torch.randn(2, 1, 8, 8))
+    msg = str(e.value)
+    assert "module 'pool'" in msg and "pooling.py" in msg
+    assert "called from" in msg and "test_errors.py" in msg and "self.pool(x) * 2" in msg
