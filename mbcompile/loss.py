@@ -1,6 +1,8 @@
 """Per-model losses: a [n] tensor whose entry i is fn(out[i], target_i)."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.utils import _pytree as pytree
 import torch.nn as nn
@@ -25,7 +27,7 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
         if res is not None:
             return res
     try:
-        res = torch.vmap(lambda o, t: fn(o, t, **kwargs), in_dims=(0, target_in_dim))(out, target)
+        res = _vmap(lambda o, t: fn(o, t, **kwargs), (0, target_in_dim), out, target)
         if res.shape == (n,):
             return res
     except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models
@@ -46,6 +48,15 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
                 f"{how}: {type(e).__name__}: {e}. A shared target is what one model's loss takes "
                 f"([B, ...], B={out.shape[1] if out.dim() > 1 else '-'}); a per-model one adds a leading n={n}") from e
     return torch.stack(res)
+
+
+def _vmap(f, in_dims, out, target):
+    """torch.vmap(f) without torch's "no batching rule ... performance drop" warning: a loss that
+    vmap runs op by op (kl_div, the margin losses, ctc_loss) is what the user asked for, and the
+    warning names a vmap the user never wrote."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return torch.vmap(f, in_dims=in_dims)(out, target)
 
 
 def _target_dim(n, b, target, target_in_dim):
@@ -87,7 +98,7 @@ def _tree_loss(fn, out, target, target_in_dim, kwargs):
         mine = pytree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, out)
         return fn(mine, target[i] if tdim == 0 else target, **kwargs)
     try:
-        res = torch.vmap(lambda o, t: fn(o, t, **kwargs), in_dims=(0, tdim))(out, target)
+        res = _vmap(lambda o, t: fn(o, t, **kwargs), (0, tdim), out, target)
         if isinstance(res, torch.Tensor) and res.shape == (n,):
             return res
     except Exception:  # noqa: BLE001 - a loss vmap cannot batch: loop over models

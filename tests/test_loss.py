@@ -106,3 +106,16 @@ def test_outputs_holding_none_and_numbers_reach_the_loss_as_they_are():
     torch.testing.assert_close(got, 3 * want, rtol=1e-12, atol=1e-12)
     with pytest.raises(mbcompile.MBCompileError, match="holding no tensor"):
         mbcompile.loss(lambda o, t: 0, (None, 3), y)
+
+
+def test_a_loss_vmap_runs_op_by_op_says_nothing_of_vmap():
+    """kl_div has no vmap batching rule: torch's fallback warning names a vmap the user never wrote."""
+    import warnings
+    out = torch.randn(3, 4, 5, dtype=torch.float64).log_softmax(-1)
+    target = torch.randn(4, 5, dtype=torch.float64).softmax(-1)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = mbcompile.loss(F.kl_div, out, target, reduction="batchmean")
+    assert not [w for w in seen if "performance drop" in str(w.message)], [str(w.message) for w in seen]
+    want = torch.stack([F.kl_div(o, target, reduction="batchmean") for o in out])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
