@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import zipfile
 
 import torch
 
@@ -69,6 +70,16 @@ def atomic_save(obj, path):
     return path
 
 
+def _damaged(path):
+    """The first archive member whose CRC-32 does not match its bytes, else None (one more read of
+    the file; a file torch.load read that is no zip archive has nothing to check)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except zipfile.BadZipFile:
+        return None
+
+
 def load(path, map_location=None) -> dict:
     """Load a run checkpoint with ``weights_only=True``; any failure is a :class:`CheckpointError`
     that names the file and says what to do."""
@@ -85,6 +96,12 @@ def load(path, map_location=None) -> dict:
             f"The file is truncated or corrupt (mbcompile writes checkpoints atomically, so it was damaged "
             f"after writing or written by something else). Delete it and resume from an earlier checkpoint, "
             f"or start the run again.") from e
+    bad = _damaged(path)
+    if bad is not None:
+        raise CheckpointError(
+            f"checkpoint {path!r} is damaged: the bytes of {bad!r} do not match the CRC-32 stored with them "
+            f"(torch.load does not check it). It changed after it was written; delete it and resume from an "
+            f"earlier checkpoint, or start the run again.")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an mbcompile run checkpoint (no 'format': {FORMAT!r} entry); "
                               f"to load a plain state_dict use torch.load / module.load_state_dict")

@@ -169,6 +169,18 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path, uninterrupted):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(CheckpointError, match=r"(?s)cannot read checkpoint .*" + name + ".*truncated or corrupt"):
             ckpt.load(tmp_path / name)
+    # one bit flipped inside a stored tensor: torch.load reads it without a word (it never checks the
+    # zip's CRC-32), so the run would resume from other weights
+    import zipfile
+    info = next(i for i in zipfile.ZipFile(good).infolist() if "/data/" in i.filename and i.file_size >= 8)
+    head = info.header_offset
+    start = head + 30 + int.from_bytes(data[head + 26:head + 28], "little") + int.from_bytes(data[head + 28:head + 30], "little")
+    flipped = bytearray(data)
+    flipped[start + 3] ^= 1
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    torch.load(tmp_path / "flipped.pt", weights_only=True)        # what torch alone makes of it
+    with pytest.raises(CheckpointError, match=r"(?s)flipped.pt.* is damaged: the bytes of .*archive/data/"):
+        ckpt.load(tmp_path / "flipped.pt")
     torch.save({"fc1.weight": torch.zeros(2)}, tmp_path / "plain.pt")
     with pytest.raises(CheckpointError, match="not an mbcompile run checkpoint"):
         ckpt.load(tmp_path / "plain.pt")
