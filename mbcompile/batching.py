@@ -470,6 +470,23 @@ class BatchedModule(nn.Module):
         state.pop("_last_program", None)
         return state
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's, with a clear error for a state of another number of models or of one model."""
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        for k, v in state_dict.items():
+            mine = own.get(k)
+            if not isinstance(v, torch.Tensor) or mine is None or v.shape == mine.shape or mine.dim() == 0:
+                continue
+            if v.dim() == mine.dim() and v.shape[1:] == mine.shape[1:]:
+                raise InvalidInputError(f"load_state_dict: {k!r} holds {v.shape[0]} models ({tuple(v.shape)}) but this "
+                                        f"batch has n={self._n}; load it into a batch of {v.shape[0]} models")
+            if tuple(v.shape) == tuple(mine.shape[1:]):
+                raise InvalidInputError(f"load_state_dict: {k!r} has one model's shape {tuple(v.shape)}, a batch's state "
+                                        f"stacks its n={self._n} models ({tuple(mine.shape)}); build the batch from "
+                                        f"models that hold those weights (mbcompile.batch([m0, m1, ...]))")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def unbatch(self, i: int) -> nn.Module:
         """Model i as a plain module of the original class, with its own copy of weights and buffers."""
         if not -self._n <= i < self._n:

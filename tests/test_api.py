@@ -325,3 +325,15 @@ def test_pruned_models_batch_each_with_its_own_mask():
         u = b.unbatch(i)
         torch.testing.assert_close(u(x), r(x), rtol=1e-12, atol=1e-12)
         assert prune.is_pruned(u) and torch.equal(u[0].weight_mask, r[0].weight_mask)
+
+
+def test_load_state_dict_of_another_n_or_of_one_model_says_so():
+    three = mbcompile.batch(nn.Linear(4, 2), n=3)
+    four = mbcompile.batch(nn.Linear(4, 2), n=4)
+    with pytest.raises(ValueError, match=r"'weight' holds 4 models .* this batch has n=3"):
+        three.load_state_dict(four.state_dict())
+    with pytest.raises(ValueError, match=r"'weight' has one model's shape \(2, 4\)"):
+        three.load_state_dict(nn.Linear(4, 2).state_dict())
+    other = mbcompile.batch(nn.Linear(4, 2), n=3)
+    three.load_state_dict(other.state_dict())                      # the same n: loads
+    assert torch.equal(three.weight, other.weight)
