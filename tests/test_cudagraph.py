@@ -185,3 +185,29 @@ def test_the_batched_linear_does_not_keep_a_step_from_its_graph(monkeypatch):
     (targets, reason), = seen
     assert torch.ops.mbcompile.linear_bmm.default in targets
     assert not reason.startswith("random op"), reason       # on CPU: "... is computed on cpu"
+
+
+def test_parameters_written_after_the_program_are_replayed_by_the_graph(monkeypatch):
+    """torch < 2.13 (backend.UPDATE_IN_GRAPH False): the copy of the new parameters is part of the
+    graphed step, so the parameters stay inputs read in place (no recapture) and a replay updates them."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double() for _ in range(3)]
+
+    def run():
+        b = mbcompile.batch(copy.deepcopy(models))
+        step = mbcompile.train_step(b, F.cross_entropy, mbcompile.optimizer(b, torch.optim.SGD, lr=[0.1, 0.2, 0.3],
+                                                                            momentum=0.9), path="compiled")
+        g = torch.Generator().manual_seed(0)
+        losses = [step(torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+                  for _ in range(6)]
+        return b, step, losses
+
+    want_b, _, want = run()
+    monkeypatch.setattr(backend, "UPDATE_IN_GRAPH", False)
+    monkeypatch.setattr(backend, "graph_unsafe", lambda gm, inputs: None)
+    got_b, step, got = run()
+    assert step.cuda_graph.startswith("CUDA graph (") and "1 captures" in step.cuda_graph, step.cuda_graph
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    for (name, p), (_, q) in zip(got_b.named_parameters(), want_b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
