@@ -244,7 +244,7 @@ def _(key, tensors, mapped, states):
     return out.new_empty((states.shape[0], *out.shape)), torch.empty_like(states)
 
 
-def _zero_grad_ctx(ctx, inputs, output):
+def _random_grad_ctx(ctx, inputs, output):
     ctx.likes = [(t.shape, t.dtype, t.device) if t.is_floating_point() or t.is_complex() else None
                  for t in inputs[1]]
     ctx.extra = (None,) * (len(inputs) - 2)
@@ -257,7 +257,7 @@ def _zero_grad_ctx(ctx, inputs, output):
         ctx.save_for_backward(inputs[1][0], out)
 
 
-def _zero_grad(ctx, *grads):
+def _random_grad(ctx, *grads):
     """torch's formulas: zeros for every tensor input, except a reparameterised sampler's parameter."""
     gs = [None if m is None else torch.zeros(m[0], dtype=m[1], device=m[2]) for m in ctx.likes]
     if ctx.reparam is not None:
@@ -283,8 +283,8 @@ def _dirichlet_grad(x, out, g):
 _REPARAM = {"_standard_gamma": _gamma_grad, "_sample_dirichlet": _dirichlet_grad}
 
 
-random_call.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
-random_call_per_model.register_autograd(_zero_grad, setup_context=_zero_grad_ctx)
+random_call.register_autograd(_random_grad, setup_context=_random_grad_ctx)
+random_call_per_model.register_autograd(_random_grad, setup_context=_random_grad_ctx)
 
 
 @torch.library.custom_op("mbcompile::assigned", mutates_args=())
