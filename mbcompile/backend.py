@@ -275,7 +275,7 @@ _register()
 # bmm of the backward) that still reads the old value: seen on 2.11, per-model SGD's train_step moved the
 # first layer by 64-99% of its true step. There the program returns the new parameters and they are
 # copied in after it (one more pass over the parameters); 2.13 orders the update after its readers.
-UPDATE_IN_GRAPH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+UPDATE_IN_GRAPH = torch.__version__ >= (2, 13)          # a TorchVersion compares with tuples
 TRIALS = 2                    # timed calls of each path before train_step(path="auto") chooses
 DEFAULT_PATH = "auto"         # train_step's path when none is given (the test suite pins "compiled")
 

@@ -29,7 +29,7 @@ from .export_ctx import (_cumulative_batch_norm, _dataclass_outputs, _gradient_c
                          _nested_encoder_padding, _no_causal_mask_detection, _no_kv_cache, _side_effect_hooks)
 from .graph_fixes import (_assigned_params, _detach_no_grad_regions, _drop_effect_tokens,
                           _inplace_through_detach, _instance_norm_as_group_norm, _tensor_indices,
-                          _undetach_renorm)
+                          _undetach_renorm, _view_base)
 
 aten = torch.ops.aten
 mb = torch.ops.mbcompile
@@ -582,12 +582,3 @@ def _replace(g, node, new, order, inplace=False):
     node.replace_all_uses_with(new)
     g.erase_node(node)
 
-
-def _view_base(node):
-    """The tensor a chain of views (slice, select, view, transpose, ...) starts from."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args \
-            and isinstance(node.args[0], fx.Node) and node.target._schema.returns \
-            and node.target._schema.returns[0].alias_info is not None \
-            and not node.target._schema.returns[0].alias_info.is_write:
-        node = node.args[0]
-    return node

@@ -154,9 +154,14 @@ def _detach_no_grad_regions(gm):
     gm.recompile()
 
 
-_ALIASES = (aten.view.default, aten.reshape.default, aten.select.int, aten.slice.Tensor, aten.t.default,
-            aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
-            aten.squeeze.dim, aten.as_strided.default, aten.detach.default, aten.alias.default)
+def _view_base(node):
+    """The tensor a chain of views (slice, select, view, transpose, ...) starts from."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args \
+            and isinstance(node.args[0], fx.Node) and node.target._schema.returns \
+            and node.target._schema.returns[0].alias_info is not None \
+            and not node.target._schema.returns[0].alias_info.is_write:
+        node = node.args[0]
+    return node
 
 
 def _inplace_through_detach(gm):
@@ -171,9 +176,9 @@ def _inplace_through_detach(gm):
     for node in list(g.nodes):
         t, d = node.target, node.args[0] if node.args else None
         if (node.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or not isinstance(d, fx.Node)
-                or d.target is not aten.detach.default or not isinstance(d.args[0], fx.Node)
-                or d.args[0].op != "call_function" or d.args[0].target in _ALIASES):
-            continue                    # a parameter's or input's in-place update stays (embedding max_norm)
+                or d.target is not aten.detach.default or _view_base(d) is not d.args[0]
+                or d.args[0].op == "placeholder"):
+            continue        # x a view (its base changes too) or a parameter / input (embedding max_norm): kept
         name = t._schema.name.split("::")[-1]
         pure = getattr(getattr(aten, name[:-1], None), t._overloadname, None) if name.endswith("_") else None
         if pure is None or not (t._schema.arguments and t._schema.arguments[0].alias_info is not None

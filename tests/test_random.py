@@ -635,5 +635,6 @@ def test_inplace_clamp_through_detach_keeps_the_gradient():
     for i, m in enumerate(models):
         o = m(x)
         o.sum().backward()
-        assert (o >= 0).all() and torch.equal(out[i], o)
+        assert (o >= 0).all() and (out[i] >= 0).all()           # the clamp's values, in both
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)   # (a measured linear lowering rounds)
         torch.testing.assert_close(dict(b.named_parameters())["a.weight"].grad[i], m.a.weight.grad)
