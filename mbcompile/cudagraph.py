@@ -20,8 +20,8 @@ MAX_CAPTURES = 4     # then replay no more: the inputs keep changing under the g
 
 # every mbcompile op is in one of these (tests/test_cudagraph.py checks): a new op must say which.
 # PURE: device work only, safe to replay. HOST: reads or advances a generator state on the host.
-_PURE = {"assigned", "relayout", "leaky_relu", "linear_bmm", "conv_loop", "conv_loop_backward",
-         "lstm_fused", "lstm_fused_backward"}
+_PURE = {"assigned", "relayout", "leaky_relu", "linear_bmm", "linear_loop", "linear_loop_backward", "conv_loop",
+         "conv_loop_backward", "lstm_fused", "lstm_fused_backward"}
 _HOST = {"draw", "draw_per_model", "dropout", "random_call", "random_call_per_model"}
 
 

@@ -553,3 +553,82 @@ def test_conv_loop_with_frozen_weights():
         for name, p in ref.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(batched.get_parameter(name).grad[i], p.grad, rtol=1e-10, atol=1e-10)
+
+
+class SeqHead(nn.Module):
+    """A linear over B,T,I (the char-LSTM head's shape), one without bias, and a vector input's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 4, bias=False)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("per_model_input", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3, 6), (6,)], ids=["B,T,I", "I"])
+def test_linear_loop_input_gradients_and_double_backward(per_model_input, shape):
+    """The loop lowering (mbcompile::linear_loop, its own backward op): outputs, the input's gradient
+    (per model, or summed over models for a shared input), the parameters' gradients, and a gradient
+    penalty (create_graph), against each model alone."""
+    n = 3
+    models = [SeqHead().double() for _ in range(n)]
+    refs = copy.deepcopy(models)
+    x = torch.randn((n, *shape) if per_model_input else shape, dtype=torch.float64, requires_grad=True)
+    with lowering.force("loop"):
+        batched = mbcompile.batch(models, in_dims=0 if per_model_input else None)
+        out = batched(x)
+    assert sum(s.startswith("linear") and "loop (forced" in s for s in notes(batched)) == 2, notes(batched)
+    g = torch.autograd.grad(out.square().sum(), [x, *batched.parameters()], create_graph=True)
+    names = [name for name, _ in batched.named_parameters()]
+    gx_sum = 0
+    for i, ref in enumerate(refs):
+        xi = (x[i] if per_model_input else x).detach().requires_grad_()
+        o = ref(xi)
+        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
+        gi = torch.autograd.grad(o.square().sum(), [xi, *ref.parameters()], create_graph=True)
+        if per_model_input:
+            torch.testing.assert_close(g[0][i], gi[0], rtol=1e-12, atol=1e-12)
+        else:
+            gx_sum = gx_sum + gi[0].detach()
+        for name, a, b in zip(names, g[1:], gi[1:]):
+            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+        want = torch.autograd.grad(sum(t.square().sum() for t in gi[1:]), list(ref.parameters()))
+        got = torch.autograd.grad(sum(t[i].square().sum() for t in g[1:]), list(batched.parameters()),
+                                  retain_graph=True)
+        for name, a, b in zip(names, got, want):
+            torch.testing.assert_close(a[i], b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+    if not per_model_input:
+        torch.testing.assert_close(g[0], gx_sum, rtol=1e-12, atol=1e-12)
+    x2 = x.detach().clone().requires_grad_()                      # a plain backward: the backward op
+    batched(x2).square().sum().backward()
+    gx = [torch.autograd.grad(r(xi).square().sum(), xi)[0] for r, xi in
+          zip(refs, [(x2[i] if per_model_input else x2).detach().requires_grad_() for i in range(n)])]
+    torch.testing.assert_close(x2.grad, torch.stack(gx) if per_model_input else sum(gx), rtol=1e-12, atol=1e-12)
+
+
+def test_linear_loop_is_one_op_bit_for_bit_in_float32_with_frozen_weights():
+    """The loop runs each model's own GEMMs: float32 outputs and gradients equal each model alone bit
+    for bit; a frozen weight gets no gradient and the op computes none; the graph holds one loop op per
+    linear (no stack of per-model outputs)."""
+    models = [SeqHead() for _ in range(4)]
+    for m in models:
+        m.a.weight.requires_grad_(False)
+    refs = copy.deepcopy(models)
+    x = torch.randn(8, 3, 6)
+    with lowering.force("loop"):
+        batched = mbcompile.batch(models)
+        out = batched(x)
+    out.square().sum().backward()
+    targets = [nd.target for nd in batched._last_program.gm.graph.nodes if nd.op == "call_function"]
+    assert batched.get_parameter("a.weight").grad is None
+    for i, ref in enumerate(refs):
+        o = ref(x)
+        assert torch.equal(out[i], o)
+        o.square().sum().backward()
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                assert torch.equal(batched.get_parameter(name).grad[i], p.grad), name
+    assert sum(t is torch.ops.mbcompile.linear_loop.default for t in targets) == 2, targets
+    assert torch.ops.aten.stack.default not in targets
