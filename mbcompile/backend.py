@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch.optim.optimizer import _get_scalar_dtype
 
+from .capture import fixed_kernels
 from .errors import InvalidInputError, InvalidTypeError
 from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
@@ -153,7 +154,9 @@ def _decompositions(cpu: bool, joint: bool = False):
                 table.pop(op, None)
                 _register_fallback(op)
         from . import ops                    # mbcompile's layout-keeping ops: their aten forms
+        from .capture import FIXED_DECOMPOSITIONS
         table[torch.ops.mbcompile.linear_bmm.default] = ops.linear_bmm_decomposition
+        table.update(FIXED_DECOMPOSITIONS)   # torch's wrong ones, fixed
         for op in (aten.replication_pad1d_backward, aten.replication_pad2d_backward,
                    aten.replication_pad3d_backward):
             table[op.default] = _replication_pad_backward
@@ -200,7 +203,7 @@ def mbcompile_backend(gm: fx.GraphModule, example_inputs, **kwargs):
     kwargs.setdefault("decompositions", _decompositions(cpu))
     # AOTAutograd's cache keys on the dynamo graph, not on the decomposition table: bypass it (Inductor's
     # FX graph cache, keyed on the decomposed graph, still serves repeated compiles)
-    with torch._functorch.config.patch(enable_autograd_cache=False):
+    with torch._functorch.config.patch(enable_autograd_cache=False), fixed_kernels():
         return compile_fx(gm, example_inputs, inner_compile=_counting_inner(compile_fx_inner), **kwargs)
 
 
@@ -226,7 +229,7 @@ class CompiledProgram:
         STATS["backend_calls"] += 1
         cpu = all(a.device.type == "cpu" for a in args)
         gm = _with_passes(self.gm)
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False), fixed_kernels():
             return compile_fx(gm, list(args), inner_compile=_counting_inner(compile_fx_inner),
                               decompositions=_decompositions(cpu))
 
@@ -636,7 +639,7 @@ class TrainStep:
 
         traced = _trace(joint, flat)
         STATS["backend_calls"] += 1
-        with torch._functorch.config.patch(enable_autograd_cache=False):
+        with torch._functorch.config.patch(enable_autograd_cache=False), fixed_kernels():
             cpu = all(v.device.type == "cpu" for v in flat if isinstance(v, torch.Tensor))
             fn = compile_fx(traced, flat, inner_compile=_counting_inner(compile_fx_inner),
                             decompositions=_decompositions(cpu, joint=True))

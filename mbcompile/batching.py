@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.prune import BasePruningMethod
 from torch.utils import _pytree as pytree
 
-from .capture import _PER_MODEL_SCALARS, Captured, _hook_weights, capture
+from .capture import _PER_MODEL_SCALARS, Captured, _hook_weights, capture, fixed_kernels
 from . import archcheck, chunking, hostmem, ops
 from . import shells as _shells
 from .passes import batch_pass
@@ -812,7 +812,7 @@ def _user_leaves(cap, leaves):
 
 def _trace(fn, vals):
     """``fn`` traced by make_fx on fake copies of ``vals`` (under no_grad: the graph's ops, not autograd's)."""
-    with torch.no_grad():
+    with torch.no_grad(), fixed_kernels():
         gm = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(
             *[v.detach() if isinstance(v, torch.Tensor) else v for v in vals])
     _drop_identity_views(gm)

@@ -188,6 +188,25 @@ def _user_frame(e, model):
     return f"{m.group(1)}:{m.group(2)}: {m.group(3)}" if m else "(see the traceback above)"
 
 
+_MACHINERY = ("/torch/fx/", "/torch/_dynamo/", "/torch/export/", "/torch/_export/", "/torch/overrides.py",
+              "/torch/_subclasses/", "/torch/utils/", "/torch/_ops.py", "/torch/_tensor.py", "/torch/_refs/",
+              "/torch/_prims", "/torch/_decomp/", "/torch/_meta_registrations.py", "/torch/_higher_order_ops/",
+              "/torch/_library/", "/torch/_functorch/", "/torch/nn/modules/module.py", "/torch/__init__.py")
+
+
+def _torch_branch(e):
+    """"name (torch/nn/functional.py:N)" when the innermost frame of ``e`` outside torch's tracing
+    machinery is a torch.nn function or layer (a branch of torch's own on its inputs' values), else None."""
+    for fr in reversed(traceback.extract_tb(e.__traceback__)):
+        path = fr.filename.replace("\\", "/")
+        if any(m in path for m in _MACHINERY):
+            continue
+        if "/torch/nn/" in path:
+            return f"{fr.name} ({path[path.rindex('/torch/') + 1:]}:{fr.lineno})"
+        return None
+    return None
+
+
 def _export(template, args, kwargs):
     """torch.export of the template under what capture changes while it traces (export_ctx.py); also
     returns what forward did that gives gradients of its own."""
@@ -351,7 +370,10 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                 f"captured graph cannot express. Rewrite the branch with torch.cond (or torch.where for "
                 f"elementwise choices) so that every model takes its own branch inside the graph.\n"
                 + ("  (here torch.distributions checks its arguments: pass validate_args=False, or call "
-                   "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "") +
+                   "torch.distributions.Distribution.set_default_validate_args(False))\n" if dists else "")
+                + (f"  (the branch is in torch's own {inner}, which looks at its inputs' values: call it outside "
+                   f"the model; a loss: return its inputs from forward and use mbcompile.loss(fn, out, target))\n"
+                   if (inner := _torch_branch(e)) and not dists else "") +
                 f"  branch at {_user_frame(e, template)}\n"
                 f"  export said: {str(e).splitlines()[0][:300]}") from e
         if "Unsupported input type" in str(e):                    # a torch.dtype / torch.device argument
@@ -398,6 +420,13 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
                 f"its weight in place in forward, and that weight is tied to '{tied[1]}': torch.export cannot "
                 f"capture an in-place update of a tied parameter. Untie the weights, or drop max_norm and renormalise "
                 f"outside forward (under torch.no_grad() after each step)") from e
+        branch = _random_in_branch(ep.graph_module)
+        if branch:
+            raise CaptureError(
+                f"{type(template).__name__}.forward draws random numbers ({branch}) inside a torch.cond branch: "
+                f"mbcompile keeps each model's random stream in order, and a draw that only one branch makes "
+                f"cannot be ordered. Draw outside the cond (e.g. the dropout mask or torch.rand_like before it) and "
+                f"pass it into the branch as an operand") from e
         raise CaptureError(f"torch.export captured {type(template).__name__}.forward but could not decompose it "
                            f"to core aten ops: {type(e).__name__}: {str(e)[:500]}") from e
     _undetach_renorm(ep.graph_module)
@@ -432,13 +461,74 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
 _TABLE: dict = {}
 
 
+def _random_in_branch(gm):
+    """The first random op (after _prepass: an mbcompile draw) inside a control-flow subgraph, or None."""
+    host = {"draw", "draw_per_model", "dropout", "random_call", "random_call_per_model"}
+    for name, sub in gm.named_modules():
+        if not name or not isinstance(sub, fx.GraphModule):
+            continue
+        for nd in sub.graph.nodes:
+            if nd.op == "call_function" and getattr(nd.target, "namespace", None) == "mbcompile" and \
+                    nd.target._opname in host:
+                files = [ln.strip() for ln in (nd.meta.get("stack_trace") or "").splitlines()
+                         if ln.strip().startswith("File") and "<eval_with_key>" not in ln]
+                return nd.target._opname + (f", {files[-1]}" if files else "")
+    return None
+
+
 def decomposition_table():
-    """torch's default decompositions minus every op that has a batching rule (cached per RULES size)."""
+    """torch's default decompositions minus every op that has a batching rule (cached per RULES size),
+    with torch's wrong ones replaced (FIXED_DECOMPOSITIONS; backend.py's tables too)."""
     key = len(RULES)
     if key not in _TABLE:
         _TABLE.clear()
-        _TABLE[key] = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
+        table = {op: fn for op, fn in torch.export.default_decompositions().items() if op not in RULES}
+        table.update({op: fn for op, fn in FIXED_DECOMPOSITIONS.items() if op in table})
+        _TABLE[key] = table
     return _TABLE[key]
+
+
+def _multilabel_margin_loss_forward(input, target, reduction):
+    """torch 2.13's decomposition with its bug fixed: target slots after the first -1 are masked out of
+    the loss (torch's gathers input[..., 0] for them and adds it in; eager ignores them).
+    N,C + N,C class indices (-1 ends each row's list) -> loss, is_target."""
+    shape = target.shape
+    input, target = torch.atleast_2d(input), torch.atleast_2d(target)
+    dim = input.shape[1]
+    idx = torch.arange(dim, device=target.device)
+    end = torch.amin(torch.where(target == -1, idx, dim), dim=-1, keepdim=True)
+    listed = idx < end                                          # N,C: slot j holds a target
+    u = torch.gather(input, -1, torch.where(listed, target, 0))  # N,C: input at each listed target
+    is_target = torch.any(idx == torch.where(listed, target, -1).unsqueeze(-1), dim=1)   # N,C
+    z = (1.0 - u.T.unsqueeze(-1) + input).clamp_min(0) / dim   # slot j, N, C
+    z = torch.where(is_target | ~listed.T.unsqueeze(-1), 0, z)
+    if reduction == 1:                                          # mean
+        z = z.sum(dim=(0, -1)).mean()
+    elif reduction == 2:                                        # sum
+        z = z.sum()
+    else:
+        z = z.sum(dim=(0, -1))
+    return z, is_target.to(input.dtype).reshape(shape)
+
+
+FIXED_DECOMPOSITIONS = {aten.multilabel_margin_loss_forward.default: _multilabel_margin_loss_forward}
+
+
+@contextlib.contextmanager
+def fixed_kernels():
+    """torch runs the wrong decompositions above as the ops' Python autograd kernels whenever its Python
+    dispatcher is on (make_fx, export): within this block the fixed ones run instead."""
+    key, saved = torch._C.DispatchKey.Autograd, {}
+    for op, fn in FIXED_DECOMPOSITIONS.items():
+        if key in op.py_kernels:
+            saved[op], op.py_kernels[key] = op.py_kernels[key], fn
+            op._dispatch_cache.clear()
+    try:
+        yield
+    finally:
+        for op, fn in saved.items():
+            op.py_kernels[key] = fn
+            op._dispatch_cache.clear()
 
 
 def _prepass(gm, consts):

@@ -68,3 +68,28 @@ def test_cond_nodes_name_the_users_line(monkeypatch):
         mbcompile.batch(_models(False))(torch.randn(5, 6, dtype=torch.float64))
     note = "\n".join(getattr(info.value, "__notes__", []))
     assert "test_control_flow.py" in note and "torch.cond(pred" in note and "eval_with_key" not in note
+
+
+class RandomBranch(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.fc, self.kind = nn.Linear(4, 6), kind
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.kind == "dropout":
+            draw = lambda t: nn.functional.dropout(t, 0.5, True)   # noqa: E731
+        else:
+            draw = lambda t: t * torch.rand_like(t)                 # noqa: E731
+        return torch.cond(h.sum() > 0, draw, lambda t: t * 2, (h,))
+
+
+@pytest.mark.parametrize("kind", ["dropout", "rand_like"])
+def test_random_draw_inside_a_cond_branch_is_refused_clearly(kind):
+    """A draw that one branch makes cannot keep each model's stream in order: a CaptureError that says
+    so, names the user's line and what to do (torch.export's own message was a SpecViolationError about
+    a lifted constant)."""
+    batched = mbcompile.batch([RandomBranch(kind).double() for _ in range(3)], seeds=[1, 2, 3])
+    with pytest.raises(mbcompile.CaptureError, match=r"inside a torch.cond branch.*Draw outside the cond") as err:
+        batched(torch.randn(3, 4, dtype=torch.float64))
+    assert "test_control_flow.py" in str(err.value), str(err.value)

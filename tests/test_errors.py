@@ -326,3 +326,24 @@ def test_an_op_inside_a_torch_layer_names_the_layer_and_the_users_call():
     msg = str(e.value)
     assert "module 'pool'" in msg and "pooling.py" in msg
     assert "called from" in msg and "test_errors.py" in msg and "self.pool(x) * 2" in msg
+
+
+class _GaussianNLL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x, y):
+        h = self.fc(x)
+        return F.gaussian_nll_loss(h, y, h.exp() + 0.1)
+
+
+def test_a_branch_inside_torchs_own_function_says_so():
+    """gaussian_nll_loss checks its variance's values (a Python branch inside torch): the error says the
+    branch is torch's, names the function, and points to mbcompile.loss, besides the user's line."""
+    batched = mbcompile.batch([_GaussianNLL() for _ in range(2)])
+    with pytest.raises(mbcompile.CaptureError) as err:
+        batched(torch.randn(3, 4), torch.randn(3, 6))
+    msg = str(err.value)
+    assert "torch's own gaussian_nll_loss (torch/nn/functional.py:" in msg, msg
+    assert "mbcompile.loss" in msg and "test_errors.py" in msg, msg

@@ -123,3 +123,60 @@ def test_layer_matches_each_model(name, mode):
                                        msg=lambda m: f"model {i} {pname}: {m}")
         for (bname, b), (_, c) in zip(r.state_dict().items(), batched.unbatch(i).state_dict().items()):
             torch.testing.assert_close(c, b, rtol=1e-9, atol=1e-9)        # buffers and renormed weights
+
+
+class MultiLabel(nn.Module):
+    def __init__(self, reduction):
+        super().__init__()
+        self.fc, self.reduction = nn.Linear(4, 6), reduction
+
+    def forward(self, x, target):
+        return F.multilabel_margin_loss(self.fc(x), target, reduction=self.reduction)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_multilabel_margin_loss_ignores_slots_after_the_end_marker(reduction):
+    """Targets shorter than the row (a -1 ends each list, the usual padded case): torch 2.13's
+    decomposition adds the slots after the -1 into the loss (torch.compile gives the same wrong numbers);
+    capture uses a fixed one, so each model's loss and gradients are its own."""
+    models = [MultiLabel(reduction).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    target = torch.tensor([[0, 3, -1, 0, 0, 0], [5, -1, 2, 2, 2, 2], [1, 2, 4, 5, -1, 0]])
+    batched = mbcompile.batch(models, strict=True)
+    out = batched(x, target)
+    out.sum().backward()
+    for i, ref in enumerate(refs):
+        want = ref(x, target)
+        want.sum().backward()
+        torch.testing.assert_close(out[i], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(batched.get_parameter("fc.weight").grad[i], ref.fc.weight.grad, rtol=1e-12,
+                                   atol=1e-12)
+
+
+def test_multilabel_margin_loss_as_train_steps_loss():
+    """The same loss traced into train_step's compiled program (torch runs its wrong decomposition as the
+    op's Python autograd kernel while tracing): each model's loss value and update are its own."""
+    models = [nn.Linear(4, 6).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    target = torch.tensor([[0, 3, -1, 0, 0, 0], [5, -1, 2, 2, 2, 2], [1, 2, 4, 5, -1, 0], [2, -1, 0, 0, 0, 0],
+                           [0, 1, 2, 3, 4, 5]])
+    batched = mbcompile.batch(models)
+    opt = mbcompile.optimizer(batched, torch.optim.SGD, lr=[0.1, 0.2, 0.3])
+    step = mbcompile.train_step(batched, F.multilabel_margin_loss, opt, path="compiled")
+    for _ in range(2):
+        losses = step(x, target)
+        want = []
+        for i, ref in enumerate(refs):
+            ref.zero_grad()
+            loss = F.multilabel_margin_loss(ref(x), target)
+            loss.backward()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p -= [0.1, 0.2, 0.3][i] * p.grad
+            want.append(loss.detach())
+        torch.testing.assert_close(losses, torch.stack(want), rtol=1e-12, atol=1e-12)
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(batched.get_parameter("weight")[i].detach(), ref.weight.detach(), rtol=1e-12,
+                                   atol=1e-12)
