@@ -125,24 +125,21 @@ def _pool(k: int, per: int) -> list:
         return _STATE["pool"]
 
 
-def _run(fn, lo, hi, grad, inference, backwards=False):
+def _run(fn, lo, hi, grad, inference):
     with torch.inference_mode(inference), torch.set_grad_enabled(grad):   # the caller's modes
-        if not backwards:
-            return [fn(i) for i in range(lo, hi)]
-        return [fn(i) for i in range(hi - 1, lo - 1, -1)][::-1]
+        return [fn(i) for i in range(lo, hi)]
 
 
-def map_models(fn: Callable[[int], object], n: int, k: int | None = None, backwards: bool = False) -> list:
+def map_models(fn: Callable[[int], object], n: int, k: int | None = None) -> list:
     """[fn(0), ..., fn(n-1)], the models split into contiguous runs over ``workers(n)`` threads (at
-    most ``k``); in the caller's thread when that is one. ``backwards``: each run goes from its last
-    model to its first (the results stay in model order)."""
+    most ``k``); in the caller's thread when that is one."""
     k = workers(n) if k is None else min(k, workers(n))
     if k <= 1:
-        return _run(fn, 0, n, torch.is_grad_enabled(), torch.is_inference_mode_enabled(), backwards)
+        return [fn(i) for i in range(n)]
     pool = _pool(k, max(1, torch.get_num_threads() // k))
     for pause in _pauses():
         pause(1)                                  # omp_pause_soft
     bounds = [n * j // k for j in range(k + 1)]
     modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-    runs = [pool[j].submit(_run, fn, bounds[j], bounds[j + 1], *modes, backwards) for j in range(k)]
+    runs = [pool[j].submit(_run, fn, bounds[j], bounds[j + 1], *modes) for j in range(k)]
     return [r for fut in runs for r in fut.result()]

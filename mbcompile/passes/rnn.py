@@ -294,10 +294,6 @@ def _workspace_size(t, b, i, hid, dtype, train):
     return _WS[key]
 
 
-import os
-_BACKWARDS = os.environ.get("MBCOMPILE_LSTM_BACKWARDS", "0") == "1"
-
-
 @torch.library.custom_op("mbcompile::lstm_fused_backward", mutates_args=())
 def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor,
                         out: Tensor, hy: Tensor, cy: Tensor, workspace: List[Tensor], g_out: Tensor, g_hy: Tensor,
@@ -322,7 +318,7 @@ def lstm_fused_backward(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: T
             gx[i].copy_(res[0].transpose(0, 1) if batch_first else res[0])
         return res[1:]
 
-    res = cores.map_models(one, n, None if spread else 1, backwards=_BACKWARDS)
+    res = cores.map_models(one, n, None if spread else 1)
     with torch.no_grad():
         stack = lambda k: torch.stack([r[k] for r in res])     # noqa: E731
         fold = lambda g, like, rank: g if like.dim() > rank else g.sum(0)  # noqa: E731
