@@ -326,7 +326,8 @@ class TrainStep:
     ``opt.step()``, with ``p.grad`` put back as it was) or "auto" (the default): on CUDA the program; on
     the CPU both are timed on the first calls (each a real step) and the faster is kept
     (``step.chosen``; ``step.times`` has both times), as Inductor's program loses to the eager lowerings
-    on some conv models.
+    on some conv models. ``MBCOMPILE_LOWERING=default`` (no timing anywhere) makes "auto" the program;
+    ``MBCOMPILE_LOWERING=train_step=eager`` (or ``=compiled``) picks one.
 
     On CUDA the program is replayed from a CUDA graph from its third call (``mbcompile.cudagraph``; not
     with random ops or inputs on the host); ``step.cuda_graph`` says whether the last call was, or why not."""
@@ -481,6 +482,14 @@ class TrainStep:
             self._trials[path].append(self._clock() - t0)
         return res
 
+    def path_state(self) -> dict:
+        """What "auto" has settled or timed so far (for a checkpoint: a resumed run takes the same path)."""
+        return {"chosen": self.chosen, "trials": {k: list(v) for k, v in self._trials.items()}}
+
+    def load_path_state(self, state: dict):
+        self.chosen = state.get("chosen")
+        self._trials = {k: list(state.get("trials", {}).get(k, [])) for k in ("compiled", "eager")}
+
     def _path(self):
         """CPU, path="auto": the compiled program for TRIALS + 1 calls (the first compiles), then the normal
         loop's forward, backward and opt.step for as many (the first may capture), then the faster of the
@@ -489,9 +498,11 @@ class TrainStep:
             return self.path
         if self.chosen is not None:
             return self.chosen
+        from . import lowering
+        setting = lowering._setting("train_step")           # MBCOMPILE_LOWERING=default / train_step=eager
         p = self.batched._p0
-        if p is not None and p.device.type != "cpu":
-            self.chosen = "compiled"
+        if setting != "measure" or (p is not None and p.device.type != "cpu"):
+            self.chosen = setting if setting in ("compiled", "eager") else "compiled"
             return self.chosen
         c, e = self._trials["compiled"], self._trials["eager"]
         if len(c) <= TRIALS:

@@ -485,10 +485,15 @@ class BatchedModule(nn.Module):
                 raise InvalidInputError(f"load_state_dict: {k!r} has one model's shape {tuple(v.shape)}, a batch's state "
                                         f"stacks its n={self._n} models ({tuple(mine.shape)}); build the batch from "
                                         f"models that hold those weights (mbcompile.batch([m0, m1, ...]))")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        res = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        object.__setattr__(self, "_p0", next(iter(self.parameters()), None))    # assign=True: new parameters
+        return res
 
     def unbatch(self, i: int) -> nn.Module:
         """Model i as a plain module of the original class, with its own copy of weights and buffers."""
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise InvalidTypeError(f"unbatch takes a model index (an int), got {type(i).__name__} {i!r}")
+        i = operator.index(i)
         if not -self._n <= i < self._n:
             raise OutOfRangeError(f"model index {i} out of range for n={self._n}")
         self._attr_key()                                # attributes set on the submodules since the last call

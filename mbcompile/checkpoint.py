@@ -15,6 +15,7 @@ A run checkpoint is a dict of tensors, dicts, lists, numbers and strings only::
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -90,7 +91,14 @@ def load(path, map_location=None) -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every reader error means the same thing to the user
-        why = (str(e).strip().splitlines() or [""])[0][:200]
+        why = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines() or [""])[0])[:200]
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found and zipfile.is_zipfile(path) and _damaged(path) is None:
+            raise CheckpointError(
+                f"{path!r} is not an mbcompile run checkpoint: it holds a pickled Python object ({found.group(1)}; "
+                f"e.g. a whole module saved with torch.save(module)), which a checkpoint never does and "
+                f"weights_only=True refuses to unpickle. Resume from a file fit's Checkpoint wrote; to read this "
+                f"one, use torch.load(path, weights_only=False) on a file you trust.") from e
         raise CheckpointError(
             f"cannot read checkpoint {path!r} ({size} bytes): {type(e).__name__}{': ' + why if why else ''}. "
             f"The file is truncated or corrupt (mbcompile writes checkpoints atomically, so it was damaged "
@@ -108,7 +116,17 @@ def load(path, map_location=None) -> dict:
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path!r} was written by a newer mbcompile (checkpoint version "
                               f"{state.get('version')} > {VERSION}); upgrade mbcompile to resume it")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path!r} lacks {', '.join(repr(k) for k in missing)}: a run checkpoint holds "
+                              f"all of {', '.join(REQUIRED)}. It was not written whole by fit's Checkpoint "
+                              f"(edited, or written by another tool); resume from another checkpoint")
     return state
+
+
+# what fit's Run.state_dict always writes (and restore reads); nothing is changed before this is checked
+REQUIRED = ("n", "active", "frozen", "model", "rng", "optimizer", "scaler", "schedulers", "callbacks", "epoch",
+            "step", "step_in_epoch", "acc", "history", "retired", "torch_rng", "epoch_rng", "loader_rng")
 
 
 def export_model(source, i, path, *, module: bool = False):

@@ -182,7 +182,8 @@ class Run:
              "retired_consts": {int(i): c for i, c in self.history.retired_consts.items()},
              "torch_rng": torch.get_rng_state(), "epoch_rng": self.epoch_rng, "loader_rng": self.loader_rng,
              "loader_rng_now": [g.get_state() for g in self.loader_gens],
-             "lowering": ckpt.lowering_choices()}
+             "lowering": ckpt.lowering_choices(),
+             "fused_paths": [[k[0], st.path_state()] for k, st in (self.fused or {}).items()]}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             s["cuda_rng"] = torch.cuda.get_rng_state_all()
         return s
@@ -227,6 +228,7 @@ class Run:
         self.acc = {k: v.clone() for k, v in s["acc"].items()}
         self.epoch_rng, self.loader_rng, self.resume_rng = s["epoch_rng"], s["loader_rng"], s["torch_rng"]
         self.loader_rng_now = s.get("loader_rng_now")
+        self.fused_paths = {tdim: st for tdim, st in s.get("fused_paths", [])}   # train_step's path, per layout
         if "cuda_rng" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda_rng"])
         self._refresh()
@@ -497,6 +499,8 @@ def _fused_step(run, x, y, tdim, loss_fn, max_grad_norm):
         from .backend import train_step
         step = run.fused[key] = train_step(run.batched, loss_fn, run.optimizer, max_grad_norm=max_grad_norm,
                                            target_in_dim=tdim)
+        if tdim in getattr(run, "fused_paths", {}):                # resumed: the path the run had taken
+            step.load_path_state(run.fused_paths[tdim])
     loss = step(*(tuple(x) if isinstance(x, (tuple, list)) else (x,)), y)
     yy = y if tdim is None else y.movedim(tdim, 0)[0]
     return loss, torch.full_like(loss, float(yy.shape[0] if yy.dim() else 1), dtype=torch.float64)

@@ -48,17 +48,17 @@ class Net(nn.Module):
         return self.fc2(self.drop(torch.relu(self.fc1(x))))
 
 
-def build(path, stop_at=None, exit_at=None, loader_generator=False):
+def build(path, stop_at=None, exit_at=None, loader_generator=False, fused=False, dtype=torch.float64):
     """The same run every time: dropout with per-model streams, a DataLoader shuffled by torch's global
     generator, Adam + StepLR, model 1 dropped at step 4, early stopping and a checkpoint every 3 steps."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(60, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(60, 6, generator=g, dtype=dtype)
     y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()
     train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:48], y[:48]), batch_size=8, shuffle=True,
                                         generator=torch.Generator().manual_seed(5) if loader_generator else None)
-    batched = mbcompile.batch([Net().double() for _ in range(N)], seeds=[10, 11, 12, 13])
+    batched = mbcompile.batch([Net().to(dtype) for _ in range(N)], seeds=[10, 11, 12, 13])
     opt = optimizer(batched, torch.optim.Adam, lr=[0.01, 0.02, 0.05, 0.03], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 
@@ -73,7 +73,7 @@ def build(path, stop_at=None, exit_at=None, loader_generator=False):
            Checkpoint(path, every_steps=3)]
     return batched, opt, dict(train_data=train, loss_fn=F.cross_entropy, optimizer=opt, epochs=EPOCHS,
                               val_data=[(x[48:], y[48:])], metrics=["accuracy"], callbacks=cbs,
-                              scheduler=sched, max_grad_norm=1.0, progress=False)
+                              scheduler=sched, max_grad_norm=1.0, progress=False, fused=fused)
 
 
 def child(path, exit_at):  # run in a subprocess by the kill test
@@ -193,6 +193,30 @@ def test_damaged_checkpoints_are_clear_errors(tmp_path, uninterrupted):
             optimizer(small, torch.optim.SGD, lr=0.1), resume=good, progress=False)
 
 
+@pytest.mark.parametrize("entry", ["n", "history", "epoch", "torch_rng", "model"])
+def test_a_checkpoint_missing_an_entry_is_refused_before_anything_changes(tmp_path, uninterrupted, entry):
+    """A file with the run tag but without one of the entries fit writes (edited, another tool): a
+    CheckpointError naming the entry, raised before the batch's weights are touched (a bare KeyError
+    used to come from fit's restore after the weights and optimizer were already loaded)."""
+    batched, _, kw = build(tmp_path / "full.pt")
+    fit(batched, **kw)
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
+    del state[entry]
+    torch.save(state, tmp_path / "cut.pt")
+    batched, _, kw = build(tmp_path / "cut.pt")
+    before = {k: v.clone() for k, v in batched.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"cut.pt' lacks '{entry}'"):
+        fit(batched, resume=tmp_path / "cut.pt", **kw)
+    assert_same(batched.state_dict(), before)
+
+
+def test_a_pickled_module_is_not_called_corrupt(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(CheckpointError, match=r"holds a pickled Python object \(torch.nn.modules.linear.Linear") as err:
+        ckpt.load(tmp_path / "module.pt")
+    assert "corrupt" not in str(err.value) and "\x1b" not in str(err.value)
+
+
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "a.pt"
     ckpt.atomic_save({"x": torch.ones(3)}, path)
@@ -265,3 +289,37 @@ def test_lowering_choices_travel_with_the_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(lowering, "_CACHE", {k: lowering.Choice("something else", "test") for k in measured})
     run(resume=True)   # a new process would have measured anew: the checkpoint's choices win
     assert {k: v.name for k, v in lowering._CACHE.items() if k in measured} == measured
+
+
+def test_fused_fit_resumes_on_the_path_train_step_chose(tmp_path, monkeypatch):
+    """fit(fused=True) with train_step's path="auto" and measured lowerings: the step times the compiled
+    program and the eager loop on its first calls, then keeps one (they round differently). The
+    checkpoint carries that choice, so a run resumed after it continues on the same path, bit for bit
+    (before, the resumed step timed both again and mixed them: float32 differences from the first step)."""
+    from mbcompile import backend
+    monkeypatch.delenv("MBCOMPILE_LOWERING")
+    monkeypatch.setattr(backend, "DEFAULT_PATH", "auto")
+    b0, o0, kw = build(tmp_path / "full.pt", fused=True, dtype=torch.float32)
+    full = final_state(b0, o0, fit(b0, **kw))
+    path = tmp_path / "cut.pt"
+    batched, _, kw = build(path, stop_at=12, fused=True, dtype=torch.float32)
+    with pytest.raises(Interrupted):
+        fit(batched, **kw)
+    state = torch.load(path, weights_only=True)
+    assert [p["chosen"] for _, p in state["fused_paths"]] in (["compiled"], ["eager"]), state["fused_paths"]
+    got, _ = resume(path, fused=True, dtype=torch.float32)
+    assert_same(got, full)
+
+
+def test_default_lowering_pins_train_steps_path(monkeypatch):
+    """MBCOMPILE_LOWERING=default (no timing anywhere) makes path="auto" the compiled program at once;
+    train_step=eager picks the loop."""
+    from mbcompile import backend
+    batched = mbcompile.batch([Net() for _ in range(2)])
+    opt = optimizer(batched, torch.optim.SGD, lr=0.1)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    for env, want in (("default", "compiled"), ("train_step=eager", "eager")):
+        monkeypatch.setenv("MBCOMPILE_LOWERING", env)
+        step = backend.train_step(batched, F.cross_entropy, opt, path="auto")
+        step(x, y)
+        assert step.chosen == want and not step._trials["compiled"] and not step._trials["eager"]

@@ -347,3 +347,13 @@ def test_a_branch_inside_torchs_own_function_says_so():
     msg = str(err.value)
     assert "torch's own gaussian_nll_loss (torch/nn/functional.py:" in msg, msg
     assert "mbcompile.loss" in msg and "test_errors.py" in msg, msg
+
+
+@pytest.mark.parametrize("index", [True, 1.0, "1", None])
+def test_unbatch_refuses_what_is_not_an_index(index):
+    """unbatch(True) used to index with a bool (a module whose weight had an extra dim); the others gave
+    torch's or Python's raw errors."""
+    batched = mbcompile.batch(nn.Linear(2, 3), n=3)
+    with pytest.raises(mbcompile.InvalidTypeError, match="unbatch takes a model index"):
+        batched.unbatch(index)
+    assert batched.unbatch(torch.tensor(2)).weight.shape == (3, 2)      # an integer tensor is an index

@@ -144,3 +144,15 @@ def test_a_models_other_methods_say_forward_is_batched_and_a_mode_argument_reach
     out = b(z, mode="decode")
     for i, m in enumerate(models):
         torch.testing.assert_close(out[i], m.decode(z), rtol=1e-12, atol=1e-12)
+
+
+def test_load_state_dict_with_assign_runs_in_the_assigned_dtype():
+    """assign=True replaces the parameters: the program key's dtype follows them (a float64 state into a
+    float32 batch runs in float64, as nn.Module's assign does), not the old parameters'."""
+    batched = mbcompile.batch([nn.Linear(3, 2) for _ in range(2)])
+    batched(torch.randn(4, 3))
+    state = {k: v.double() for k, v in batched.state_dict().items()}
+    batched.load_state_dict(state, assign=True)
+    assert batched.weight.dtype == torch.float64 and batched._param_dtype()[0] == torch.float64
+    out = batched(torch.randn(4, 3, dtype=torch.float64))
+    assert out.dtype == torch.float64
