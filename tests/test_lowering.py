@@ -496,43 +496,51 @@ def test_the_batched_graph_keeps_no_view_that_changes_nothing():
             torch.testing.assert_close(q.grad[i], p.grad, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("per_model_input", [False, True])
-def test_conv_loop_input_gradients_and_double_backward(per_model_input):
-    """The loop lowering (mbcompile::conv_loop, its own backward op): the input's gradient, per model or
-    summed over models for a shared input, and a gradient penalty (create_graph: the backward itself is
-    differentiated), against each model alone."""
+def assert_loop_op_matches_alone(cls, shape, mode, per_model_input, tol):
+    """Forced lowering ``mode`` (a per-model loop op with its own backward op): outputs, the input's
+    gradient (per model, or summed over models for a shared input), the parameters' gradients, a gradient
+    penalty (create_graph: the backward itself differentiated) and a plain backward (mbcompile's backward
+    op), against each model alone. Returns the batched module."""
     n = 3
-    models = [Deconv().double() for _ in range(n)]
+    models = [cls().double() for _ in range(n)]
     refs = copy.deepcopy(models)
-    shape = (n, 5, 2, 9) if per_model_input else (5, 2, 9)
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    with lowering.force("loop"):
+    x = torch.randn((n, *shape) if per_model_input else shape, dtype=torch.float64, requires_grad=True)
+    with lowering.force(mode):
         batched = mbcompile.batch(models, in_dims=0 if per_model_input else None)
         out = batched(x)
     g = torch.autograd.grad(out.square().sum(), [x, *batched.parameters()], create_graph=True)
-    gx_sum = torch.zeros(5, 2, 9, dtype=torch.float64)
     names = [name for name, _ in batched.named_parameters()]
+    gx_sum = 0
     for i, ref in enumerate(refs):
         xi = (x[i] if per_model_input else x).detach().requires_grad_()
         o = ref(xi)
-        torch.testing.assert_close(out[i], o, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[i], o, rtol=tol, atol=tol)
         gi = torch.autograd.grad(o.square().sum(), [xi, *ref.parameters()], create_graph=True)
         if per_model_input:
-            torch.testing.assert_close(g[0][i], gi[0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(g[0][i], gi[0], rtol=tol, atol=tol)
         else:
-            gx_sum += gi[0].detach()
+            gx_sum = gx_sum + gi[0].detach()
+        for name, a, b in zip(names, g[1:], gi[1:]):
+            torch.testing.assert_close(a[i], b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
         want = torch.autograd.grad(sum(t.square().sum() for t in gi[1:]), list(ref.parameters()))
-        got_pen = torch.autograd.grad(sum(t[i].square().sum() for t in g[1:]), list(batched.parameters()),
-                                      retain_graph=True)
-        for name, a, b in zip(names, got_pen, want):
+        got = torch.autograd.grad(sum(t[i].square().sum() for t in g[1:]), list(batched.parameters()),
+                                  retain_graph=True)
+        for name, a, b in zip(names, got, want):
             torch.testing.assert_close(a[i], b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
     if not per_model_input:
-        torch.testing.assert_close(g[0], gx_sum, rtol=1e-10, atol=1e-10)
-    x2 = x.detach().clone().requires_grad_()                      # a plain backward: mbcompile's backward op
+        torch.testing.assert_close(g[0], gx_sum, rtol=tol, atol=tol)
+    x2 = x.detach().clone().requires_grad_()
     batched(x2).square().sum().backward()
     gx = [torch.autograd.grad(r(xi).square().sum(), xi)[0] for r, xi in
           zip(refs, [(x2[i] if per_model_input else x2).detach().requires_grad_() for i in range(n)])]
-    torch.testing.assert_close(x2.grad, torch.stack(gx) if per_model_input else sum(gx), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x2.grad, torch.stack(gx) if per_model_input else sum(gx), rtol=tol, atol=tol)
+    return batched
+
+
+@pytest.mark.parametrize("per_model_input", [False, True])
+def test_conv_loop_input_gradients_and_double_backward(per_model_input):
+    """The loop lowering (mbcompile::conv_loop, its own backward op) against each model alone."""
+    assert_loop_op_matches_alone(Deconv, (5, 2, 9), "loop", per_model_input, 1e-10)
 
 
 def test_conv_loop_with_frozen_weights():
@@ -569,43 +577,10 @@ class SeqHead(nn.Module):
 @pytest.mark.parametrize("per_model_input", [False, True])
 @pytest.mark.parametrize("shape", [(4, 3, 6), (6,)], ids=["B,T,I", "I"])
 def test_linear_loop_input_gradients_and_double_backward(per_model_input, shape):
-    """The loop lowering (mbcompile::linear_loop, its own backward op): outputs, the input's gradient
-    (per model, or summed over models for a shared input), the parameters' gradients, and a gradient
-    penalty (create_graph), against each model alone."""
-    n = 3
-    models = [SeqHead().double() for _ in range(n)]
-    refs = copy.deepcopy(models)
-    x = torch.randn((n, *shape) if per_model_input else shape, dtype=torch.float64, requires_grad=True)
-    with lowering.force("loop"):
-        batched = mbcompile.batch(models, in_dims=0 if per_model_input else None)
-        out = batched(x)
+    """The loop lowering (mbcompile::linear_loop, its own backward op) against each model alone, for a
+    B,T,I input and a vector."""
+    batched = assert_loop_op_matches_alone(SeqHead, shape, "loop", per_model_input, 1e-12)
     assert sum(s.startswith("linear") and "loop (forced" in s for s in notes(batched)) == 2, notes(batched)
-    g = torch.autograd.grad(out.square().sum(), [x, *batched.parameters()], create_graph=True)
-    names = [name for name, _ in batched.named_parameters()]
-    gx_sum = 0
-    for i, ref in enumerate(refs):
-        xi = (x[i] if per_model_input else x).detach().requires_grad_()
-        o = ref(xi)
-        torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)
-        gi = torch.autograd.grad(o.square().sum(), [xi, *ref.parameters()], create_graph=True)
-        if per_model_input:
-            torch.testing.assert_close(g[0][i], gi[0], rtol=1e-12, atol=1e-12)
-        else:
-            gx_sum = gx_sum + gi[0].detach()
-        for name, a, b in zip(names, g[1:], gi[1:]):
-            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
-        want = torch.autograd.grad(sum(t.square().sum() for t in gi[1:]), list(ref.parameters()))
-        got = torch.autograd.grad(sum(t[i].square().sum() for t in g[1:]), list(batched.parameters()),
-                                  retain_graph=True)
-        for name, a, b in zip(names, got, want):
-            torch.testing.assert_close(a[i], b, rtol=1e-9, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
-    if not per_model_input:
-        torch.testing.assert_close(g[0], gx_sum, rtol=1e-12, atol=1e-12)
-    x2 = x.detach().clone().requires_grad_()                      # a plain backward: the backward op
-    batched(x2).square().sum().backward()
-    gx = [torch.autograd.grad(r(xi).square().sum(), xi)[0] for r, xi in
-          zip(refs, [(x2[i] if per_model_input else x2).detach().requires_grad_() for i in range(n)])]
-    torch.testing.assert_close(x2.grad, torch.stack(gx) if per_model_input else sum(gx), rtol=1e-12, atol=1e-12)
 
 
 def test_linear_loop_is_one_op_bit_for_bit_in_float32_with_frozen_weights():
