@@ -180,3 +180,35 @@ def test_multilabel_margin_loss_as_train_steps_loss():
     for i, ref in enumerate(refs):
         torch.testing.assert_close(batched.get_parameter("weight")[i].detach(), ref.weight.detach(), rtol=1e-12,
                                    atol=1e-12)
+
+
+class TiedReduce(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.b, self.op = nn.Parameter(torch.zeros(2, 3, dtype=torch.float64)), op
+
+    def forward(self, x):
+        h = x + self.b
+        return getattr(h, self.op)() * 3 + h.long().max()      # an integer max stays an integer max
+
+
+@pytest.mark.parametrize("op", ["max", "min", "median", "nanmedian"])
+@pytest.mark.parametrize("data", ["ties", "one_nan", "inf"])
+def test_whole_tensor_selection_spreads_its_gradient_over_ties(op, data):
+    """max() / min() / median() / nanmedian() of a whole tensor: torch gives the gradient to every element
+    equal to the result, evenly (the .dim forms give it to one index); each model's gradient is its own."""
+    x = {"ties": torch.tensor([[1.0, 2.0, 1.0], [2.0, 1.0, 2.0]]),
+         "one_nan": torch.tensor([[1.0, float("nan"), 1.0], [2.0, 1.0, 2.0]]),
+         "inf": torch.tensor([[1.0, float("inf"), -float("inf")], [2.0, 1.0, 2.0]])}[data].double()
+    models = [TiedReduce(op) for _ in range(3)]
+    with torch.no_grad():
+        models[1].b[0, 0] = 1.0                       # model 1: another tie pattern
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models, strict=True)
+    out = batched(x)
+    out.sum().backward()
+    for i, ref in enumerate(refs):
+        want = ref(x)
+        want.backward()
+        torch.testing.assert_close(out[i], want, equal_nan=True)
+        torch.testing.assert_close(batched.b.grad[i], ref.b.grad, rtol=1e-12, atol=1e-12, equal_nan=True)

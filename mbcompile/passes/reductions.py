@@ -119,6 +119,18 @@ def softmax_backward(ctx, args, dims, kwargs):
     return ctx.op(g, out, _pd(dim, rank), *args[3:], **kwargs), 0
 
 
+def _evenly(val, x):
+    """n values picked from n,K (max/min/median .dim's, whose gradient goes to one index) with the gradient
+    of the whole-tensor op, torch's evenly_distribute_backward: spread over every element equal to the
+    value (every NaN when it is NaN). The value stays val bit for bit (g - g is 0); where g is not finite
+    (tied infinities, NaNs) the .dim op's single-index gradient is kept."""
+    if not x.is_floating_point():
+        return val
+    m = torch.where(val.isnan().unsqueeze(1), x.isnan(), x == val.unsqueeze(1))      # n,K ties (no grad)
+    g = torch.where(m, x, 0).sum(1) / m.sum(1).to(x.dtype)                         # n, its grad m / count
+    return torch.where(g.isfinite(), val.detach() + (g - g.detach()), val)
+
+
 @rule(aten.sum.default, aten.mean.default, aten.max.default, aten.min.default,
       aten.prod.default, aten.any.default, aten.all.default, aten.median.default, aten.nanmedian.default,
       aten.count_nonzero.default)
@@ -130,7 +142,7 @@ def full_reduce(ctx, args, dims, kwargs):
         dim_op = {aten.sum: aten.sum.dim_IntList, aten.mean: aten.mean.dim, aten.prod: aten.prod.dim_int}[packet]
         return dim_op(x, [1] if packet is not aten.prod else 1, False, **kwargs), 0
     if packet in (aten.max, aten.min, aten.median, aten.nanmedian):
-        return getattr(aten, packet.__name__).dim(x, 1)[0], 0
+        return _evenly(getattr(aten, packet.__name__).dim(x, 1)[0], x), 0
     if packet is aten.count_nonzero:
         dim = args[1] if len(args) > 1 else kwargs.get("dim")
         if dim is not None:                           # count_nonzero(x, dim): one dim, not all
