@@ -348,3 +348,101 @@ def check(smp, mapped, where, dtype, *, strict, name=None):
                                        msg=lambda m, k=k, i=i: f"output {k}, model {i}: {m}",
                                        **OP_TOL.get((name, dtype), TOL[dtype]))
     return records
+
+
+def _loss(outs, cot):
+    """sum_k <out_k, cot_k> over the differentiable outputs (complex ones as their real view)."""
+    total = 0
+    for o, v in zip(outs, cot):
+        if v is not None:
+            total = total + ((torch.view_as_real(o.resolve_conj()) if o.is_complex() else o) * v).sum()
+    return total
+
+
+def _cotangents(outs, gen, per_model):
+    """A fixed random cotangent per differentiable output (None for integer/bool outputs or ones that
+    carry no gradient); ``per_model``: outputs have the model dim in front."""
+    cot = []
+    for o in outs:
+        if not isinstance(o, torch.Tensor) or not (o.is_floating_point() or o.is_complex()) or not o.requires_grad:
+            cot.append(None)
+            continue
+        shape = torch.view_as_real(o.resolve_conj()).shape if o.is_complex() else o.shape
+        dt = o.real.dtype if o.is_complex() else o.dtype
+        cot.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(dt))
+    return cot
+
+
+def _differentiable(smp, j):
+    """Whether the op differentiates model 0's tensor input j (torch refuses some: nll_loss's class
+    weights, a loss's target, scatter with a reduction)."""
+    mine = [t.detach().clone() for t in smp.per_model[0]]
+    mine[j].requires_grad_()
+    try:
+        outs = [o for o in _flat_out(smp.call(mine)) if o.requires_grad]
+        if outs:
+            torch.autograd.grad(sum((torch.view_as_real(o.resolve_conj()) if o.is_complex() else o).sum()
+                                    for o in outs), mine[j], allow_unused=True)
+    except RuntimeError as e:
+        if "not differentiable" in str(e) or "not implemented" in str(e):
+            return False
+        raise
+    return True
+
+
+def check_grad(smp, mapped, where, dtype, *, name=None):
+    """The batched graph's vector-Jacobian product against each model's own (its op's autograd formula):
+    a mapped input's gradient slice i is model i's, a shared input's is the sum over models. Returns
+    False when there is nothing to differentiate (no float input or output with a gradient)."""
+    if smp.mutated:
+        return False
+    ins, dims, leaves = [], [], []
+    for j, m in enumerate(mapped):
+        if m:
+            x, d = _place([pm[j] for pm in smp.per_model], where)
+        else:
+            x, d = smp.per_model[0][j], None
+        x = x.detach().clone()
+        if (x.is_floating_point() or x.is_complex()) and _differentiable(smp, j):
+            x.requires_grad_()
+            leaves.append(j)
+        ins.append(x)
+        dims.append(d)
+    if not leaves:
+        return False
+    from mbcompile.batching import _trace
+    with warnings.catch_warnings():                   # as a batched module runs: the pass traced (make_fx),
+        warnings.simplefilter("ignore")               # then that graph called with autograd on
+        gm = _trace(lambda *a: batch_pass.run(smp.gm, N, list(a), dims, strict=False), ins)
+        outs = gm(*ins)
+    cot = _cotangents(outs, torch.Generator().manual_seed(0), True)
+    if all(v is None for v in cot):
+        return False
+    grads = torch.autograd.grad(_loss(outs, cot), [ins[j] for j in leaves], allow_unused=True)
+    grads = {j: (g if g is not None else torch.zeros_like(ins[j])) for j, g in zip(leaves, grads)}
+    shared_sum = {j: 0 for j in leaves if not mapped[j]}
+    for i in range(N):
+        mine = [smp.per_model[i if m else 0][j].detach().clone() for j, m in enumerate(mapped)]
+        for j in leaves:
+            mine[j].requires_grad_()
+        ref = _flat_out(smp.call(mine))
+        rcot = [None if v is None else v[i] for v in cot[len(smp.mutated):]]
+        usable = [(r, v) for r, v in zip(ref, rcot) if v is not None and r.requires_grad]
+        if not usable:
+            continue
+        rg = torch.autograd.grad(_loss(*zip(*usable)), [mine[j] for j in leaves], allow_unused=True)
+        for j, g in zip(leaves, rg):
+            g = torch.zeros_like(mine[j]) if g is None else g
+            if mapped[j]:
+                got = grads[j].movedim(dims[j], 0)[i]
+                torch.testing.assert_close(got, g, equal_nan=True, check_stride=False,
+                                           msg=lambda m, j=j, i=i: f"gradient of input {j}, model {i}: {m}",
+                                           **OP_TOL.get((name, dtype), TOL[dtype]))
+            else:
+                shared_sum[j] = shared_sum[j] + g
+    for j, want in shared_sum.items():
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(grads[j], want, equal_nan=True, check_stride=False,
+                                       msg=lambda m, j=j: f"gradient of shared input {j} (summed over models): {m}",
+                                       **OP_TOL.get((name, dtype), TOL[dtype]))
+    return True

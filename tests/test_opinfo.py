@@ -9,6 +9,10 @@ the first shared and the rest mapped; each model's output must equal the op run 
   mode "fallback": the pass may use its vmap/loop fallback for ops without a rule.
   mode "strict":   the fallback is off (strict=True), for every op whose graph only holds ops that
                    RULES claims; an op whose rule declined and silently fell back fails here.
+  mode "grad":     (float64, ops with autograd) the batched graph traced as a batched module runs it,
+                   then differentiated: each model's vector-Jacobian product (a fixed random cotangent)
+                   equals the op's own autograd formula on that model alone; a shared input's gradient
+                   is the sum over models.
 
 Known failures: tests/opinfo_ledger.py. Coverage figure (docs/coverage.md):
     python tests/test_opinfo.py            # prints it;  --write  also rewrites docs/coverage.md
@@ -55,7 +59,8 @@ def _params():
         for dtype in DTYPES:
             if dtype not in supported:
                 continue
-            for mode in ("fallback", "strict"):
+            modes = ("fallback", "strict") + (("grad",) if dtype == torch.float64 and op.supports_autograd else ())
+            for mode in modes:
                 marks = []
                 reason = ledger_reason(name, dtype, mode)
                 if reason:
@@ -105,11 +110,28 @@ def run_op(name, dtype, strict):
     return fell_back
 
 
+def run_grad(name, dtype):
+    """check_grad for every sample and case; returns how many had something to differentiate."""
+    checked = 0
+    for k, s in enumerate(prepared(name, dtype)):
+        for case, mapped, where in U.cases(len(s.per_model[0])):
+            try:
+                checked += U.check_grad(s, mapped, where, dtype, name=name)
+            except Exception as e:
+                raise AssertionError(f"{name} {_dname(dtype)} sample {k} case {case} (gradients): {type(e).__name__}: "
+                                     f"{e}\nrerun: python -m pytest tests/test_opinfo.py -k '{name}-{_dname(dtype)}-grad'") from e
+    return checked
+
+
 @pytest.mark.parametrize("name,dtype,mode", _params())
 def test_opinfo(name, dtype, mode):
     smps = prepared(name, dtype)
     if isinstance(smps, U.Skip):
         pytest.skip(str(smps))
+    if mode == "grad":
+        if not run_grad(name, dtype):
+            pytest.skip("nothing to differentiate (no float input the op differentiates, or no float output)")
+        return
     if mode == "strict":
         missing = missing_rules(smps)
         if missing:

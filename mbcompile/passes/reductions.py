@@ -101,7 +101,7 @@ defreduce(aten.amax, aten.amin, aten.any.dims, aten.all.dims,
           multi=True)
 defreduce(aten.linalg_vector_norm.default, dim_at=2, multi=True)
 defreduce(aten.prod.dim_int, aten.any.dim, aten.all.dim, aten.max.dim, aten.min.dim, aten._softmax,
-          aten._log_softmax, aten.softmax.int, aten.log_softmax.int, aten.cumsum, aten.cumprod,
+          aten._log_softmax, aten.softmax.int, aten.log_softmax.int, aten._safe_softmax, aten.cumsum, aten.cumprod,
           aten.logcumsumexp, aten.cummax, aten.cummin, aten.median.dim, aten.nanmedian.dim)
 defreduce(aten.sort.default, aten.sort.stable, aten.mode, aten.argsort, none_is=-1)
 defreduce(aten.argmax, aten.argmin, none_is="flat")
