@@ -633,6 +633,7 @@ class BatchedModule(nn.Module):
                self._n, _autocast_key(), self._param_dtype())
         prog = self._programs.get(key)
         if prog is None:
+            self._count_constants(key, args, kwargs, leaves)
             cuda = [device.index or 0] if device.type == "cuda" else []
             with torch.random.fork_rng(devices=cuda), _gc_paused():   # lowering measurements draw random
                 prog = self._build(args, kwargs, leaves, dims, spec)  # inputs: capture never moves the user's RNG
@@ -644,6 +645,21 @@ class BatchedModule(nn.Module):
             cache[fkey] = (prog, self._getters(prog), str(device) if self._randomness == "sequential" else None,
                            key)
         return prog, vals, leaves
+
+    def _count_constants(self, key, args, kwargs, leaves):
+        """Warn once when forward's non-tensor arguments (a Python float, a string) have taken _ATTR_WARN
+        values for one tensor signature: each value is a constant of a program of its own, so a value
+        that changes every step (an annealed temperature) captures every step."""
+        shape = (key[0], tuple(k if k[0] != "c" else "c" for k in key[1]), *key[2:])
+        seen = self.__dict__.setdefault("_constant_args", {})
+        count = seen[shape] = seen.get(shape, 0) + 1
+        if count == _ATTR_WARN and any(k[0] == "c" for k in key[1]):
+            named = [f"{_leaf_name(args, kwargs, i)}={x!r}" for i, x in enumerate(leaves)
+                     if not isinstance(x, torch.Tensor)]
+            warnings.warn(f"forward's non-tensor arguments have taken {_ATTR_WARN} values ({', '.join(named[:3])} "
+                          f"this time); each value is captured once as a constant of its own program, so a value "
+                          f"that changes every step captures every step. Pass it as a tensor "
+                          f"(torch.tensor(value)) to change it freely", UserWarning, stacklevel=4)
 
     def _getters(self, prog):
         """(dict, key) per graph input, so that a call looks inputs up without walking the module tree
@@ -665,10 +681,10 @@ class BatchedModule(nn.Module):
         users = iter([leaves[i] for i in _user_leaves(prog.captured, leaves)])
         vals = []
         for kind, target in prog.captured.inputs:
-            if kind == "param":
-                vals.append(self.get_parameter(target))
-            elif kind == "buffer":
-                vals.append(self.get_buffer(target))
+            if kind in ("param", "buffer"):            # the owner's dict, as _getters: a tensor that
+                parent, _, leaf = target.rpartition(".")   # torch.func.functional_call swapped in counts
+                owner = self.get_submodule(parent)
+                vals.append((owner._parameters if kind == "param" else owner._buffers)[leaf])
             elif kind == "const":
                 vals.append(prog.captured.constants[target])
             else:

@@ -34,7 +34,7 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
         pass
     res = []
     for i in range(n):
-        t = target[i] if target_in_dim == 0 else target
+        t = _pick(target, target_in_dim, i)
         try:
             res.append(fn(out[i], t, **kwargs))
         except Exception as e:  # noqa: BLE001 - what the loss says of model i alone, with the shapes
@@ -61,7 +61,15 @@ def _vmap(f, in_dims, out, target):
 
 def _target_dim(n, b, target, target_in_dim):
     """0 (a target per model) or None (shared): "auto" reads the target's leading size (n: per model,
-    anything else: shared; n == the batch size b is ambiguous and refused)."""
+    anything else: shared; n == the batch size b is ambiguous and refused). A target that is a tuple /
+    list / dict of tensors gets one such dim per tensor (a pytree of them, as vmap's in_dims)."""
+    if not isinstance(target, torch.Tensor):
+        leaves, spec = pytree.tree_flatten(target)
+        if any(isinstance(t, torch.Tensor) for t in leaves):
+            if target_in_dim not in ("auto", None, 0):
+                raise InvalidInputError(f"target_in_dim must be 'auto', 0 or None, got {target_in_dim!r}")
+            dims = [_target_dim(n, b, t, target_in_dim) if isinstance(t, torch.Tensor) else None for t in leaves]
+            return None if all(d is None for d in dims) else pytree.tree_unflatten(dims, spec)
     if target_in_dim == "auto":
         if not isinstance(target, torch.Tensor) or target.dim() == 0:
             return None
@@ -77,6 +85,17 @@ def _target_dim(n, b, target, target_in_dim):
         raise InvalidInputError(f"mbcompile.loss: target_in_dim=0 means one target per model, with a leading size "
                                 f"of n={n}; got {got}")
     return target_in_dim
+
+
+def _pick(target, tdim, i):
+    """Model i's target: its slice of every per-model tensor (tdim 0, or a pytree of 0 / None)."""
+    if tdim is None:
+        return target
+    if tdim == 0 and isinstance(target, torch.Tensor):
+        return target[i]
+    dims = pytree.tree_leaves(tdim, is_leaf=lambda d: d is None)
+    leaves, spec = pytree.tree_flatten(target)
+    return pytree.tree_unflatten([t[i] if d == 0 else t for t, d in zip(leaves, dims)], spec)
 
 
 def _tree_loss(fn, out, target, target_in_dim, kwargs):
@@ -96,7 +115,7 @@ def _tree_loss(fn, out, target, target_in_dim, kwargs):
 
     def one(i):
         mine = pytree.tree_map(lambda t: t[i] if isinstance(t, torch.Tensor) else t, out)
-        return fn(mine, target[i] if tdim == 0 else target, **kwargs)
+        return fn(mine, _pick(target, tdim, i), **kwargs)
     try:
         res = _vmap(lambda o, t: fn(o, t, **kwargs), (0, tdim), out, target)
         if isinstance(res, torch.Tensor) and res.shape == (n,):

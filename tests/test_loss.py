@@ -119,3 +119,21 @@ def test_a_loss_vmap_runs_op_by_op_says_nothing_of_vmap():
     assert not [w for w in seen if "performance drop" in str(w.message)], [str(w.message) for w in seen]
     want = torch.stack([F.kl_div(o, target, reduction="batchmean") for o in out])
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_tuple_target_is_per_model_or_shared_tensor_by_tensor():
+    """Distillation: (per-model soft targets [n, B, C], shared labels [B]). Each tensor of the target is
+    read as a single target is (it used to be shared as a whole: every model saw all soft targets)."""
+    n, b, c = 3, 5, 4
+    out = torch.randn(n, b, c)
+    soft = torch.randn(n, b, c).softmax(-1)
+    y = torch.randint(0, c, (b,))
+
+    def kd(o, t):
+        return F.kl_div(o.log_softmax(-1), t["soft"], reduction="batchmean") + F.cross_entropy(o, t["y"])
+    want = torch.stack([kd(out[i], {"soft": soft[i], "y": y}) for i in range(n)])
+    torch.testing.assert_close(mbcompile.loss(kd, out, {"soft": soft, "y": y}), want)
+    fn = lambda o, t: kd(o, {"soft": t[0], "y": t[1]})               # noqa: E731
+    torch.testing.assert_close(mbcompile.loss(fn, out, (soft, y)), want)
+    with pytest.raises(ValueError, match="target_in_dim=0 means one target per model"):
+        mbcompile.loss(fn, out, (soft, y), target_in_dim=0)          # y is not per model

@@ -156,3 +156,49 @@ def test_load_state_dict_with_assign_runs_in_the_assigned_dtype():
     assert batched.weight.dtype == torch.float64 and batched._param_dtype()[0] == torch.float64
     out = batched(torch.randn(4, 3, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+def test_functional_call_with_swapped_in_tensors_on_a_new_input_shape():
+    """torch.func.functional_call(batched, params, args) with plain tensors (a MAML inner step, p - a*g):
+    a call that captures (first call, a new query shape) reads the swapped-in tensors as a cached one
+    does (it raised torch's "`weight` is not an nn.Parameter"); second-order gradients are each model's."""
+    from torch.func import functional_call
+    models = [nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models)
+    xs, xq = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    params = dict(batched.named_parameters())
+    g = torch.autograd.grad(batched(xs).square().sum(), list(params.values()), create_graph=True)
+    fast = {k: p - 0.1 * gk for (k, p), gk in zip(params.items(), g)}
+    outer = functional_call(batched, fast, (xq,)).square().sum()
+    outer.backward()
+    for i, ref in enumerate(refs):
+        rp = dict(ref.named_parameters())
+        rg = torch.autograd.grad(ref(xs).square().sum(), list(rp.values()), create_graph=True)
+        rfast = {k: p - 0.1 * gk for (k, p), gk in zip(rp.items(), rg)}
+        functional_call(ref, rfast, (xq,)).square().sum().backward()
+        for k, p in rp.items():
+            torch.testing.assert_close(params[k].grad[i], p.grad, rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_a_python_number_changed_every_call_warns_once():
+    """A float argument annealed every step (a temperature) is a constant of each captured program: at the
+    ninth value a warning says so and what to pass instead; a tensor argument does not recapture."""
+    class Tempered(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x, temperature):
+            return self.fc(x) / temperature
+
+    batched = mbcompile.batch(Tempered(), n=2)
+    x = torch.randn(4, 3)
+    with pytest.warns(UserWarning, match=r"non-tensor arguments have taken 9 values \(positional input 1=1.8"):
+        for k in range(10):
+            batched(x, 1.0 + 0.1 * k)
+    n_programs = len(batched._programs)
+    for k in range(5):
+        out = batched(x, torch.tensor(1.0 + 0.1 * k))
+    assert len(batched._programs) == n_programs + 1
+    torch.testing.assert_close(out, batched(x, 1.4))
