@@ -46,7 +46,9 @@ def markdown(res):
         f"{res.get('peak_matmul_end', peak)['flops_per_s'] / 1e9:.1f} at end",
         f"- one training step = forward + backward + Adam (lr {cfg['lr']}), float32, one shared batch; median "
         f"of {cfg['steps']} timed steps after {cfg['warmup']} warm-up steps"
-        + (f" (fewer where a method's timed steps passed {cfg['budget_s']} s)" if cfg.get("budget_s") else ""),
+        + (f" (fewer where a method's timed steps passed {cfg['budget_s']} s)" if cfg.get("budget_s") else "")
+        + (f"; the methods of each (workload, n) timed interleaved, in {cfg['rounds']} rounds"
+           if cfg.get("rounds", 1) > 1 else "; one method after another"),
         "- x seq / x vmap: median of sequential eager / median of this method (x vmap: the faster of vmap and "
         "vmap_compiled); %peak: model FLOPs per second over the matmul peak; mem: peak memory above the "
         "process before the method was built (MB); check: after the first step, max |param - sequential's| / max "

@@ -19,7 +19,7 @@ from . import measure, report
 from .methods import LR, METHODS, Sequential
 from .workloads import WORKLOADS, step_flops
 
-QUICK = {"ns": [1, 16], "steps": 10, "warmup": 2, "budget_s": 10.0}
+QUICK = {"ns": [1, 16], "steps": 10, "warmup": 2, "budget_s": 10.0, "rounds": 5}
 FULL = {"ns": [1, 4, 16, 64], "steps": 20, "warmup": 3, "budget_s": None}
 PARAM_TOL = 1e-5  # max |param after one Adam step (lr 1e-3) - sequential's| where |grad| >= COND_GRAD
 COND_GRAD = 1e-6  # Adam's first step is lr * g / (|g| + 1e-8): ill-conditioned for |g| near 1e-8
@@ -39,6 +39,9 @@ def parse(argv):
                                               "(quick: 2, full: 3)")
     p.add_argument("--budget-s", type=float, help="stop timing a method after this many seconds of timed "
                                                   "steps, keeping at least 3 (quick: 10; full: no limit)")
+    p.add_argument("--rounds", type=int, help="time the methods of a (workload, n) interleaved, in this many "
+                                               "rounds (all built first); 1: one method after another "
+                                               "(quick: 5, full: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--peak-size", type=int, help="matrix size of the peak-FLOP/s matmul (2048 CPU, 8192 GPU)")
@@ -48,6 +51,7 @@ def parse(argv):
     a.steps = a.steps if a.steps is not None else mode["steps"]
     a.warmup = max(1, a.warmup if a.warmup is not None else mode["warmup"])
     a.budget_s = a.budget_s if a.budget_s is not None else mode["budget_s"]
+    a.rounds = max(1, a.rounds if a.rounds is not None else mode.get("rounds", 1))
     a.workloads = (a.workloads.split(",") if a.workloads else
                    [w.name for w in WORKLOADS.values() if w.quick or not a.quick] + ["optim_step"])
     a.methods = a.methods.split(",") if a.methods else list(METHODS)
@@ -93,7 +97,8 @@ def _run(args) -> dict:
         "mode": "quick" if args.quick else "full",
         "machine": measure.machine(device),
         "config": {"workloads": args.workloads, "methods": args.methods, "ns": args.ns, "steps": args.steps,
-                   "warmup": args.warmup, "budget_s": args.budget_s, "dtype": "float32", "optimizer": "Adam",
+                   "warmup": args.warmup, "budget_s": args.budget_s, "rounds": args.rounds, "dtype": "float32",
+                   "optimizer": "Adam",
                    "lr": LR, "param_tol": PARAM_TOL, "cond_grad": COND_GRAD,
                    "grad_tol": GRAD_TOL},
         "notes": [],
@@ -142,11 +147,16 @@ def run_workload(wl, n, x, y, device, args, flops, peak):
     if args.quick and n != max(args.ns):  # compiling costs 5-60 s a method: --quick compiles at its largest n only
         order = [k for k in order if not METHODS[k].compiled]
     rows = {}
+    if args.rounds > 1:
+        rows = _interleaved(order, wl, models, x, y, device, args, ref)
     for name in order:
-        row, snap = run_method(METHODS[name], wl, models, x, y, device, args, ref)
-        rows[name] = row
-        if name == "sequential":
-            ref = snap
+        if name in rows:
+            row = rows[name]
+        else:
+            row, snap = run_method(METHODS[name], wl, models, x, y, device, args, ref)
+            rows[name] = row
+            if name == "sequential":
+                ref = snap
         if row["status"] == "ok":
             med = row["step_s"]["median"]
             row["flops_per_step"] = flops * n
@@ -169,12 +179,95 @@ def run_workload(wl, n, x, y, device, args, flops, peak):
     return list(rows.values())
 
 
+def _interleaved(order, wl, models, x, y, device, args, ref):
+    """Every method built, checked and warmed up first (all kept alive), then timed in ``args.rounds``
+    rounds, each running a share of every method's steps in turn: a machine that slows down for a while
+    (other tenants, frequency) slows every method alike, where timing one method after another would
+    charge it to whichever ran then. Dynamo is reset once, before the first method (resetting it again
+    would make the compiled methods built earlier recompile in the middle of the timing)."""
+    torch._dynamo.reset()
+    rows, built = {}, {}
+    for name in order:
+        row, snap, method, mem = build_method(METHODS[name], wl, models, x, y, device, args, ref, reset=False)
+        rows[name] = row
+        if name == "sequential":
+            ref = snap
+        if method is not None:
+            try:                                        # its memory in a step of its own: the timing rounds
+                time_steps(method, x, y, device, 1)    # below mix every method's steps
+                row["peak_mem_bytes"], row["mem_measure"] = mem.peak(), mem.kind
+            except Exception as e:  # noqa: BLE001
+                row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+            built[name] = (method, None, [])
+    per = max(1, -(-args.steps // args.rounds))
+    try:
+        for _ in range(args.rounds):
+            for name, (method, _, times) in built.items():
+                if rows[name]["status"] != "ok" or len(times) >= args.steps or (
+                        args.budget_s and sum(times) > args.budget_s and len(times) >= 3):
+                    continue
+                try:
+                    times += time_steps(method, x, y, device, min(per, args.steps - len(times)))
+                except Exception as e:  # noqa: BLE001
+                    rows[name].update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
+        for name, (method, mem, times) in built.items():
+            if rows[name]["status"] == "ok":
+                finish_row(rows[name], times, mem)
+                rows[name]["timing"] = f"interleaved, {args.rounds} rounds"
+    finally:
+        built.clear()
+        gc.collect()
+    return rows
+
+
+def time_steps(method, x, y, device, k):
+    times = []
+    gc.disable()
+    try:
+        for _ in range(k):
+            times.append(measure.timed(lambda: method.step(x, y), device))
+    finally:
+        gc.enable()
+    return times
+
+
+def finish_row(row, times, mem):
+    row["step_s"] = measure.summary(times)
+    row["timed_steps"] = len(times)
+    if mem is not None:                                # else measured already (interleaved)
+        row["peak_mem_bytes"] = mem.peak()
+        row["mem_measure"] = mem.kind
+    row["overhead_first_step_s"] = row["first_step_s"] - row["step_s"]["median"]
+
+
 def run_method(cls, wl, models, x, y, device, args, ref):
+    """Build, check, warm up and time one method (the others are not alive meanwhile)."""
+    row, snap, method, mem = build_method(cls, wl, models, x, y, device, args, ref)
+    try:
+        if method is not None:
+            times = []
+            while len(times) < args.steps:
+                times += time_steps(method, x, y, device, 1)
+                if args.budget_s and sum(times) > args.budget_s and len(times) >= 3:
+                    break
+            finish_row(row, times, mem)
+    except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
+        row["status"] = "unsupported" if cls.name.startswith("vmap") else "error"
+        row["reason"] = f"{type(e).__name__}: {_first_line(e)}"
+    finally:
+        del method
+        gc.collect()
+    return row, snap
+
+
+def build_method(cls, wl, models, x, y, device, args, ref, reset=True):
+    """The method built, its first step checked against ``ref``, warmed up: (row, snapshot, method or
+    None when it cannot run, its memory meter, peak reset for the steps to come)."""
     row = {"workload": wl.name, "n": len(models), "method": cls.name, "status": "ok"}
     mem = measure.Memory(device)
     method = snap = None
     try:
-        if cls.compiled:
+        if cls.compiled and reset:
             torch._dynamo.reset()  # every (workload, n) compiles from scratch, as a user's run would
         mem.start()
         with warnings.catch_warnings(record=True) as caught:
@@ -205,27 +298,12 @@ def run_method(cls, wl, models, x, y, device, args, ref):
         if getattr(getattr(method, "fn", None), "chosen", None):
             row["train_step_path"] = method.fn.chosen
         mem.reset_peak()
-        times = []
-        gc.disable()
-        try:
-            while len(times) < args.steps:
-                times.append(measure.timed(lambda: method.step(x, y), device))
-                if args.budget_s and sum(times) > args.budget_s and len(times) >= 3:
-                    break
-        finally:
-            gc.enable()
-        row["step_s"] = measure.summary(times)
-        row["timed_steps"] = len(times)
-        row["peak_mem_bytes"] = mem.peak()
-        row["mem_measure"] = mem.kind
-        row["overhead_first_step_s"] = row["first_step_s"] - row["step_s"]["median"]
     except Exception as e:  # noqa: BLE001 - a method that cannot run is a result, not a crash
         row["status"] = "unsupported" if cls.name.startswith("vmap") else "error"
         row["reason"] = f"{type(e).__name__}: {_first_line(e)}"
-    finally:
-        del method
+        method = None
         gc.collect()
-    return row, snap
+    return row, snap, method, mem
 
 
 def _snapshot(method):

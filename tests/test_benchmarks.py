@@ -12,8 +12,9 @@ from benchmarks import suite
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
-def test_suite_runs_one_tiny_workload(tmp_path):
-    rc = benchmarks.main(["--workloads", "tiny_mlp", "--n", "2", "--steps", "2", "--warmup", "1",
+@pytest.mark.parametrize("rounds", [1, 2], ids=["one_after_another", "interleaved"])
+def test_suite_runs_one_tiny_workload(tmp_path, rounds):
+    rc = benchmarks.main(["--workloads", "tiny_mlp", "--n", "2", "--steps", "2", "--warmup", "1", "--rounds", rounds,
                           "--methods", "sequential,vmap,mbcompile", "--peak-size", "256", "--out", tmp_path])
     assert rc == 0
     res = json.loads((tmp_path / "results.json").read_text())
@@ -44,6 +45,8 @@ def test_suite_runs_one_tiny_workload(tmp_path):
     assert rows["vmap"]["speedup_vs_vmap"] == 1.0
     assert "mbcompile_times_s" in rows["mbcompile"]
     assert "| tiny_mlp | 2 | mbcompile |" in md
+    assert all(("timing" in r) == (rounds > 1) for r in rows.values())
+    assert ("interleaved, in 2 rounds" in md) == (rounds > 1)
 
 
 def test_correctness_check_catches_a_wrong_gradient():
@@ -69,6 +72,7 @@ def test_quick_mode_defaults():
     assert {"tiny_mlp", "mlp784", "lenet5", "char_lstm"} <= set(a.workloads)
     full = suite.parse([])
     assert full.ns == [1, 4, 16, 64] and full.steps >= 20
+    assert a.rounds > 1 and full.rounds == 1          # quick: interleaved; full (n=64): one at a time
 
 
 class _Skewed(suite.Sequential):
