@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections import Counter
 
 import torch
@@ -25,7 +26,7 @@ import torch.fx as fx
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .capture import fixed_kernels
-from .errors import InvalidInputError, InvalidTypeError
+from .errors import CaptureError, InvalidInputError, InvalidTypeError
 from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
 STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
@@ -327,7 +328,10 @@ class TrainStep:
     the CPU both are timed on the first calls (each a real step) and the faster is kept
     (``step.chosen``; ``step.times`` has both times), as Inductor's program loses to the eager lowerings
     on some conv models. ``MBCOMPILE_LOWERING=default`` (no timing anywhere) makes "auto" the program;
-    ``MBCOMPILE_LOWERING=train_step=eager`` (or ``=compiled``) picks one.
+    ``MBCOMPILE_LOWERING=train_step=eager`` (or ``=compiled``) picks one. A model or loss that looks at
+    the data's values in Python (torch.distributions' argument checks) cannot be traced: "auto" then
+    warns once and runs the normal loop, "compiled" raises a CaptureError. The target may be a tensor
+    or a tuple / dict of them, as for ``mbcompile.loss``.
 
     On CUDA the program is replayed from a CUDA graph from its third call (``mbcompile.cudagraph``; not
     with random ops or inputs on the host); ``step.cuda_graph`` says whether the last call was, or why not."""
@@ -477,7 +481,23 @@ class TrainStep:
     def __call__(self, *args):
         path = self._path()
         t0 = self._clock()
-        res = self._eager(*args) if path == "eager" else self._compiled_step(*args)
+        try:
+            res = self._eager(*args) if path == "eager" else self._compiled_step(*args)
+        except Exception as e:  # noqa: BLE001 - only a tracer's refusal is handled, the rest re-raised
+            from .loss import _traced_data
+            if path == "eager" or not _traced_data(e):
+                raise
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            if self.path != "auto":
+                raise CaptureError(
+                    f"mbcompile.train_step cannot trace its compiled program: the model or the loss looks at the "
+                    f"data's values in Python ({why}), e.g. torch.distributions' argument checks (pass "
+                    f"validate_args=False). path='eager' (or the default 'auto') runs the normal loop") from e
+            warnings.warn(f"mbcompile.train_step: the compiled program cannot be traced (the model or the loss looks "
+                          f"at the data's values in Python: {why}); every step runs the normal loop (path='eager')",
+                          UserWarning, stacklevel=2)
+            self.chosen, self.times["compiled_refused"] = "eager", why
+            return self._eager(*args)
         if self.path == "auto" and self.chosen is None:
             self._trials[path].append(self._clock() - t0)
         return res
@@ -540,6 +560,9 @@ class TrainStep:
 
     def _compiled_step(self, *args):
         *inputs, target = args
+        tleaves, tspec = torch.utils._pytree.tree_flatten(target)     # a tensor, or a tuple / dict of them
+        tt = [t for t in tleaves if isinstance(t, torch.Tensor)]
+        tkey = (tspec, tuple((t.shape, t.dtype) if isinstance(t, torch.Tensor) else ("c", repr(t)) for t in tleaves))
         b = self.batched
         prog, vals, leaves = b._prepare(tuple(inputs), {})
         flat, slot, seen = [], [], {}           # a tensor at several inputs (tied weights) is one input
@@ -562,14 +585,14 @@ class TrainStep:
         max_norm = self._max_norm(b.n)
         if max_norm is not None:
             tail = tail + [max_norm.to(params[0].device)]
-        flat = flat + tail + [target]
-        key = (id(prog), slot, tuple(pidx), self.per_model, okey, max_norm is not None, target.shape, target.dtype)
+        flat = flat + tail + tt
+        key = (id(prog), slot, tuple(pidx), self.per_model, okey, max_norm is not None, tkey)
         fn = self.compiled.get(key)
         if fn is None:
             t0 = time.perf_counter()
             example = [v.detach() if isinstance(v, torch.Tensor) else v for v in flat]
             fn = self.compiled[key] = self._compile(prog, slot, pidx, example, len(tail), update,
-                                                    max_norm is not None)
+                                                    max_norm is not None, (tleaves, tspec))
             self.times["compile_s"] = self.times.get("compile_s", 0.0) + time.perf_counter() - t0
         with torch.no_grad():
             res = fn(*flat)
@@ -600,8 +623,9 @@ class TrainStep:
                                         "batched module")
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
-            grads = _forward_backward(prog, prog.gm, self.loss_fn, self.loss_kwargs, fake, slot, cand,
-                                      mode.from_tensor(target))[2]
+            ftarget = torch.utils._pytree.tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor)
+                                                   else t, target)
+            grads = _forward_backward(prog, prog.gm, self.loss_fn, self.loss_kwargs, fake, slot, cand, ftarget)[2]
         pidx = [i for i, g in zip(cand, grads) if g is not None]
         if not pidx:
             raise InvalidInputError("mbcompile.train_step: the loss depends on no parameter that requires grad")
@@ -613,10 +637,17 @@ class TrainStep:
                                         "(params=) train in the normal loop, each with its own opt.step()")
         return pidx
 
-    def _compile(self, prog, slot, pidx, flat, n_tail, update, clip):
+    def _compile(self, prog, slot, pidx, flat, n_tail, update, clip, target_tree):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         from .batching import _trace
-        nv = len(flat) - n_tail - 1
+        tleaves, tspec = target_tree
+        n_t = sum(isinstance(t, torch.Tensor) for t in tleaves)
+        nv = len(flat) - n_tail - n_t
+
+        def target_of(a):                            # the target's tensors are the last n_t inputs
+            it = iter(a[len(a) - n_t:])
+            return torch.utils._pytree.tree_unflatten(
+                [next(it) if isinstance(t, torch.Tensor) else t for t in tleaves], tspec)
         loss_fn, kw, gm = self.loss_fn, self.loss_kwargs, prog.gm
         from . import chunking
         k = chunking.compiled_chunk(prog, self.batched.n, [flat[s] for s in slot])
@@ -630,7 +661,7 @@ class TrainStep:
 
         def joint(*a):
             tail = a[nv:nv + n_tail]
-            outs, losses, grads = _forward_backward(prog, gm, loss_fn, kw, a[:nv], slot, pidx, a[-1])
+            outs, losses, grads = _forward_backward(prog, gm, loss_fn, kw, a[:nv], slot, pidx, target_of(a))
             extra = []
             if clip:
                 tail, max_norm = tail[:-1], tail[-1]

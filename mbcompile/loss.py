@@ -38,7 +38,7 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
         try:
             res.append(fn(out[i], t, **kwargs))
         except Exception as e:  # noqa: BLE001 - what the loss says of model i alone, with the shapes
-            if i:
+            if i or _traced_data(e):
                 raise
             shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
             how = (f"per model (target_in_dim=0): target[0] {shape(t)}" if target_in_dim == 0 else
@@ -48,6 +48,14 @@ def loss(fn, out, target, *, target_in_dim="auto", **kwargs):
                 f"{how}: {type(e).__name__}: {e}. A shared target is what one model's loss takes "
                 f"([B, ...], B={out.shape[1] if out.dim() > 1 else '-'}); a per-model one adds a leading n={n}") from e
     return torch.stack(res)
+
+
+def _traced_data(e) -> bool:
+    """Whether ``e`` is a tracer's refusal of a value that depends on the data (the loss checked its
+    inputs' values in Python while train_step traced it): the loss's own error, not a shape problem."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    return isinstance(e, (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode))
 
 
 def _vmap(f, in_dims, out, target):
@@ -125,6 +133,8 @@ def _tree_loss(fn, out, target, target_in_dim, kwargs):
     try:
         return torch.stack([one(i) for i in range(n)])
     except Exception as e:
+        if _traced_data(e):
+            raise
         raise InvalidTypeError(
             f"mbcompile.loss called the loss with model i's outputs as a {type(out).__name__} (the structure the "
             f"model returns) and it failed: {type(e).__name__}: {e}. If the loss takes one tensor, pass that "

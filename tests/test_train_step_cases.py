@@ -128,3 +128,66 @@ def test_a_torch_adam_state_step_has_torch_optims_dtype(dtype):
     finally:
         torch.set_default_dtype(saved)
     assert {st["step"].dtype for st in opt.state.values()} == {ropt.state[ref.weight]["step"].dtype} == {dtype}
+
+
+@pytest.mark.parametrize("path", ["compiled", "eager"])
+def test_a_tuple_target_as_mbcompile_loss_takes_it(path):
+    """(labels, per-sample weights) as the target, with per-model weights [n, B] next to shared labels:
+    the compiled program takes the target's tensors as inputs (it used to take the target for one tensor:
+    "cannot create weak reference to 'tuple' object"), and every model trains as alone."""
+    torch.manual_seed(0)
+    models = [nn.Linear(4, 3).double() for _ in range(3)]
+    refs = copy.deepcopy(models)
+    batched = mbcompile.batch(models)
+    lrs = [0.1, 0.2, 0.3]
+    opt = mbcompile.optimizer(batched, torch.optim.SGD, lr=lrs)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    w = torch.rand(3, 5, dtype=torch.float64)
+
+    def weighted(o, t):
+        labels, weights = t
+        return (F.cross_entropy(o, labels, reduction="none") * weights).mean()
+    step = mbcompile.train_step(batched, weighted, opt, path=path)
+    for _ in range(3):
+        losses = step(x, (y, w))
+        for i, ref in enumerate(refs):
+            ref.zero_grad()
+            loss = weighted(ref(x), (y, w[i]))
+            loss.backward()
+            with torch.no_grad():
+                for p in ref.parameters():
+                    p -= lrs[i] * p.grad
+            torch.testing.assert_close(losses[i], loss.detach(), rtol=1e-12, atol=1e-12)
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(batched.weight[i].detach(), ref.weight.detach(), rtol=1e-12, atol=1e-12)
+
+
+def _normal_nll(o, y):
+    return -torch.distributions.Normal(o, torch.ones_like(o)).log_prob(y).mean()   # validates its values
+
+
+def test_a_loss_that_checks_its_values_runs_the_normal_loop_under_auto():
+    """torch.distributions validates its arguments' values in Python, which the compiled program cannot
+    trace: "auto" says so once and runs the normal loop (the same steps as path="eager"); "compiled"
+    refuses with a CaptureError that names the cause and the way out (it used to report a target shape)."""
+    torch.manual_seed(0)
+    models = [nn.Linear(2, 1).double() for _ in range(2)]
+    x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+    runs = {}
+    for path in ("auto", "eager"):
+        batched = mbcompile.batch(copy.deepcopy(models))
+        step = mbcompile.train_step(batched, _normal_nll, mbcompile.optimizer(batched, torch.optim.SGD, lr=[0.1, 0.2]),
+                                    path=path)
+        if path == "auto":
+            with pytest.warns(UserWarning, match="cannot be traced.*runs the normal loop"):
+                losses = [step(x, y) for _ in range(3)]
+            assert step.chosen == "eager"
+        else:
+            losses = [step(x, y) for _ in range(3)]
+        runs[path] = (torch.stack(losses), batched.weight.detach().clone())
+    assert torch.equal(runs["auto"][0], runs["eager"][0]) and torch.equal(runs["auto"][1], runs["eager"][1])
+    batched = mbcompile.batch(copy.deepcopy(models))
+    step = mbcompile.train_step(batched, _normal_nll, mbcompile.optimizer(batched, torch.optim.SGD, lr=0.1),
+                                path="compiled")
+    with pytest.raises(mbcompile.CaptureError, match="looks at the data's values.*validate_args=False"):
+        step(x, y)
