@@ -181,9 +181,10 @@ def run_workload(wl, n, x, y, device, args, flops, peak):
 
 def _interleaved(order, wl, models, x, y, device, args, ref):
     """Every method built, checked and warmed up first (all kept alive), then timed in ``args.rounds``
-    rounds, each running a share of every method's steps in turn: a machine that slows down for a while
-    (other tenants, frequency) slows every method alike, where timing one method after another would
-    charge it to whichever ran then. Dynamo is reset once, before the first method (resetting it again
+    rounds, each running a share of every method's steps in turn (after one untimed step that brings
+    its data back into cache and its threads awake): a machine that slows down for a while (other
+    tenants, frequency) slows every method alike, where timing one method after another would charge it
+    to whichever ran then. Dynamo is reset once, before the first method (resetting it again
     would make the compiled methods built earlier recompile in the middle of the timing)."""
     torch._dynamo.reset()
     rows, built = {}, {}
@@ -206,7 +207,8 @@ def _interleaved(order, wl, models, x, y, device, args, ref):
                 if rows[name]["status"] != "ok" or len(times) >= args.steps or (
                         args.budget_s and sum(times) > args.budget_s and len(times) >= 3):
                     continue
-                try:
+                try:                                    # one untimed step first: the method's caches and
+                    time_steps(method, x, y, device, 1)  # threads back after the other methods ran
                     times += time_steps(method, x, y, device, min(per, args.steps - len(times)))
                 except Exception as e:  # noqa: BLE001
                     rows[name].update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
