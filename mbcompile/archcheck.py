@@ -43,13 +43,26 @@ def attributes(mod: nn.Module):
     return {k: v for k, v in vars(mod).items() if k not in _BASE}
 
 
+def _kind(v):
+    """bool / integer / real / other: what a value's type makes of tensor arithmetic (numpy scalars as
+    Python's)."""
+    import numbers
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return "bool"
+    if isinstance(v, numbers.Integral):
+        return "int"
+    if isinstance(v, numbers.Real):
+        return "real"
+    return type(v)
+
+
 def same_value(u, v, pu: Paths, pv: Paths, depth: int = 0) -> bool:
     """Whether attribute values ``u`` (of model a, whose objects ``pu`` names) and ``v`` (model b)
     are the same as far as a forward can tell."""
     if u is v:
         return True
-    if type(u) is not type(v):
-        return isinstance(u, PLAIN) and isinstance(v, PLAIN) and _eq(u, v)
+    if type(u) is not type(v):              # 2 and 2.0 (or 1 and True) compare equal but compute apart
+        return isinstance(u, PLAIN) and isinstance(v, PLAIN) and _kind(u) == _kind(v) and _eq(u, v)
     if isinstance(u, PLAIN):
         return _eq(u, v)
     if depth > MAX_DEPTH:

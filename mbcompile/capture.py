@@ -101,18 +101,28 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
     must run inside the module that owns the value, else refuse (never model 0's value for all)."""
     if not consts:
         return {}
-    saved, what = [], []
-    for path, attrs in consts.items():
-        mod = template.get_submodule(path)
-        for attr, vals in attrs.items():
-            saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, next(v for v in vals if v != vals[0]))
-            what.append(f"{path}.{attr}")
-    try:
-        other = _export(template, args, kwargs)[0]
-    finally:
-        for mod, attr, v in saved:
+    slots = [(template.get_submodule(path), path, attr, vals) for path, attrs in consts.items()
+             for attr, vals in attrs.items()]
+    what = [f"{path}.{attr}" for _, path, attr, _ in slots]
+    n = len(slots[0][3])
+    combos = list(dict.fromkeys(tuple(vals[k] for *_, vals in slots) for k in range(n)))[1:]
+    used = set()
+    for combo in combos:      # every other model's values: a branch only a later model takes is seen too
+        saved = [(mod, attr, getattr(mod, attr)) for mod, _, attr, _ in slots]
+        for (mod, _, attr, _), v in zip(slots, combo):
             setattr(mod, attr, v)
+        try:
+            other = _export(template, args, kwargs)[0]
+        finally:
+            for mod, attr, v in saved:
+                setattr(mod, attr, v)
+        used |= _compare_exports(ep, other, consts, what)
+    return {path: attrs for path, attrs in consts.items() if path in used}   # eval: a rate changes nothing
+
+
+def _compare_exports(ep, other, consts, what):
+    """The module paths where ``other`` (exported with another model's values) passes other arguments
+    than ``ep``; refuses a different graph, or a changed argument outside the value's own module."""
     a_nodes, b_nodes = list(ep.graph.nodes), list(other.graph.nodes)
 
     def names(nd):
@@ -133,7 +143,7 @@ def _check_per_model_consts(template, args, kwargs, ep, consts):
                 f"outside its module, at {source_line(a)}; mbcompile batches it per model only where its own "
                 f"module (Dropout, LeakyReLU, LSTM/GRU/RNN) uses it, and never gives every model model 0's "
                 f"value: give the models the same values or batch them apart")
-    return {path: attrs for path, attrs in consts.items() if path in used}   # eval: a rate changes nothing
+    return used
 
 
 def _refuse_data_dependent_shapes(gm, template):

@@ -5,6 +5,7 @@ objects are accepted. Checked against each model alone where the batch is accept
 import copy
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -207,3 +208,20 @@ def test_classes_from_one_factory_that_differ_are_refused_naming_what_differs():
     with pytest.raises(ValueError, match=r"_factory.<locals>.Net vs .*_factory.<locals>.Net \(two classes of that name "
                                          r"whose bodies differ"):
         mbcompile.batch([_factory(5), _factory(5, act=torch.sigmoid)])     # forward closes over another act
+
+
+def test_an_int_and_an_equal_float_attribute_differ():
+    """2 == 2.0 in Python, but x * 2 keeps an integer tensor's dtype and x * 2.0 does not: models whose
+    attribute differs only so are refused (model 1 used to get model 0's integer result)."""
+    class Scaled(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.fc, self.scale = nn.Linear(2, 2), scale
+
+        def forward(self, x, counts):
+            return self.fc(x), counts * self.scale
+    with pytest.raises(ValueError, match=r"'<root>.scale'.*2.0 vs 2"):
+        mbcompile.batch([Scaled(2), Scaled(2.0)])
+    with pytest.raises(ValueError, match=r"'<root>.scale'"):
+        mbcompile.batch([Scaled(1), Scaled(True)])
+    mbcompile.batch([Scaled(2.0), Scaled(2.0)])

@@ -1,6 +1,7 @@
 """Attributes batched per model (Dropout.p, LeakyReLU.negative_slope, ...) follow their model: through
 shrink_ (the kept models keep their own values), unbatch / export, and a fit run that drops models
 (History.model of a retired model, also after a resume from a checkpoint)."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -98,3 +99,24 @@ def test_retired_models_keep_their_values_through_a_resume(tmp_path):
             m = h.model(i)
             assert (m.drop.p, m.act.negative_slope) == (PS[i], SLOPES[i])
         assert h.model(1).drop.p == PS[1]
+
+
+class _Branchy(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(4, 4), nn.Dropout(p)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.drop.p > 0.5:          # only a model with a high rate takes this branch
+            h = h * 2
+        return self.drop(h)
+
+
+@pytest.mark.parametrize("rates", [(0.1, 0.2, 0.6), (0.1, 0.6, 0.2), (0.6, 0.1, 0.2)])
+def test_a_branch_only_a_later_model_takes_is_refused(rates):
+    """Capture exports again with every other model's values, not only the first that differs: with
+    rates (0.1, 0.2, 0.6) model 2 used to run model 0's graph (no * 2) silently."""
+    batched = mbcompile.batch([_Branchy(p).double() for p in rates])
+    with pytest.raises(ValueError, match=r"differ in drop.p, which changes what forward computes"):
+        batched(torch.randn(2, 4, dtype=torch.float64))

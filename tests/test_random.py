@@ -638,3 +638,25 @@ def test_inplace_clamp_through_detach_keeps_the_gradient():
         assert (o >= 0).all() and (out[i] >= 0).all()           # the clamp's values, in both
         torch.testing.assert_close(out[i], o, rtol=1e-12, atol=1e-12)   # (a measured linear lowering rounds)
         torch.testing.assert_close(dict(b.named_parameters())["a.weight"].grad[i], m.a.weight.grad)
+
+
+class _DrawsLikePerModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x):
+        h = self.fc(x)                 # per model: every draw below is shaped like a per-model value
+        return (torch.rand_like(h), torch.randn_like(h), torch.bernoulli(torch.full_like(h, 0.5)),
+                torch.bernoulli(torch.sigmoid(h)))
+
+
+def test_same_randomness_shares_draws_shaped_like_per_model_values():
+    """randomness="same": draws shaped like a per-model tensor, and bernoulli of per-model probabilities
+    (one shared uniform draw against each model's p), are every model's one draw (bernoulli(p) used to
+    draw per model)."""
+    batched = mbcompile.batch([_DrawsLikePerModel() for _ in range(3)], randomness="same")
+    rand, randn, coin, probs = batched(torch.randn(5, 3))
+    for t in (rand, randn, coin):
+        assert all(torch.equal(t[0], t[i]) for i in range(3))
+    assert probs.shape == (3, 5, 4) and set(probs.unique().tolist()) <= {0.0, 1.0}

@@ -113,6 +113,12 @@ def draw(ctx, args, dims, kwargs):
         return mb.draw_per_model(lk, 0, kind, [a], b, shape, stride, dtype, device, ctx.rng.states), 0
     if mode == "same" and dl is None:
         return mb.draw(like, kind, a, b, shape, stride, dtype, device), None
+    if mode == "same":                            # a per-model `like`: one draw, every model's the same
+        if kind == "bernoulli_t":                 # n,.. probabilities against one shared uniform draw
+            p = front(like, dl, n).detach()
+            return (torch.rand(p.shape[1:], dtype=p.dtype, device=p.device) < p).to(dtype), 0
+        one = mb.draw(None, kind, a, b, shape, stride, dtype, device)
+        return one.unsqueeze(0).expand(n, *one.shape).contiguous(), 0
     full = [n, *shape]
     t = torch.empty(full, dtype=dtype, device=device)
     if kind == "bernoulli":
