@@ -3,6 +3,7 @@ constants into mbcompile ops, then run_decompositions that keeps every op with a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import random
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -390,10 +392,20 @@ def capture(template, args, kwargs, consts, strict=False) -> Captured:
             import re
             found = re.search(r"Unsupported input type <class '([^']+)'>", str(e))
             kind = found.group(1) if found else "an unsupported type"
-            raise CaptureError(
-                f"{type(template).__name__}.forward takes an argument of type {kind}, which torch.export cannot "
-                f"take as an input. Pass it as a string (torch.float64 -> 'float64', mapped back in forward) or "
-                f"set it as an attribute of the model before mbcompile.batch") from e
+            leaf = next((v for v in pytree.tree_leaves((args, kwargs))
+                         if kind in (f"{type(v).__module__}.{type(v).__qualname__}", type(v).__qualname__)), None)
+            if isinstance(leaf, (torch.dtype, torch.device)) or kind in ("torch.dtype", "torch.device"):
+                how = ("Pass it as a string (torch.float64 -> 'float64', mapped back in forward) or set it as an "
+                       "attribute of the model before mbcompile.batch")
+            elif dataclasses.is_dataclass(leaf):
+                how = ("Register the dataclass as a pytree first (torch.utils._pytree.register_dataclass(Cls)): its "
+                       "tensor fields then count as inputs, shared or per model")
+            else:
+                how = ("Pass tensors (a numpy array as torch.as_tensor(a), a complex number as a tensor), plain "
+                       "numbers or strings, or a tuple / list / dict of them; set anything else as an attribute of "
+                       "the model before mbcompile.batch")
+            raise CaptureError(f"{type(template).__name__}.forward takes an argument of type {kind}, which "
+                               f"torch.export cannot take as an input. {how}") from e
         if type(e).__name__ == "DynamicOutputShapeException":     # e.g. F.ctc_loss, torch.nonzero
             op = str(e).strip().splitlines()[0][:200]
             raise CaptureError(

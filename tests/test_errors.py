@@ -1,8 +1,10 @@
 """Bad input gets a clear mbcompile error (every one an MBCompileError, and the builtin type a caller
 would expect: ValueError, TypeError, IndexError)."""
+import dataclasses
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -357,3 +359,27 @@ def test_unbatch_refuses_what_is_not_an_index(index):
     with pytest.raises(mbcompile.InvalidTypeError, match="unbatch takes a model index"):
         batched.unbatch(index)
     assert batched.unbatch(torch.tensor(2)).weight.shape == (3, 2)      # an integer tensor is an index
+
+
+@dataclasses.dataclass
+class _Inputs:
+    x: torch.Tensor
+
+
+class _TakesDataclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, inp):
+        return self.fc(inp.x)
+
+
+def test_an_argument_export_cannot_take_gets_advice_for_its_kind():
+    """An unregistered dataclass is told to register as a pytree (a dtype keeps the string advice, a numpy
+    array is told to pass a tensor); the registered dataclass then batches."""
+    batched = mbcompile.batch(_TakesDataclass(), n=2)
+    with pytest.raises(mbcompile.CaptureError, match=r"register_dataclass"):
+        batched(_Inputs(torch.randn(3, 4)))
+    with pytest.raises(mbcompile.CaptureError, match=r"numpy.ndarray.*torch.as_tensor"):
+        batched(np.ones(3))
