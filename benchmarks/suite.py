@@ -199,11 +199,11 @@ def _interleaved(order, wl, models, x, y, device, args, ref):
                 row["peak_mem_bytes"], row["mem_measure"] = mem.peak(), mem.kind
             except Exception as e:  # noqa: BLE001
                 row.update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
-            built[name] = (method, None, [])
+            built[name] = (method, [])
     per = max(1, -(-args.steps // args.rounds))
     try:
         for _ in range(args.rounds):
-            for name, (method, _, times) in built.items():
+            for name, (method, times) in built.items():
                 if rows[name]["status"] != "ok" or len(times) >= args.steps or (
                         args.budget_s and sum(times) > args.budget_s and len(times) >= 3):
                     continue
@@ -212,9 +212,9 @@ def _interleaved(order, wl, models, x, y, device, args, ref):
                     times += time_steps(method, x, y, device, min(per, args.steps - len(times)))
                 except Exception as e:  # noqa: BLE001
                     rows[name].update(status="error", reason=f"{type(e).__name__}: {_first_line(e)}")
-        for name, (method, mem, times) in built.items():
+        for name, (_, times) in built.items():
             if rows[name]["status"] == "ok":
-                finish_row(rows[name], times, mem)
+                finish_row(rows[name], times, None)
                 rows[name]["timing"] = f"interleaved, {args.rounds} rounds"
     finally:
         built.clear()

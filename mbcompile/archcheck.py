@@ -10,6 +10,7 @@ different: the batch is refused, never run with model 0's value."""
 from __future__ import annotations
 
 import functools
+import numbers
 import types
 import weakref
 
@@ -46,7 +47,6 @@ def attributes(mod: nn.Module):
 def _kind(v):
     """bool / integer / real / other: what a value's type makes of tensor arithmetic (numpy scalars as
     Python's)."""
-    import numbers
     if isinstance(v, bool) or type(v).__name__ == "bool_":
         return "bool"
     if isinstance(v, numbers.Integral):

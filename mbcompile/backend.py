@@ -25,10 +25,11 @@ import torch
 import torch.fx as fx
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .capture import fixed_kernels
+from .capture import FIXED_DECOMPOSITIONS, fixed_kernels
 from .errors import CaptureError, InvalidInputError, InvalidTypeError
 from .cudagraph import GraphedStep, why_not as graph_unsafe, written_inputs
 
+_TENSOR_SPEC = torch.utils._pytree.tree_flatten(torch.empty(0))[1]   # a target that is one tensor
 STATS: Counter = Counter()        # backend_calls, fw_graphs, bw_graphs, compile_s (float)
 GRAPH_PASSES: list = []           # fn(gm) -> bool (changed); run in order before Inductor
 
@@ -155,7 +156,6 @@ def _decompositions(cpu: bool, joint: bool = False):
                 table.pop(op, None)
                 _register_fallback(op)
         from . import ops                    # mbcompile's layout-keeping ops: their aten forms
-        from .capture import FIXED_DECOMPOSITIONS
         table[torch.ops.mbcompile.linear_bmm.default] = ops.linear_bmm_decomposition
         table.update(FIXED_DECOMPOSITIONS)   # torch's wrong ones, fixed
         for op in (aten.replication_pad1d_backward, aten.replication_pad2d_backward,
@@ -560,7 +560,8 @@ class TrainStep:
 
     def _compiled_step(self, *args):
         *inputs, target = args
-        tleaves, tspec = torch.utils._pytree.tree_flatten(target)     # a tensor, or a tuple / dict of them
+        tleaves, tspec = ([target], _TENSOR_SPEC) if isinstance(target, torch.Tensor) else \
+            torch.utils._pytree.tree_flatten(target)                 # a tensor, or a tuple / dict of them
         tt = [t for t in tleaves if isinstance(t, torch.Tensor)]
         tkey = (tspec, tuple((t.shape, t.dtype) if isinstance(t, torch.Tensor) else ("c", repr(t)) for t in tleaves))
         b = self.batched

@@ -485,13 +485,13 @@ _TABLE: dict = {}
 
 def _random_in_branch(gm):
     """The first random op (after _prepass: an mbcompile draw) inside a control-flow subgraph, or None."""
-    host = {"draw", "draw_per_model", "dropout", "random_call", "random_call_per_model"}
+    from .cudagraph import _HOST                  # every mbcompile op that draws from a generator
     for name, sub in gm.named_modules():
         if not name or not isinstance(sub, fx.GraphModule):
             continue
         for nd in sub.graph.nodes:
             if nd.op == "call_function" and getattr(nd.target, "namespace", None) == "mbcompile" and \
-                    nd.target._opname in host:
+                    nd.target._opname in _HOST:
                 files = [ln.strip() for ln in (nd.meta.get("stack_trace") or "").splitlines()
                          if ln.strip().startswith("File") and "<eval_with_key>" not in ln]
                 return nd.target._opname + (f", {files[-1]}" if files else "")

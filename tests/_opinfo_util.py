@@ -319,17 +319,21 @@ OP_TOL = {  # (op, dtype) -> tolerance, where the batched op legitimately sums i
 }
 
 
+def batched_inputs(smp, mapped, where):
+    """The pass's inputs and model dims: mapped tensors stacked over models (model dim at ``where``),
+    shared ones model 0's."""
+    ins, dims = [], []
+    for j, m in enumerate(mapped):
+        x, d = _place([pm[j] for pm in smp.per_model], where) if m else (smp.per_model[0][j], None)
+        ins.append(x)
+        dims.append(d)
+    return ins, dims
+
+
 def check(smp, mapped, where, dtype, *, strict, name=None):
     """Batch the sample's graph over N models and compare each with the op on that model's inputs.
     Returns the records of the pass (rule or fallback per node)."""
-    ins, dims = [], []
-    for j, m in enumerate(mapped):
-        if m:
-            x, d = _place([pm[j] for pm in smp.per_model], where)
-        else:
-            x, d = smp.per_model[0][j], None
-        ins.append(x)
-        dims.append(d)
+    ins, dims = batched_inputs(smp, mapped, where)
     records = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -396,18 +400,11 @@ def check_grad(smp, mapped, where, dtype, *, name=None):
     False when there is nothing to differentiate (no float input or output with a gradient)."""
     if smp.mutated:
         return False
-    ins, dims, leaves = [], [], []
-    for j, m in enumerate(mapped):
-        if m:
-            x, d = _place([pm[j] for pm in smp.per_model], where)
-        else:
-            x, d = smp.per_model[0][j], None
-        x = x.detach().clone()
-        if (x.is_floating_point() or x.is_complex()) and _differentiable(smp, j):
-            x.requires_grad_()
-            leaves.append(j)
-        ins.append(x)
-        dims.append(d)
+    ins, dims = batched_inputs(smp, mapped, where)
+    ins = [x.detach().clone() for x in ins]
+    leaves = [j for j, x in enumerate(ins) if (x.is_floating_point() or x.is_complex()) and _differentiable(smp, j)]
+    for j in leaves:
+        ins[j].requires_grad_()
     if not leaves:
         return False
     from mbcompile.batching import _trace
